@@ -1,0 +1,235 @@
+"""The zoo's measurement harness: timed runs with warm-up, medians and spread, fixed-length generation, training
+throughput, and the environment every report records.
+
+Figures are measured, never assumed: each timing is `time.perf_counter` around the call with the device
+synchronised before and after (CUDA), after `warmup` untimed calls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import PreTrainedModel
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` → CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Timing:
+    """Wall-clock seconds of the timed runs."""
+
+    seconds: list[float]
+
+    def quantile(self, q: float) -> float:
+        ordered = sorted(self.seconds)
+        position = q * (len(ordered) - 1)
+        low, high = int(position), min(int(position) + 1, len(ordered) - 1)
+        return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.seconds)
+
+    def summary(self) -> dict[str, float | int]:
+        """Median, mean, p10, p90, min, max (seconds) and the number of runs."""
+        return {
+            "median_s": self.median,
+            "mean_s": self.mean,
+            "p10_s": self.quantile(0.1),
+            "p90_s": self.quantile(0.9),
+            "min_s": min(self.seconds),
+            "max_s": max(self.seconds),
+            "runs": len(self.seconds),
+        }
+
+
+def time_runs(fn: Callable[[], Any], *, device: torch.device, warmup: int = 1, runs: int = 5) -> Timing:
+    """Call `fn` `warmup` times untimed, then time `runs` calls (at least 5 for reported figures)."""
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    for _ in range(warmup):
+        fn()
+    seconds = []
+    for _ in range(runs):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return Timing(seconds)
+
+
+def git_revision() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """What a figure depends on: device, dtype, library versions, threads, revision."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    return {
+        "device": str(device),
+        "device_name": name,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "git_revision": git_revision(),
+    }
+
+
+def random_prompts(
+    vocab_size: int, batch_size: int, length: int, *, device: torch.device, seed: int = 0, low: int = 0
+) -> torch.Tensor:
+    """Seeded random token ids in `[low, vocab_size)` of shape `(batch, length)`."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(low, vocab_size, (batch_size, length), generator=generator).to(device)
+
+
+def time_generation(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    *,
+    new_tokens: int,
+    use_cache: bool | None,
+    method: str = "generate",
+    mode_kwargs: Mapping[str, Any] | None = None,
+    warmup: int = 1,
+    runs: int = 5,
+) -> dict[str, Any]:
+    """Time greedy generation of exactly `new_tokens` tokens per row (EOS does not stop it).
+
+    `use_cache=None` leaves the method's own caching choice (for generators without a cache switch).
+
+    Returns:
+        `tokens_per_second` (batch × new tokens / median seconds), `ms_per_token` (median seconds per decode
+        step, whole batch) and the timing summary.
+
+    Raises:
+        RuntimeError: the output does not have the requested length.
+    """
+    kwargs: dict[str, Any] = dict(mode_kwargs or {})
+    kwargs["max_new_tokens"] = new_tokens
+    if method == "generate":
+        kwargs.update(do_sample=False, eos_token_id=None,
+                      pad_token_id=model.config.pad_token_id if model.config.pad_token_id is not None else 0)
+    if use_cache is not None:
+        kwargs["use_cache"] = use_cache
+    attention_mask = torch.ones_like(input_ids)
+    generate = getattr(model, method)
+    lengths = []
+
+    @torch.no_grad()
+    def run() -> None:
+        output = generate(input_ids, attention_mask=attention_mask, **kwargs)
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        lengths.append(sequences.shape[-1])
+
+    timing = time_runs(run, device=input_ids.device, warmup=warmup, runs=runs)
+    expected = input_ids.shape[1] + new_tokens
+    if any(length != expected for length in lengths):
+        raise RuntimeError(f"generation produced lengths {sorted(set(lengths))}, expected {expected}")
+    batch = input_ids.shape[0]
+    return {
+        "tokens_per_second": batch * new_tokens / timing.median,
+        "ms_per_token": 1000 * timing.median / new_tokens,
+        **timing.summary(),
+    }
+
+
+def time_training(
+    model: PreTrainedModel,
+    *,
+    batch_size: int,
+    seq_len: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    warmup: int = 1,
+    runs: int = 5,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Time one training step (forward, backward, AdamW step) on random tokens; tokens/s from the median."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    input_ids = random_prompts(model.config.vocab_size, batch_size, seq_len, device=device, seed=seed)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def step() -> None:
+        with autocast:
+            loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    timing = time_runs(step, device=device, warmup=warmup, runs=runs)
+    model.eval()
+    return {"tokens_per_second": batch_size * seq_len / timing.median, **timing.summary()}
+
+
+def write_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    return path
+
+
+def format_table(rows: list[Mapping[str, Any]], columns: list[tuple[str, str]]) -> str:
+    """A plain-text table of `rows` with `(key, header)` columns; floats get 4 significant digits."""
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "—"
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value)
+
+    body = [[cell(row.get(key)) for key, _ in columns] for row in rows]
+    widths = [max(len(header), *(len(line[i]) for line in body)) for i, (_, header) in enumerate(columns)]
+    lines = ["  ".join(header.ljust(width) for (_, header), width in zip(columns, widths))]
+    lines.append("  ".join("-" * width for width in widths))
+    lines += ["  ".join(value.ljust(width) for value, width in zip(line, widths)) for line in body]
+    return "\n".join(lines)

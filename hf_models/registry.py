@@ -1,0 +1,220 @@
+"""The zoo's registry: one `ArchitectureSpec` per architecture, the single place the CLI, the benchmarks and the
+common test battery look an architecture up.
+
+An architecture registers itself from its sub-package's `__init__` (`register(ArchitectureSpec(...))`), after
+registering its classes with the `Auto*` factories. `hf_models/__init__.py` imports every sub-package, so
+`import hf_models` fills the registry.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from huggingface_hub.errors import StrictDataclassError
+from transformers import AutoConfig, LlamaConfig, PreTrainedConfig, PreTrainedModel
+
+Task = Literal["causal-lm", "masked-lm"]
+
+
+def same_size_llama_config(config: PreTrainedConfig) -> LlamaConfig:
+    """A `LlamaConfig` of the same width, depth, MLP width, vocabulary and context as `config`.
+
+    This is the baseline every benchmark of the zoo measures beside the architecture. Fields are read by their
+    Hugging Face names; an architecture whose config differs provides its own `baseline_config`.
+    """
+    hidden = config.hidden_size
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "num_heads", None) or max(1, hidden // 64)
+    if hidden % heads:
+        heads = 1
+    return LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=hidden,
+        intermediate_size=getattr(config, "intermediate_size", None) or 4 * hidden,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=getattr(config, "num_key_value_heads", None) or heads,
+        max_position_embeddings=config.max_position_embeddings,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id,
+    )
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """Everything the zoo's tools need to know about one architecture.
+
+    Attributes:
+        model_type: the config's `model_type` (the CLI's `--model_type`).
+        config_class: the configuration class.
+        model_class: the model trained, generated from and pushed (`...ForCausalLM` / `...ForMaskedLM`).
+        task: `"causal-lm"` (next-token, `generate`) or `"masked-lm"` (bidirectional, own sampler).
+        description: one line for tables, cards and `--help`.
+        base_model_class: the headless `...Model`, if any.
+        tokenizer: `"bpe"` (a BPE tokenizer trained on the corpus or `--tokenizer_name`) or `"byte"`.
+        trainer: `"module:Class"` of the `Trainer` subclass that implements the objective (resolved lazily, so
+            the library never imports `training`).
+        default_config: config fields the CLI starts from before `--config_overrides` (a small model that trains
+            on a CPU); anything not listed keeps the config class's default.
+        tiny_config: config fields of a tiny model for the test battery (vocabulary 64 unless stated).
+        invalid_configs: `(overrides, field)` pairs that the config must reject with a `ValueError` naming `field`.
+        benchmark_modes: named keyword sets passed to the generation method (e.g. head schedules); the
+            benchmark times each.
+        generate_method: the model method that generates (`generate`, or e.g. `diffusion_generate`).
+        supports_cache: whether generation has a cached path to compare with the uncached one.
+        lora_target_modules: module names PEFT's LoRA adapts in the test battery (`None`: not applicable).
+        auxiliary_parameters: name prefixes of parameters that the plain language-model loss does not reach
+            (auxiliary heads trained by the architecture's own objective and tested by its own tests).
+        baseline_config: maps a config to the same-size Llama baseline's config.
+        sample_kwargs: keyword arguments of the generation method for the CLI's text sample.
+        pretrained_loader: `(path, overrides, trust_remote_code) -> model` used for `--model_name_or_path`
+            instead of `model_class.from_pretrained` (e.g. to convert a base checkpoint into this architecture).
+        seed_experiment: the `benchmarks.<module>` that reproduces the seed experiment, if any.
+        card_tags: extra Hub tags for model cards.
+    """
+
+    model_type: str
+    config_class: type[PreTrainedConfig]
+    model_class: type[PreTrainedModel]
+    task: Task
+    description: str
+    base_model_class: type[PreTrainedModel] | None = None
+    tokenizer: Literal["bpe", "byte"] = "bpe"
+    trainer: str = "training.trainer:ZooTrainer"
+    default_config: Mapping[str, Any] = field(default_factory=dict)
+    tiny_config: Mapping[str, Any] = field(default_factory=dict)
+    invalid_configs: tuple[tuple[Mapping[str, Any], str], ...] = ()
+    benchmark_modes: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: {"default": {}})
+    generate_method: str = "generate"
+    supports_cache: bool = True
+    lora_target_modules: tuple[str, ...] | None = None
+    auxiliary_parameters: tuple[str, ...] = ()
+    baseline_config: Callable[[PreTrainedConfig], LlamaConfig] = same_size_llama_config
+    sample_kwargs: Mapping[str, Any] = field(
+        default_factory=lambda: {"do_sample": True, "top_k": 50, "temperature": 0.8}
+    )
+    pretrained_loader: Callable[[str, Mapping[str, Any], bool], PreTrainedModel] | None = None
+    seed_experiment: str | None = None
+    card_tags: tuple[str, ...] = ()
+
+    def make_config(self, overrides: Mapping[str, Any] | None = None, *, tiny: bool = False) -> PreTrainedConfig:
+        """Build a config from the defaults (or the tiny test config) updated with `overrides`.
+
+        Raises:
+            ValueError: an override names a field the config does not have, or the config rejects a value.
+        """
+        fields = dict(self.tiny_config if tiny else self.default_config)
+        overrides = dict(overrides or {})
+        known = set(self.config_class(**self.tiny_config).to_dict())
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown config field(s) {unknown} for model_type '{self.model_type}'; "
+                f"known fields: {', '.join(sorted(k for k in known if not k.startswith('_') and k not in _INTERNAL))}"
+            )
+        fields.update(overrides)
+        try:
+            return self.config_class(**fields)
+        except StrictDataclassError as error:  # transformers' own configs validate through huggingface_hub
+            raise ValueError(" ".join(str(error).split())) from None
+
+    def load_pretrained(
+        self, path: str, overrides: Mapping[str, Any] | None = None, trust_remote_code: bool = False
+    ) -> PreTrainedModel:
+        """Load a checkpoint of this architecture, with config `overrides` validated like a new config's.
+
+        Raises:
+            ValueError: an override names an unknown field or the config rejects a value.
+        """
+        overrides = dict(overrides or {})
+        if self.pretrained_loader is not None:
+            return self.pretrained_loader(path, overrides, trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        fields = config.to_dict()
+        unknown = sorted(set(overrides) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown} for the checkpoint's model_type '{config.model_type}'")
+        if overrides:
+            fields.update(overrides)
+            for key in ("model_type", "transformers_version", "architectures"):
+                fields.pop(key, None)
+            try:
+                config = type(config)(**fields)
+            except StrictDataclassError as error:
+                raise ValueError(" ".join(str(error).split())) from None
+        return self.model_class.from_pretrained(path, config=config, trust_remote_code=trust_remote_code)
+
+
+_INTERNAL = {"architectures", "model_type", "transformers_version", "dtype", "output_attentions",
+             "output_hidden_states", "return_dict", "id2label", "label2id", "problem_type", "chunk_size_feed_forward",
+             "is_encoder_decoder"}
+_REGISTRY: dict[str, ArchitectureSpec] = {}
+
+
+def register(spec: ArchitectureSpec) -> ArchitectureSpec:
+    """Add `spec` to the registry (an architecture's sub-package calls this on import)."""
+    if spec.model_type in _REGISTRY and _REGISTRY[spec.model_type] is not spec:
+        raise ValueError(f"model_type '{spec.model_type}' is already registered")
+    _REGISTRY[spec.model_type] = spec
+    return spec
+
+
+def get_spec(model_type: str) -> ArchitectureSpec:
+    """The spec of `model_type`.
+
+    Raises:
+        ValueError: `model_type` is not registered (the message lists the known ones).
+    """
+    try:
+        return _REGISTRY[model_type]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise ValueError(f"unknown model_type '{model_type}'; known model types: {known}") from None
+
+
+def all_specs() -> list[ArchitectureSpec]:
+    """Every registered spec, sorted by model type."""
+    return [_REGISTRY[name] for name in sorted(_REGISTRY)]
+
+
+def parse_config_overrides(text: str | None) -> dict[str, Any]:
+    """Parse `"hidden_size=128,num_hidden_layers=4,do_toep_mean=false"` into a dict.
+
+    Values are read as JSON where possible (numbers, `true`/`false`/`null`, lists such as `[0,1]`), else kept as
+    strings. Commas inside brackets do not split.
+
+    Raises:
+        ValueError: an item is not of the form `key=value`.
+    """
+    result: dict[str, Any] = {}
+    if not text:
+        return result
+    items, depth, current = [], 0, ""
+    for char in text:
+        if char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    items.append(current)
+    for item in items:
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not sep or not key:
+            raise ValueError(f"bad config override '{item}': expected key=value, e.g. hidden_size=128")
+        lowered = {"true": "true", "false": "false", "none": "null", "null": "null"}.get(raw.lower(), raw)
+        try:
+            result[key] = json.loads(lowered)
+        except json.JSONDecodeError:
+            result[key] = raw
+    return result

@@ -1,0 +1,169 @@
+"""Model cards filled from real runs: Hub metadata, config, data, training, metrics, a sample, the loss curve,
+benchmark figures and the architecture's notes (`model_cards/<model_type>.md`, where experiments record their
+verdicts)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from string import Template
+from typing import Any
+
+from huggingface_hub import ModelCardData
+
+logger = logging.getLogger(__name__)
+
+_HERE = Path(__file__).resolve().parent
+LOSS_CURVE_FILE = "loss_curve.png"
+BENCHMARK_FILE = "benchmark.json"
+
+
+def architecture_notes(model_type: str) -> str:
+    """The architecture's notes (`model_cards/<model_type>.md`), or an empty string."""
+    path = _HERE / f"{model_type}.md"
+    return path.read_text(encoding="utf-8").strip() if path.exists() else ""
+
+
+def plot_loss_curve(log_history: Sequence[Mapping[str, Any]], path: str | Path) -> bool:
+    """Plot training (and evaluation) loss against the step from a Trainer's `log_history`.
+
+    Returns:
+        Whether the PNG was written (`False` when matplotlib is not installed or nothing was logged).
+    """
+    train = [(entry["step"], entry["loss"]) for entry in log_history if "loss" in entry and "step" in entry]
+    evals = [(entry["step"], entry["eval_loss"]) for entry in log_history if "eval_loss" in entry]
+    if not train and not evals:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no loss curve written (pip install matplotlib)")
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _table(rows: Mapping[str, Any]) -> str:
+    return "\n".join(f"| {key} | {_format(value)} |" for key, value in rows.items())
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return str(value).replace("|", "\\|")
+
+
+def _benchmark_section(folder: Path) -> str:
+    path = folder / BENCHMARK_FILE
+    if not path.exists():
+        return ""
+    report = json.loads(path.read_text())
+    lines = ["## Generation speed", "", f"Measured with `python -m benchmarks.generation` on {report['environment']['device_name']} "
+             f"({report['environment']['dtype']}, torch {report['environment']['torch']}).", "",
+             "| model | mode | batch | prompt | new tokens | cached tok/s | uncached tok/s |", "|---|---|---|---|---|---|---|"]
+    for row in report["rows"]:
+        lines.append(
+            f"| {row['model']} | {row['mode']} | {row['batch_size']} | {row['prompt_length']} | {row['new_tokens']} "
+            f"| {_format(row.get('cached_tokens_per_second', '—'))} | {_format(row.get('uncached_tokens_per_second', '—'))} |"
+        )
+    return "\n".join(lines)
+
+
+_BENCHMARK_START, _BENCHMARK_END = "<!-- benchmark:start -->\n", "\n<!-- benchmark:end -->"
+
+
+def update_benchmark_section(folder: str | Path) -> bool:
+    """Re-render the generation-speed section of `folder/README.md` from `folder/benchmark.json`.
+
+    Returns:
+        Whether a card with a benchmark section was found and updated.
+    """
+    card = Path(folder) / "README.md"
+    if not card.exists():
+        return False
+    text = card.read_text(encoding="utf-8")
+    pattern = re.compile(re.escape(_BENCHMARK_START) + ".*?" + re.escape(_BENCHMARK_END), flags=re.DOTALL)
+    if not pattern.search(text):
+        return False
+    section = _BENCHMARK_START + _benchmark_section(Path(folder)) + _BENCHMARK_END
+    card.write_text(pattern.sub(lambda _: section, text), encoding="utf-8")
+    return True
+
+
+def write_model_card(
+    folder: str | Path,
+    *,
+    model_type: str,
+    description: str,
+    auto_class: str,
+    config: Mapping[str, Any],
+    num_parameters: int,
+    num_trainable: int,
+    training: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    sample_prompt: str,
+    sample_text: str,
+    sample_settings: str,
+    datasets: Sequence[str] = (),
+    tags: Sequence[str] = (),
+    repo_id: str | None = None,
+    bpb_note: str = "",
+) -> Path:
+    """Write `README.md` (the model card) into `folder` and return its path.
+
+    The loss curve is shown if `loss_curve.png` is in `folder`, benchmark figures if `benchmark.json` is, and
+    the architecture's notes if `model_cards/<model_type>.md` exists.
+    """
+    folder = Path(folder)
+    card_data = ModelCardData(
+        license="apache-2.0",
+        library_name="transformers",
+        pipeline_tag="text-generation" if auto_class == "AutoModelForCausalLM" else "fill-mask",
+        tags=["hf-model-zoo", model_type, *tags],
+        datasets=[name for name in datasets if "/" in name] or None,
+    )
+    loss_curve = (
+        f"## Loss curve\n\n![loss curve]({LOSS_CURVE_FILE})" if (folder / LOSS_CURVE_FILE).exists() else ""
+    )
+    notes = architecture_notes(model_type)
+    text = Template((_HERE / "templates" / "model_card.md").read_text(encoding="utf-8")).substitute(
+        metadata=card_data.to_yaml(),
+        title=f"{model_type} — {folder.name}",
+        description=description,
+        auto_class=auto_class,
+        repo_id=repo_id or folder.name,
+        config_table=_table(config),
+        num_parameters=f"{num_parameters:,}",
+        num_trainable=f"{num_trainable:,}",
+        training_table=_table(training),
+        metrics_table=_table(metrics),
+        bpb_note=bpb_note,
+        sample_prompt=sample_prompt,
+        sample_settings=sample_settings,
+        sample_text=sample_text,
+        loss_curve=loss_curve,
+        benchmarks=_BENCHMARK_START + _benchmark_section(folder) + _BENCHMARK_END,
+        architecture_notes=f"## About the architecture\n\n{notes}" if notes else "",
+    )
+    path = folder / "README.md"
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(line.rstrip() for line in text.splitlines()))
+    path.write_text(text.strip() + "\n", encoding="utf-8")
+    return path

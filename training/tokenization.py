@@ -1,0 +1,61 @@
+"""Tokenizers for the zoo: a byte-level BPE trained offline on the training corpus, the byte tokenizer, or any
+tokenizer by name."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from .common import UsageError
+
+SPECIAL_TOKENS = {"eos_token": "<|endoftext|>", "pad_token": "<pad>", "mask_token": "<mask>"}
+MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS)
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer (GPT-2 style pre-tokenization) on `texts`, offline.
+
+    The special tokens take ids 0, 1, 2: end-of-text (the EOS appended after every document), padding and mask.
+    Training is deterministic for the same texts and settings.
+
+    Args:
+        texts: the documents to learn merges from.
+        vocab_size: size of the vocabulary, special tokens included (at least 259: the 256 bytes and 3 specials).
+        min_frequency: the fewest occurrences a pair needs to be merged.
+
+    Raises:
+        UsageError: `vocab_size` is too small.
+    """
+    if vocab_size < MIN_BPE_VOCAB:
+        raise UsageError(f"--vocab_size must be at least {MIN_BPE_VOCAB} (256 bytes + special tokens), got {vocab_size}")
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL_TOKENS)
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer by Hub id or folder, with a one-line error when it cannot be found."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        where = "folder" if Path(name_or_path).exists() else "Hub id (or the Hub is unreachable)"
+        raise UsageError(f"could not load a tokenizer from '{name_or_path}' as a {where}: {error}".split("\n")[0]) from None
+    if tokenizer.eos_token_id is None:
+        raise UsageError(f"tokenizer '{name_or_path}' has no EOS token; the data pipeline appends one after each document")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+

@@ -1,0 +1,290 @@
+"""Train any architecture of the zoo on a corpus, evaluate it, sample from it and save a Hub-ready folder.
+
+    python -m training.train --model_type llama --config_overrides "hidden_size=128,num_hidden_layers=4" \\
+        --train_file stories.txt --output_dir out/llama --max_steps 300
+
+The folder holds the weights (safetensors), config, tokenizer, the modeling code (remote code), the metrics,
+a loss-curve PNG and a model card. Runs under `accelerate launch` and `torchrun` as well.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    HfArgumentParser,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TrainingArguments,
+    set_seed,
+)
+
+import hf_models
+from hf_models.registry import ArchitectureSpec, get_spec, parse_config_overrides
+from model_cards import LOSS_CURVE_FILE, plot_loss_curve, write_model_card
+
+from .common import UsageError, run_cli
+from .data import DataArguments, PackedSplit, load_documents, tokenize_and_pack
+from .tokenization import load_tokenizer, train_bpe_tokenizer
+from .trainer import ZooTrainer, resolve_trainer
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+@dataclass
+class ModelArguments:
+    """Which architecture, at what size, from which starting point, with which tokenizer."""
+
+    model_type: str | None = field(
+        default=None, metadata={"help": "A registered architecture (default: llama, or the checkpoint's type)."}
+    )
+    config_overrides: str | None = field(
+        default=None, metadata={"help": "Config fields to change, e.g. 'hidden_size=128,num_hidden_layers=4'."}
+    )
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Continue from this checkpoint (folder or Hub id) instead of a new model."}
+    )
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer folder or Hub id. Without it: the checkpoint's tokenizer, the byte tokenizer "
+                  "for byte models, else a BPE trained on the training documents."},
+    )
+    vocab_size: int = field(default=4096, metadata={"help": "Vocabulary of the BPE trained when none is given."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow code from a Hub checkpoint."})
+    objective_args: str | None = field(
+        default=None, metadata={"help": "Options of the architecture's training objective, 'key=value,...'."}
+    )
+    sample_prompt: str = field(default="Once upon a time", metadata={"help": "Prompt of the sample at the end."})
+    sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of the sample at the end."})
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    """Parse the command line; `--output_dir` is required."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(arg == "--output_dir" or arg.startswith("--output_dir=") for arg in argv):
+        raise UsageError("--output_dir is required: the folder that receives the trained model")
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return model_args, data_args, training_args
+
+
+def _check_checkpoint(path: str) -> None:
+    folder = Path(path)
+    if folder.exists() and not any((folder / name).exists() for name in WEIGHT_FILES):
+        raise UsageError(f"checkpoint folder {path} has no weights ({' or '.join(WEIGHT_FILES)})")
+
+
+def _resolve_spec(model_args: ModelArguments) -> ArchitectureSpec:
+    model_type = model_args.model_type
+    if model_type is None and model_args.model_name_or_path:
+        model_type = _load_config(model_args.model_name_or_path, model_args.trust_remote_code).model_type
+    try:
+        return get_spec(model_type or "llama")
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def _load_config(path: str, trust_remote_code: bool):
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"could not load a config from '{path}': {str(error).splitlines()[0]}") from None
+
+
+def resolve_tokenizer(
+    spec: ArchitectureSpec, model_args: ModelArguments, training_args: TrainingArguments, train_texts
+) -> PreTrainedTokenizerBase:
+    """The tokenizer of this run (see `--tokenizer_name`)."""
+    source = model_args.tokenizer_name or training_args.resume_from_checkpoint or model_args.model_name_or_path
+    if source:
+        return load_tokenizer(source, model_args.trust_remote_code)
+    if spec.tokenizer == "byte":
+        return hf_models.ByteTokenizer()
+    return train_bpe_tokenizer(train_texts["text"], vocab_size=model_args.vocab_size)
+
+
+def _token_fields(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    fields = {
+        "vocab_size": len(tokenizer),
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+    }
+    if getattr(tokenizer, "mask_token_id", None) is not None:
+        fields["mask_token_id"] = tokenizer.mask_token_id
+    return fields
+
+
+def config_for_tokenizer(
+    spec: ArchitectureSpec,
+    tokenizer: PreTrainedTokenizerBase,
+    overrides: dict[str, Any] | None = None,
+    *,
+    tiny: bool = False,
+):
+    """The spec's config (defaults, or the tiny test config) with the vocabulary and special ids of `tokenizer`,
+    then `overrides`.
+
+    Raises:
+        ValueError: an override names an unknown field or the config rejects a value.
+    """
+    known = set(spec.make_config(tiny=True).to_dict())
+    fields = {key: value for key, value in _token_fields(tokenizer).items() if key in known}
+    return spec.make_config({**fields, **(overrides or {})}, tiny=tiny)
+
+
+def build_model(
+    spec: ArchitectureSpec,
+    model_args: ModelArguments,
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+) -> PreTrainedModel:
+    """A new model of `spec` sized by its defaults and `--config_overrides`, or the `--model_name_or_path` one."""
+    try:
+        overrides = parse_config_overrides(model_args.config_overrides)
+        if model_args.model_name_or_path:
+            model = spec.load_pretrained(model_args.model_name_or_path, overrides, model_args.trust_remote_code)
+        else:
+            model = spec.model_class(config_for_tokenizer(spec, tokenizer, overrides))
+    except ValueError as error:
+        raise UsageError(" ".join(str(error).split())) from None
+    config = model.config
+    if config.vocab_size < len(tokenizer):
+        raise UsageError(f"the model's vocab_size {config.vocab_size} is smaller than the tokenizer's {len(tokenizer)}")
+    context = getattr(config, "max_position_embeddings", None)
+    if context is not None and block_size > context:
+        raise UsageError(f"--block_size {block_size} exceeds the model's max_position_embeddings {context}")
+    return model
+
+
+def sample_text(spec: ArchitectureSpec, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                prompt: str, max_new_tokens: int, seed: int) -> str:
+    """Generate a continuation of `prompt` with the architecture's generation method and sampling settings."""
+    model.eval()
+    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        output = getattr(model, spec.generate_method)(
+            **inputs, max_new_tokens=max_new_tokens, **spec.sample_kwargs
+        )
+    sequences = output if isinstance(output, torch.Tensor) else output.sequences
+    return tokenizer.decode(sequences[0], skip_special_tokens=False)
+
+
+def language_model_metrics(eval_loss: float, validation: PackedSplit) -> dict[str, float]:
+    """Perplexity and bits per byte from the mean evaluation loss (nats per token)."""
+    return {
+        "eval_perplexity": math.exp(min(eval_loss, 50.0)),
+        "eval_bits_per_byte": eval_loss * validation.tokens_per_byte / math.log(2),
+        "eval_bits_per_token": eval_loss / math.log(2),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> ZooTrainer:
+    """Run the training CLI; returns the trainer (tests and the distributed worker inspect it)."""
+    model_args, data_args, training_args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if model_args.model_name_or_path:
+        _check_checkpoint(model_args.model_name_or_path)
+    spec = _resolve_spec(model_args)
+    try:
+        objective_args = parse_config_overrides(model_args.objective_args)
+    except ValueError as error:
+        raise UsageError(str(error).replace("config override", "objective argument")) from None
+
+    documents = load_documents(data_args, seed=training_args.seed)
+    tokenizer = resolve_tokenizer(spec, model_args, training_args, documents["train"])
+    set_seed(training_args.seed)  # before the model exists: the initial weights are seeded too
+    model = build_model(spec, model_args, tokenizer, data_args.block_size)
+    train = tokenize_and_pack(documents["train"], tokenizer, data_args.block_size, split_name="train",
+                              num_proc=data_args.preprocessing_num_workers)
+    validation = tokenize_and_pack(documents["validation"], tokenizer, data_args.block_size, split_name="validation",
+                                   num_proc=data_args.preprocessing_num_workers)
+    try:
+        trainer = resolve_trainer(spec).from_cli(
+            model=model, args=training_args, tokenizer=tokenizer, train_dataset=train.blocks,
+            eval_dataset=validation.blocks, objective_args=objective_args, train_texts=documents["train"],
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    metrics = {**train_result.metrics, **trainer.evaluate()}
+    metrics.update(language_model_metrics(metrics["eval_loss"], validation))
+    if not trainer.is_world_process_zero():
+        return trainer
+
+    trainer.model.config.use_cache = True  # the Trainer switches it off for training; the saved model decodes cached
+    sample = sample_text(spec, trainer.model, tokenizer, model_args.sample_prompt,
+                         model_args.sample_max_new_tokens, training_args.seed)
+    print(f"\n=== sample ===\n{sample}\n==============")
+    output_dir = Path(training_args.output_dir)
+    trainer.save_model(str(output_dir))
+    trainer.save_state()
+    trainer.save_metrics("all", metrics)
+    plot_loss_curve(trainer.state.log_history, output_dir / LOSS_CURVE_FILE)
+    _write_card(spec, trainer, data_args, training_args, train, validation, metrics, model_args, sample)
+    print(json.dumps({key: metrics[key] for key in ("eval_loss", "eval_perplexity", "eval_bits_per_byte")}, indent=2))
+    return trainer
+
+
+def _write_card(spec, trainer, data_args, training_args, train, validation, metrics, model_args, sample) -> None:
+    model = trainer.model
+    config = model.config.to_diff_dict()
+    for key in ("transformers_version", "architectures", "auto_map", "dtype", "model_type"):
+        config.pop(key, None)
+    source = data_args.train_file or data_args.dataset_name
+    tokenizer = trainer.processing_class
+    write_model_card(
+        training_args.output_dir,
+        model_type=spec.model_type,
+        description=spec.description,
+        auto_class="AutoModelForCausalLM" if spec.task == "causal-lm" else "AutoModelForMaskedLM",
+        config=config,
+        num_parameters=sum(p.numel() for p in model.parameters()),
+        num_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        training={
+            "data": f"`{Path(source).name if data_args.train_file else source}`: {train.num_documents:,} training / "
+                    f"{validation.num_documents:,} validation documents, {train.num_tokens:,} training tokens",
+            "tokenizer": f"{type(tokenizer).__name__}, {len(tokenizer)} tokens",
+            "block size": data_args.block_size,
+            "optimizer steps": trainer.state.global_step,
+            "batch size (per device × accumulation × devices)":
+                f"{training_args.per_device_train_batch_size} × {training_args.gradient_accumulation_steps} × "
+                f"{training_args.world_size}",
+            "learning rate": f"{training_args.learning_rate} ({training_args.lr_scheduler_type.value}, "
+                             f"warm-up {training_args.warmup_steps} steps)",
+            "seed": training_args.seed,
+            "device": str(training_args.device),
+            "runtime (s)": metrics.get("train_runtime"),
+            "final training loss (last log)": next(
+                (entry["loss"] for entry in reversed(trainer.state.log_history) if "loss" in entry), None),
+            "mean training loss over the run": metrics.get("train_loss"),
+        },
+        metrics={key: metrics[key] for key in ("eval_loss", "eval_perplexity", "eval_bits_per_byte",
+                                               "eval_bits_per_token") if key in metrics},
+        bpb_note=("Loss in nats per token. Bits per byte = loss × tokens / UTF-8 bytes / ln 2 over the validation "
+                  f"documents ({validation.tokens_per_byte:.4f} tokens per byte, each document end counted as one "
+                  "byte); it does not depend on the tokenizer."),
+        sample_prompt=model_args.sample_prompt,
+        sample_text=sample,
+        sample_settings=", ".join(f"{k}={v}" for k, v in spec.sample_kwargs.items()) or "greedy",
+        datasets=[] if data_args.train_file else [data_args.dataset_name],
+        tags=spec.card_tags,
+    )
+
+
+if __name__ == "__main__":
+    run_cli(main)

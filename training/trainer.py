@@ -1,0 +1,86 @@
+"""The zoo's `Trainer` base: the plain language-model objective, logging of loss components, and the hook through
+which the training CLI builds the trainer an architecture registered."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, default_data_collator
+
+from hf_models.registry import ArchitectureSpec
+
+
+class ZooTrainer(Trainer):
+    """`Trainer` for the plain language-model loss (the one the model computes from `labels`).
+
+    Subclasses that implement another objective override `compute_loss` and call
+    `record_loss_components(name=tensor, ...)` for each part of the loss; the parts are averaged over the
+    optimizer steps since the last log and appear in the Trainer's logs as `loss_<name>` beside `loss`.
+    Subclasses that need their own collator, callbacks or options override `from_cli`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._component_sums: dict[str, torch.Tensor] = {}
+        self._component_counts: dict[str, int] = {}
+
+    def record_loss_components(self, **components: torch.Tensor | float) -> None:
+        """Accumulate detached loss parts of one training forward pass for the next training log."""
+        if not self.model.training:
+            return
+        for name, value in components.items():
+            value = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+            self._component_sums[name] = self._component_sums.get(name, 0.0) + value
+            self._component_counts[name] = self._component_counts.get(name, 0) + 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._component_sums:
+            for name, total in self._component_sums.items():
+                logs[f"loss_{name}"] = round(float(total) / self._component_counts[name], 4)
+            self._component_sums, self._component_counts = {}, {}
+        super().log(logs, start_time)
+
+    @classmethod
+    def from_cli(
+        cls,
+        *,
+        model: PreTrainedModel,
+        args: TrainingArguments,
+        tokenizer: PreTrainedTokenizerBase,
+        train_dataset: Dataset,
+        eval_dataset: Dataset,
+        objective_args: Mapping[str, Any],
+        train_texts: Dataset,
+    ) -> ZooTrainer:
+        """Build the trainer the training CLI runs.
+
+        Args:
+            model: the model to train.
+            args: the `TrainingArguments` from the command line.
+            tokenizer: the model's tokenizer (saved with every checkpoint).
+            train_dataset / eval_dataset: packed blocks with `input_ids` and `labels`.
+            objective_args: `--objective_args` parsed into a dict (options of the objective; none for the plain
+                language-model loss).
+            train_texts: the training documents (a `text` column), for objectives that need the raw text, e.g.
+                to fit a teacher tokenizer.
+        """
+        if objective_args:
+            raise ValueError(f"{cls.__name__} takes no --objective_args, got {sorted(objective_args)}")
+        return cls(
+            model=model,
+            args=args,
+            processing_class=tokenizer,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            data_collator=default_data_collator,
+        )
+
+
+def resolve_trainer(spec: ArchitectureSpec) -> type[ZooTrainer]:
+    """The `Trainer` subclass registered for `spec` (`"module:Class"`, imported on demand)."""
+    module_name, _, class_name = spec.trainer.partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
