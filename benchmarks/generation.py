@@ -26,7 +26,16 @@ from hf_models.registry import ArchitectureSpec, get_spec, parse_config_override
 from model_cards import BENCHMARK_FILE, update_benchmark_section
 from training.common import UsageError, run_cli
 
-from .harness import DTYPES, environment, format_table, random_prompts, resolve_device, time_generation, write_json
+from .harness import (
+    DTYPES,
+    MIN_RUNS,
+    environment,
+    format_table,
+    random_prompts,
+    resolve_device,
+    time_generation,
+    write_json,
+)
 
 BASELINE = "llama (baseline)"
 
@@ -49,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config_overrides", help="Config fields for --model_type, e.g. 'hidden_size=256'.")
     parser.add_argument("--batch_sizes", type=_ints, default=[1, 4])
     parser.add_argument("--prompt_lengths", type=_ints, default=None,
-                        help="Default: 1, a quarter and a half of the context (each + new tokens ≤ context).")
+                        help="Default: 1, a quarter and a half of the context (those where prompt + new tokens fit).")
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--runs", type=int, default=5)
@@ -82,7 +91,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
     config = model.config
     context = getattr(config, "max_position_embeddings", None) or 4096
-    prompt_lengths = args.prompt_lengths or [p for p in (1, context // 4, context // 2) if p >= 1]
+    prompt_lengths = args.prompt_lengths or sorted(
+        {p for p in (1, context // 4, context // 2) if p >= 1 and p + args.new_tokens <= context}
+    )
+    if not prompt_lengths:
+        raise UsageError(f"--new_tokens {args.new_tokens} leaves no room for a prompt in the context {context}")
     too_long = [p for p in prompt_lengths if p + args.new_tokens > context]
     if too_long:
         raise UsageError(f"prompt lengths {too_long} + --new_tokens {args.new_tokens} exceed the context {context}")
@@ -180,8 +193,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    if args.new_tokens < 1 or args.runs < 1 or args.warmup < 0:
-        raise UsageError("--new_tokens and --runs must be >= 1 and --warmup >= 0")
+    if args.new_tokens < 1 or args.runs < MIN_RUNS or args.warmup < 0:
+        raise UsageError(f"--new_tokens must be >= 1, --runs >= {MIN_RUNS} and --warmup >= 0")
     report = run_benchmark(args)
     output_dir = Path(args.output_dir or f"results/generation-{datetime.now():%Y-%m-%d_%H-%M-%S}")
     write_json(output_dir / "generation.json", report)

@@ -22,6 +22,7 @@ import torch
 import transformers
 from transformers import PreTrainedModel
 
+MIN_RUNS = 5
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -71,9 +72,10 @@ class Timing:
 
 
 def time_runs(fn: Callable[[], Any], *, device: torch.device, warmup: int = 1, runs: int = 5) -> Timing:
-    """Call `fn` `warmup` times untimed, then time `runs` calls (at least 5 for reported figures)."""
-    if runs < 1:
-        raise ValueError(f"runs must be >= 1, got {runs}")
+    """Call `fn` `warmup` times untimed, then time `runs` calls (at least `MIN_RUNS`, so a median and a spread
+    exist)."""
+    if runs < MIN_RUNS:
+        raise ValueError(f"runs must be >= {MIN_RUNS}, got {runs}")
     for _ in range(warmup):
         fn()
     seconds = []

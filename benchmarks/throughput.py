@@ -21,7 +21,7 @@ from transformers import LlamaForCausalLM
 from training.common import UsageError, run_cli
 
 from .generation import BASELINE, load_subject
-from .harness import DTYPES, environment, format_table, resolve_device, time_training, write_json
+from .harness import DTYPES, MIN_RUNS, environment, format_table, resolve_device, time_training, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    if args.runs < MIN_RUNS or args.warmup < 0 or args.batch_size < 1 or args.seq_len < 2:
+        raise UsageError(f"--runs must be >= {MIN_RUNS}, --warmup >= 0, --batch_size >= 1 and --seq_len >= 2")
     spec, model = load_subject(args)
     device, dtype = resolve_device(args.device), DTYPES[args.dtype]
     context = getattr(model.config, "max_position_embeddings", None)

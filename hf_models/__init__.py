@@ -12,6 +12,8 @@ import pkgutil
 from .registry import ArchitectureSpec, all_specs, get_spec, parse_config_overrides, register
 from .tokenization_byte import ByteTokenizer
 
+ByteTokenizer.register_for_auto_class("AutoTokenizer")  # saved byte tokenizers carry their code (remote code)
+
 __all__ = ["ArchitectureSpec", "ByteTokenizer", "all_specs", "get_spec", "parse_config_overrides", "register"]
 
 for _module_info in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name):

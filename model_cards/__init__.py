@@ -100,7 +100,7 @@ def update_benchmark_section(folder: str | Path) -> bool:
     if not card.exists():
         return False
     text = card.read_text(encoding="utf-8")
-    pattern = re.compile(re.escape(_BENCHMARK_START) + ".*?" + re.escape(_BENCHMARK_END), flags=re.DOTALL)
+    pattern = re.compile(re.escape(_BENCHMARK_START.strip()) + ".*?" + re.escape(_BENCHMARK_END.strip()), flags=re.DOTALL)
     if not pattern.search(text):
         return False
     section = _BENCHMARK_START + _benchmark_section(Path(folder)) + _BENCHMARK_END

@@ -182,7 +182,7 @@ def test_short_trainer_run_lowers_the_loss(spec: ArchitectureSpec, corpus_blocks
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 30
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < first - 0.3, f"loss did not fall: first five {first:.3f}, last five {last:.3f}"
+    assert last < 0.95 * first, f"loss did not fall by 5%: first five {first:.3f}, last five {last:.3f}"
 
 
 @pytest.mark.parametrize("spec", [s for s in CAUSAL_SPECS if s.lora_target_modules], ids=spec_id)

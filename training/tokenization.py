@@ -51,8 +51,11 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        where = "folder" if Path(name_or_path).exists() else "Hub id (or the Hub is unreachable)"
-        raise UsageError(f"could not load a tokenizer from '{name_or_path}' as a {where}: {error}".split("\n")[0]) from None
+        if Path(name_or_path).exists():
+            reason = f"the folder holds no loadable tokenizer ({str(error).splitlines()[0]})"
+        else:
+            reason = "no such folder, and the Hub id could not be reached; pass a local folder as --tokenizer_name"
+        raise UsageError(f"could not load a tokenizer from '{name_or_path}': {reason}") from None
     if tokenizer.eos_token_id is None:
         raise UsageError(f"tokenizer '{name_or_path}' has no EOS token; the data pipeline appends one after each document")
     if tokenizer.pad_token_id is None:

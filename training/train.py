@@ -232,6 +232,9 @@ def main(argv: Sequence[str] | None = None) -> ZooTrainer:
     print(f"\n=== sample ===\n{sample}\n==============")
     output_dir = Path(training_args.output_dir)
     trainer.save_model(str(output_dir))
+    # The Trainer pickles its arguments beside the weights; the folder keeps them as JSON instead (no pickles).
+    (output_dir / "training_args.bin").unlink(missing_ok=True)
+    (output_dir / "training_args.json").write_text(training_args.to_json_string(), encoding="utf-8")
     trainer.save_state()
     trainer.save_metrics("all", metrics)
     plot_loss_curve(trainer.state.log_history, output_dir / LOSS_CURVE_FILE)

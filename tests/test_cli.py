@@ -1,0 +1,133 @@
+"""The training CLI end to end on a real corpus (tiny Llama), continuing and resuming, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from training import train
+from training.common import run_cli
+
+TINY = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=4,num_key_value_heads=2"
+
+
+def cli_args(stories_file: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--model_type", "llama", "--config_overrides", TINY, "--train_file", str(stories_file),
+        "--max_train_documents", "400", "--vocab_size", "300", "--block_size", "64",
+        "--output_dir", str(output_dir), "--max_steps", "12", "--per_device_train_batch_size", "8",
+        "--learning_rate", "3e-3", "--logging_steps", "2", "--save_strategy", "no", "--report_to", "none",
+        "--use_cpu", "--disable_tqdm", "true", "--sample_max_new_tokens", "8", "--seed", "0", *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(stories_file, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("cli") / "llama"
+    trainer = train.main(cli_args(stories_file, output_dir))
+    return output_dir, trainer
+
+
+def test_cli_writes_a_complete_hub_ready_folder(trained):
+    output_dir, trainer = trained
+    names = {path.name for path in output_dir.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "README.md",
+            "loss_curve.png", "all_results.json", "trainer_state.json"} <= names
+    assert not {name for name in names if name.endswith((".bin", ".pt", ".pth"))}
+    metrics = json.loads((output_dir / "all_results.json").read_text())
+    assert metrics["eval_loss"] > 0 and metrics["eval_perplexity"] > 1
+    assert 0 < metrics["eval_bits_per_byte"] < metrics["eval_bits_per_token"]
+    model = AutoModelForCausalLM.from_pretrained(output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    assert model.config.vocab_size == len(tokenizer) == 300
+    assert model.config.use_cache is True  # the Trainer turns it off for training; the saved model decodes cached
+    assert trainer.state.global_step == 12
+
+
+def test_model_card_is_filled_from_the_run(trained):
+    output_dir, _ = trained
+    card = (output_dir / "README.md").read_text()
+    metrics = json.loads((output_dir / "all_results.json").read_text())
+    assert card.startswith("---\n") and "library_name: transformers" in card and "license:" in card
+    assert "tinystories_valid_sample.txt" in card
+    assert f"{metrics['eval_loss']:.4g}" in card
+    assert "loss_curve.png" in card and "=== sample ===" not in card
+    assert "| num_hidden_layers | 2 |" in card
+
+
+def test_continue_from_checkpoint_keeps_weights_and_tokenizer(trained, stories_file, tmp_path):
+    output_dir, _ = trained
+    before = load_file(output_dir / "model.safetensors")
+    args = cli_args(stories_file, tmp_path / "continued", "--model_name_or_path", str(output_dir))
+    args[args.index("--model_type") + 1] = "llama"
+    args[args.index("--max_steps") + 1] = "1"
+    args[args.index("--learning_rate") + 1] = "0"
+    trainer = train.main(args)
+    after = load_file(tmp_path / "continued" / "model.safetensors")
+    assert before.keys() == after.keys() and all((before[k] == after[k]).all() for k in before)
+    assert len(trainer.processing_class) == 300
+
+
+def test_resume_from_checkpoint_reaches_the_same_weights(stories_file, tmp_path):
+    constant = ("--lr_scheduler_type", "constant")  # the 3-step run's schedule must match the 6-step run's
+    straight = train.main(cli_args(stories_file, tmp_path / "straight", "--max_steps", "6", *constant))
+    partial_dir = tmp_path / "partial"
+    train.main(cli_args(stories_file, partial_dir, "--max_steps", "3", "--save_strategy", "steps",
+                        "--save_steps", "3", *constant))
+    resumed = train.main(cli_args(stories_file, tmp_path / "resumed", "--max_steps", "6",
+                                  "--resume_from_checkpoint", str(partial_dir / "checkpoint-3"), *constant))
+    assert resumed.state.global_step == 6
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all((a[k] - b[k]).abs().max() < 1e-5 for k in a)
+
+
+@pytest.mark.parametrize(
+    "change,expected",
+    [
+        ({"--model_type": "transformer_xxl"}, "unknown model_type 'transformer_xxl'"),
+        ({"--config_overrides": "hidden_size=abc"}, "hidden_size"),
+        ({"--config_overrides": "no_such_field=1"}, "unknown config field"),
+        ({"--train_file": "missing.txt"}, "data file not found"),
+        ({"--train_file": "EMPTY"}, "holds no text"),
+        ({"--block_size": "100000"}, "--block_size"),
+        ({"--model_name_or_path": "NOWEIGHTS"}, "has no weights"),
+        ({"--objective_args": "alpha"}, "objective argument"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_no_output_folder(change, expected, stories_file, tmp_path, capsys):
+    args = cli_args(stories_file, tmp_path / "out")
+    (tmp_path / "EMPTY").write_text("\n\n")
+    (tmp_path / "NOWEIGHTS").mkdir()
+    for flag, value in change.items():
+        value = str(tmp_path / value) if value in ("EMPTY", "NOWEIGHTS", "missing.txt") else value
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train.main, args)
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert len(stderr) == 1 and stderr[0].startswith("error: "), stderr
+    assert expected in stderr[0], stderr[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_entry_point_without_data_offline_names_train_file(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "training.train", "--output_dir", str(tmp_path / "out"), "--max_steps", "1"],
+        capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "--train_file" in lines[-1], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,40 @@
+"""The training CLI under `torchrun`: two CPU processes (gloo) train in data parallel and end identical."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=4,num_key_value_heads=2"
+
+
+def test_two_gloo_processes_end_with_identical_weights_and_a_falling_loss(stories_file, tmp_path):
+    torchrun = shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run"
+    command = [
+        *torchrun.split(), "--nproc_per_node", "2", "--master_port", "29517", str(ROOT / "tests" / "distributed_worker.py"),
+        "--model_type", "llama", "--config_overrides", TINY, "--train_file", str(stories_file),
+        "--max_train_documents", "400", "--vocab_size", "300", "--block_size", "64",
+        "--output_dir", str(tmp_path / "out"), "--max_steps", "12", "--per_device_train_batch_size", "4",
+        "--learning_rate", "3e-3", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
+        "--use_cpu", "--disable_tqdm", "true", "--sample_max_new_tokens", "4",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = tmp_path / "out"
+    ranks = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert all(info["world_size"] == 2 and info["backend"] == "gloo" for info in ranks)
+    weights = [load_file(out / f"rank{rank}.safetensors") for rank in (0, 1)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    losses = ranks[0]["losses"]
+    assert len(losses) == 12 and sum(losses[-3:]) < 0.95 * sum(losses[:3])
+    assert (out / "model.safetensors").exists() and (out / "README.md").exists()  # rank 0 saved the folder
