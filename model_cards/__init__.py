@@ -146,7 +146,7 @@ def write_model_card(
     notes = architecture_notes(model_type)
     text = Template((_HERE / "templates" / "model_card.md").read_text(encoding="utf-8")).substitute(
         metadata=card_data.to_yaml(),
-        title=f"{model_type} — {folder.name}",
+        title=folder.name if folder.name == model_type else f"{folder.name} ({model_type})",
         description=description,
         auto_class=auto_class,
         repo_id=repo_id or folder.name,

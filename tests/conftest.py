@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Before transformers / huggingface_hub are imported: they read these once, at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 import pytest
 import torch
 
@@ -12,9 +17,6 @@ import hf_models
 from hf_models.registry import ArchitectureSpec, all_specs
 from training.data import default_data_dir
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SPECS = all_specs()
 CAUSAL_SPECS = [spec for spec in SPECS if spec.task == "causal-lm"]

@@ -111,3 +111,20 @@ def test_unreachable_hub_dataset_names_train_file(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     message = _error(load_documents, DataArguments(dataset_name="SimpleStories/SimpleStories"))
     assert "SimpleStories/SimpleStories" in message and "--train_file" in message
+
+
+def test_hub_dataset_path_with_a_mocked_hub(monkeypatch):
+    from datasets import DatasetDict
+
+    import training.data as data
+
+    calls = []
+
+    def fake_load_dataset(name, config_name):
+        calls.append((name, config_name))
+        return DatasetDict(train=Dataset.from_dict({"story": [f"story {i}" for i in range(40)], "id": list(range(40))}))
+
+    monkeypatch.setattr(data, "load_dataset", fake_load_dataset)
+    corpus = load_documents(DataArguments(), seed=0)
+    assert calls == [("SimpleStories/SimpleStories", None)]
+    assert corpus["train"].column_names == ["text"] and len(corpus["train"]) == 38 and len(corpus["validation"]) == 2

@@ -40,6 +40,7 @@ from .trainer import ZooTrainer, resolve_trainer
 logger = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+TRAINING_DEFAULTS = {"learning_rate": 1e-3, "warmup_steps": 0.05, "lr_scheduler_type": "cosine", "logging_steps": 10}
 
 
 @dataclass
@@ -75,6 +76,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ModelArguments, DataArgument
     if not any(arg == "--output_dir" or arg.startswith("--output_dir=") for arg in argv):
         raise UsageError("--output_dir is required: the folder that receives the trained model")
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    # The Trainer's defaults suit fine-tuning (5e-5, a log every 500 steps); these suit the small models trained
+    # from scratch here. Every one can still be set on the command line.
+    parser.set_defaults(**TRAINING_DEFAULTS)
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     return model_args, data_args, training_args
 
@@ -267,8 +271,8 @@ def _write_card(spec, trainer, data_args, training_args, train, validation, metr
             "batch size (per device × accumulation × devices)":
                 f"{training_args.per_device_train_batch_size} × {training_args.gradient_accumulation_steps} × "
                 f"{training_args.world_size}",
-            "learning rate": f"{training_args.learning_rate} ({training_args.lr_scheduler_type.value}, "
-                             f"warm-up {training_args.warmup_steps} steps)",
+            "learning rate": f"{training_args.learning_rate} ({training_args.lr_scheduler_type.value}, warm-up "
+                             f"{training_args.get_warmup_steps(trainer.state.max_steps)} steps)",
             "seed": training_args.seed,
             "device": str(training_args.device),
             "runtime (s)": metrics.get("train_runtime"),
