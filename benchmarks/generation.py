@@ -31,6 +31,7 @@ from .harness import (
     MIN_RUNS,
     environment,
     format_table,
+    positive_ints,
     random_prompts,
     resolve_device,
     time_generation,
@@ -40,24 +41,14 @@ from .harness import (
 BASELINE = "llama (baseline)"
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got '{text}'")
-    return values
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="A trained folder (or Hub id) to benchmark.")
     source.add_argument("--model_type", help="Benchmark a randomly initialised model of this architecture.")
     parser.add_argument("--config_overrides", help="Config fields for --model_type, e.g. 'hidden_size=256'.")
-    parser.add_argument("--batch_sizes", type=_ints, default=[1, 4])
-    parser.add_argument("--prompt_lengths", type=_ints, default=None,
+    parser.add_argument("--batch_sizes", type=positive_ints, default=[1, 4])
+    parser.add_argument("--prompt_lengths", type=positive_ints, default=None,
                         help="Default: 1, a quarter and a half of the context (those where prompt + new tokens fit).")
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=1)

@@ -7,6 +7,7 @@ synchronised before and after (CUDA), after `warmup` untimed calls.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -24,6 +25,17 @@ from transformers import PreTrainedModel
 
 MIN_RUNS = 5
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type: `"1,4,16"` -> `[1, 4, 16]`, every value >= 1."""
+    try:
+        values = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got '{text}'") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got '{text}'")
+    return values
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -14,9 +14,24 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from transformers import PreTrainedConfig
+from transformers import PreTrainedConfig, dynamic_module_utils
 
 _PARENT_IMPORT = re.compile(r"^(\s*)from \.\.(\w+) import", flags=re.MULTILINE)
+
+
+def _without_parent_imports(get_relative_imports):
+    """Wrap transformers' `get_relative_imports`, which reads `from ..x import` as a sibling `.x` and then fails to
+    copy a file `.x.py` when a custom model is saved; parent imports are bundled by `bundle_remote_code` instead."""
+
+    def relative_imports(module_file):
+        return [name for name in get_relative_imports(module_file) if not name.startswith(".")]
+
+    relative_imports.zoo_skips_parent_imports = True
+    return relative_imports
+
+
+if not getattr(dynamic_module_utils.get_relative_imports, "zoo_skips_parent_imports", False):
+    dynamic_module_utils.get_relative_imports = _without_parent_imports(dynamic_module_utils.get_relative_imports)
 
 
 def bundle_remote_code(folder: str | Path) -> list[Path]:

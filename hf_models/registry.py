@@ -70,6 +70,9 @@ class ArchitectureSpec:
             (auxiliary heads trained by the architecture's own objective and tested by its own tests).
         baseline_config: maps a config to the same-size Llama baseline's config.
         sample_kwargs: keyword arguments of the generation method for the CLI's text sample.
+        eval_loss_is_bound: the evaluation loss is an upper bound on the negative log-likelihood per token (e.g. a
+            masked diffusion ELBO), not the likelihood itself; the training CLI then reports perplexity and bits per
+            byte as bounds (`eval_perplexity_bound`, `eval_bits_per_byte_bound`, `eval_bits_per_token_bound`).
         pretrained_loader: `(path, overrides, trust_remote_code) -> model` used for `--model_name_or_path`
             instead of `model_class.from_pretrained` (e.g. to convert a base checkpoint into this architecture).
         seed_experiment: the `benchmarks.<module>` that reproduces the seed experiment, if any.
@@ -96,6 +99,7 @@ class ArchitectureSpec:
     sample_kwargs: Mapping[str, Any] = field(
         default_factory=lambda: {"do_sample": True, "top_k": 50, "temperature": 0.8}
     )
+    eval_loss_is_bound: bool = False
     pretrained_loader: Callable[[str, Mapping[str, Any], bool], PreTrainedModel] | None = None
     seed_experiment: str | None = None
     card_tags: tuple[str, ...] = ()

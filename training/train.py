@@ -186,12 +186,14 @@ def sample_text(spec: ArchitectureSpec, model: PreTrainedModel, tokenizer: PreTr
     return tokenizer.decode(sequences[0], skip_special_tokens=False)
 
 
-def language_model_metrics(eval_loss: float, validation: PackedSplit) -> dict[str, float]:
-    """Perplexity and bits per byte from the mean evaluation loss (nats per token)."""
+def language_model_metrics(eval_loss: float, validation: PackedSplit, *, bound: bool = False) -> dict[str, float]:
+    """Perplexity and bits per byte from the mean evaluation loss (nats per token); with `bound` (the loss is an
+    upper bound on the NLL, see `ArchitectureSpec.eval_loss_is_bound`) the names end in `_bound`."""
+    suffix = "_bound" if bound else ""
     return {
-        "eval_perplexity": math.exp(min(eval_loss, 50.0)),
-        "eval_bits_per_byte": eval_loss * validation.tokens_per_byte / math.log(2),
-        "eval_bits_per_token": eval_loss / math.log(2),
+        f"eval_perplexity{suffix}": math.exp(min(eval_loss, 50.0)),
+        f"eval_bits_per_byte{suffix}": eval_loss * validation.tokens_per_byte / math.log(2),
+        f"eval_bits_per_token{suffix}": eval_loss / math.log(2),
     }
 
 
@@ -226,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> ZooTrainer:
 
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = {**train_result.metrics, **trainer.evaluate()}
-    metrics.update(language_model_metrics(metrics["eval_loss"], validation))
+    metrics.update(language_model_metrics(metrics["eval_loss"], validation, bound=spec.eval_loss_is_bound))
     if not trainer.is_world_process_zero():
         return trainer
 
@@ -243,7 +245,9 @@ def main(argv: Sequence[str] | None = None) -> ZooTrainer:
     trainer.save_metrics("all", metrics)
     plot_loss_curve(trainer.state.log_history, output_dir / LOSS_CURVE_FILE)
     _write_card(spec, trainer, data_args, training_args, train, validation, metrics, model_args, sample)
-    print(json.dumps({key: metrics[key] for key in ("eval_loss", "eval_perplexity", "eval_bits_per_byte")}, indent=2))
+    print(json.dumps({key: metrics[key] for key in ("eval_loss", "eval_perplexity", "eval_bits_per_byte",
+                                                    "eval_perplexity_bound", "eval_bits_per_byte_bound")
+                      if key in metrics}, indent=2))
     return trainer
 
 
@@ -281,10 +285,15 @@ def _write_card(spec, trainer, data_args, training_args, train, validation, metr
             "mean training loss over the run": metrics.get("train_loss"),
         },
         metrics={key: metrics[key] for key in ("eval_loss", "eval_perplexity", "eval_bits_per_byte",
-                                               "eval_bits_per_token") if key in metrics},
+                                               "eval_bits_per_token", "eval_perplexity_bound",
+                                               "eval_bits_per_byte_bound", "eval_bits_per_token_bound")
+                 if key in metrics},
         bpb_note=("Loss in nats per token. Bits per byte = loss × tokens / UTF-8 bytes / ln 2 over the validation "
                   f"documents ({validation.tokens_per_byte:.4f} tokens per byte, each document end counted as one "
-                  "byte); it does not depend on the tokenizer."),
+                  "byte); it does not depend on the tokenizer."
+                  + (" The evaluation loss is an upper bound on the negative log-likelihood (the model's "
+                     "variational bound), so the figures marked `_bound` bound perplexity and bits per byte from "
+                     "above." if spec.eval_loss_is_bound else "")),
         sample_prompt=model_args.sample_prompt,
         sample_text=sample,
         sample_settings=", ".join(f"{k}={v}" for k, v in spec.sample_kwargs.items()) or "greedy",
