@@ -1,0 +1,493 @@
+"""The multi-head Toeplitz mixer language model (seed 001, "Experiment 010") as a Hugging Face model.
+
+Notation: B batch, T tokens in this call, S = `max_position_embeddings` (kernel length, hard context), E =
+`hidden_size`, H = `num_heads`, D = E / H, F = `intermediate_size`, L = `num_hidden_layers`.
+
+Model (pre-norm residual stack, no positional embedding: position enters only through the kernels, the mean
+normaliser and the per-position bias of the mixers):
+
+    x = Emb[input_ids]                                        (B, T, E)
+    for each block:  x = x + Mixer(RMSNorm(x));  x = x + MLP(RMSNorm(x))
+    logits = W_lm · RMSNorm(x)                                (B, T, V), W_lm untied
+    MLP(z) = fc2(Dropout(GELU_tanh(fc1(z))))
+
+Mixer (one block), per head h owning the channels [h·D, (h+1)·D):
+
+    p   = W_in · u + b_in          (if `do_toep_proj`, else p = u)
+    k_h = softplus(w_h) or w_h     (`kernel_param`), a length-S kernel per head shared by its D channels
+    y_t = Σ_{s ≤ t} k_h[t − s] · p_s                                   a causal convolution
+    y_t = y_t / c_h[t],  c_h[t] = Σ_{m ≤ t} k_h[m]                      (if `do_toep_mean`)
+    y_t = y_t + β_h[t]                                                   per-position bias, init 0
+    o   = W_out · y                (if `do_toep_proj`, no bias)
+
+The product is computed as a Toeplitz matrix `M_h[t, s] = k_h[t − s]` (s ≤ t) times p (`mixer_impl="dense"`)
+or as an FFT convolution in float32 (`"fft"`). Heads run in one batched product (`parallel_heads=True`) or one
+after another (`False`); the two schedules give the same numbers.
+
+Cached decoding is exact: the only state a block needs is the history of its mixer inputs p (after the input
+projection), kept in a preallocated buffer `(B, H, D, S)` per layer; a new token at position t costs one dot
+product over the t + 1 stored inputs per channel, O(E·t) per layer, plus the O(E² + E·F) of the projections.
+
+Left padding is exact: padded positions of p are zeroed in every layer and c, β are indexed with per-row positions
+(`position_ids`, from the attention mask); the convolution is shift-invariant, so a padded row equals the row alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import can_return_tuple
+
+from ..modeling_zoo_common import ZooPreTrainedModel, ZooStateCache
+from .configuration_toeplitz_mixer import ToeplitzMixerConfig
+
+
+def toeplitz_matrix(kernel: torch.Tensor, row_start: int, num_rows: int, num_cols: int) -> torch.Tensor:
+    """Rows `row_start .. row_start + num_rows - 1` of the causal Toeplitz operator of each head.
+
+    Args:
+        kernel: `(H, S)` kernels, `kernel[h, m]` weighs the token `m` steps back.
+
+    Returns:
+        `(H, num_rows, num_cols)` with `M[h, i, s] = kernel[h, row_start + i - s]` if `s <= row_start + i`, else 0
+        (target position on rows, source position on columns; the transpose of the seed's `vector_to_matrix`).
+    """
+    targets = torch.arange(row_start, row_start + num_rows, device=kernel.device)
+    lag = targets[:, None] - torch.arange(num_cols, device=kernel.device)[None, :]
+    return kernel[:, lag.clamp(min=0)].masked_fill(lag < 0, 0.0)
+
+
+def fft_causal_conv(kernel: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """`y_t = Σ_{s ≤ t} kernel[t - s] · p_s` by FFT, in float32 (float64 for float64 inputs) whatever the autocast
+    or input dtype; causal up to the FFT's rounding (outputs before a change move by ~1e-7 relative, not 0).
+
+    Args:
+        kernel: `(H, S)` with S >= T, or `(S,)` for a single head.
+        p: `(B, T, H, D)`, or `(B, T, D)` for a single head.
+
+    Returns:
+        `y` with the shape and dtype of `p`.
+    """
+    length = p.shape[1]
+    n = 1 << (2 * length - 1).bit_length()  # a power of two >= 2T - 1: no circular wrap-around
+    dtype = torch.promote_types(p.dtype, torch.float32)
+    with torch.autocast(device_type=p.device.type, enabled=False):
+        p_freq = torch.fft.rfft(p.to(dtype), n=n, dim=1)
+        k_freq = torch.fft.rfft(kernel[..., :length].to(dtype), n=n, dim=-1)
+        k_freq = k_freq.transpose(0, 1)[None, :, :, None] if kernel.dim() == 2 else k_freq[None, :, None]
+        y = torch.fft.irfft(p_freq * k_freq, n=n, dim=1)[:, :length]
+    return y.to(p.dtype)
+
+
+class ToeplitzMixerCache(ZooStateCache):
+    """Exact decoding state of a [`ToeplitzMixerModel`]: each layer's mixer inputs, in a preallocated buffer.
+
+    Layer `l` holds `history` of shape `(batch, num_heads, head_dim, max_position_embeddings)`, whose slot `t` is the
+    mixer input p of position t (zero at padded positions); layer 0 also holds `token_ids` `(batch, max_position_embeddings)`,
+    which the `"sliding_recompute"` overflow policy re-reads. Writing a token is an indexed copy into the buffers,
+    never a concatenation, so a decode step has static tensor shapes except for the `[:t + 1]` view it reads.
+
+    Args:
+        config: the model's config.
+        batch_size: rows of the batch.
+        device / dtype: where and in which dtype the history is kept.
+    """
+
+    def __init__(
+        self,
+        config: ToeplitzMixerConfig,
+        batch_size: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__(config.num_hidden_layers, max_length=config.max_position_embeddings)
+        shape = (batch_size, config.num_heads, config.head_dim, config.max_position_embeddings)
+        for layer_idx in range(config.num_hidden_layers):
+            self.set_state(layer_idx, "history", torch.zeros(shape, device=device, dtype=dtype))
+        self.set_state(0, "token_ids", torch.zeros(batch_size, config.max_position_embeddings, dtype=torch.long,
+                                                   device=device))
+        self.knows_token_ids = True
+
+    def write_history(self, layer_idx: int, p: torch.Tensor) -> torch.Tensor:
+        """Store the mixer inputs `p` `(B, T, H, D)` of the tokens after the `seen_tokens` cached ones.
+
+        Returns:
+            The filled part of the history, `(B, H, D, seen_tokens + T)` (a view).
+        """
+        history = self.get_state(layer_idx, "history")
+        start, end = self.seen_tokens, self.seen_tokens + p.shape[1]
+        history[..., start:end] = p.permute(0, 2, 3, 1)
+        return history[..., :end]
+
+    def advance(self, input_ids: torch.Tensor | None, num_tokens: int) -> None:
+        """Record `num_tokens` new tokens (after every layer has written its history)."""
+        if input_ids is None:
+            self.knows_token_ids = False
+        else:
+            self.get_state(0, "token_ids")[:, self.seen_tokens:self.seen_tokens + num_tokens] = input_ids
+        self.seen_tokens += num_tokens
+
+    def cached_token_ids(self) -> torch.Tensor:
+        """The token ids of the cached positions, `(B, seen_tokens)`.
+
+        Raises:
+            ValueError: a forward pass was fed `inputs_embeds`, so the ids are unknown.
+        """
+        if not self.knows_token_ids:
+            raise ValueError("the cache was filled from `inputs_embeds`; context_overflow='sliding_recompute' "
+                             "needs `input_ids` to re-read the window")
+        return self.get_state(0, "token_ids")[:, :self.seen_tokens]
+
+    def reset(self) -> None:
+        super().reset()
+        self.knows_token_ids = True
+
+
+class ToeplitzMixer(nn.Module):
+    """Multi-head causal Toeplitz token mixer (see the module docstring for the math).
+
+    Parameters: `kernel_weight` `(H, S)` (raw kernels w; `kernel()` gives k), `position_bias` `(H, S)` (β), and
+    with `do_toep_proj` the projections `inp_proj` (E → E, bias) and `out_proj` (E → E, no bias).
+    """
+
+    def __init__(self, config: ToeplitzMixerConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads, self.head_dim = config.num_heads, config.head_dim
+        self.kernel_weight = nn.Parameter(torch.empty(config.num_heads, config.max_position_embeddings))
+        self.position_bias = nn.Parameter(torch.zeros(config.num_heads, config.max_position_embeddings))
+        if config.do_toep_proj:
+            self.inp_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
+            self.out_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def kernel(self) -> torch.Tensor:
+        """The effective kernels k `(H, S)`: `softplus(w)` or `w` (`config.kernel_param`)."""
+        return F.softplus(self.kernel_weight) if self.config.kernel_param == "softplus" else self.kernel_weight
+
+    def normaliser(self, kernel: torch.Tensor) -> torch.Tensor:
+        """`c[h, t] = Σ_{m ≤ t} k[h, m]` `(H, S)`, with `|c|` floored at `toep_norm_eps` when that is positive."""
+        total = kernel.cumsum(-1)
+        eps = self.config.toep_norm_eps
+        if eps > 0:
+            total = torch.where(total >= 0, total.clamp(min=eps), total.clamp(max=-eps))
+        return total
+
+    def _mix_sequence(self, kernel: torch.Tensor, p: torch.Tensor, parallel: bool) -> torch.Tensor:
+        """Causal convolution of a whole sequence starting at position 0: `(B, T, H, D)` → `(B, T, H, D)`."""
+        batch, length, heads, dim = p.shape
+        impl = self.config.mixer_impl
+        if impl == "fft" or (impl == "auto" and length >= self.config.fft_min_length):
+            if parallel:
+                return fft_causal_conv(kernel, p)
+            return torch.stack([fft_causal_conv(kernel[h], p[:, :, h]) for h in range(heads)], dim=2)
+        matrix = toeplitz_matrix(kernel, 0, length, length).to(p.dtype)  # (H, T, T)
+        if parallel:
+            # heads as the bmm batch, (batch, channel) as columns: no (B·H, T, T) copy of the matrix
+            columns = p.permute(2, 1, 0, 3).reshape(heads, length, batch * dim)
+            return torch.bmm(matrix, columns).view(heads, length, batch, dim).permute(2, 1, 0, 3)
+        outputs = []
+        for h in range(heads):
+            columns = p[:, :, h].transpose(0, 1).reshape(length, batch * dim)
+            outputs.append((matrix[h] @ columns).view(length, batch, dim).transpose(0, 1))
+        return torch.stack(outputs, dim=2)
+
+    def _mix_history(self, kernel: torch.Tensor, history: torch.Tensor, num_new: int, parallel: bool) -> torch.Tensor:
+        """Outputs of the last `num_new` positions against the stored inputs `history` `(B, H, D, t)`:
+        `(B, num_new, H, D)`. One decode step reads the t stored inputs once: O(E·t)."""
+        filled = history.shape[-1]
+        if num_new == 1:  # a decode step: a weighted sum over the history (a batched GEMV is far slower on CPU)
+            weights = kernel[:, :filled].flip(-1).to(history.dtype)  # weights[h, s] = k[h, t - s]
+            if parallel:
+                y = (history * weights[None, :, None, :]).sum(-1)  # (B, H, D)
+            else:
+                y = torch.stack([(history[:, h] * weights[h]).sum(-1) for h in range(self.num_heads)], dim=1)
+            return y[:, None]
+        rows = toeplitz_matrix(kernel, filled - num_new, num_new, filled).to(history.dtype)  # (H, num_new, t)
+        if parallel:
+            y = torch.matmul(history, rows.transpose(1, 2))  # (B, H, D, num_new)
+        else:
+            y = torch.stack([history[:, h] @ rows[h].T for h in range(self.num_heads)], dim=1)
+        return y.permute(0, 3, 1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        cache: ToeplitzMixerCache | None = None,
+        parallel: bool = True,
+    ) -> torch.Tensor:
+        """Mix `hidden_states` `(B, T, E)` (already normalised) along the sequence.
+
+        Args:
+            positions: `(B or 1, T)` position of each token in its row (indexes c and β).
+            token_mask: `(B, T)`, 0 at padded tokens, whose mixer inputs are zeroed.
+            cache: the decoding state; the inputs are appended to this layer's history and mixed against it.
+            parallel: head schedule (batched over heads, or a loop over heads).
+        """
+        batch, length, _ = hidden_states.shape
+        p = self.inp_proj(hidden_states) if self.config.do_toep_proj else hidden_states
+        if token_mask is not None:
+            p = p * token_mask[..., None].to(p.dtype)
+        p = p.view(batch, length, self.num_heads, self.head_dim)
+        kernel = self.kernel()
+        past = cache.get_seq_length() if cache is not None else 0
+        if cache is not None:
+            history = cache.write_history(self.layer_idx, p)
+        if past == 0:
+            y = self._mix_sequence(kernel, p, parallel)
+        else:
+            y = self._mix_history(kernel, history, length, parallel)
+        if self.config.do_toep_mean:
+            y = y / self.normaliser(kernel)[:, positions].permute(1, 2, 0)[..., None]
+        y = y + self.position_bias[:, positions].permute(1, 2, 0)[..., None]
+        y = y.reshape(batch, length, -1)
+        return self.out_proj(y) if self.config.do_toep_proj else y
+
+
+class ToeplitzMixerMLP(nn.Module):
+    """`fc2(Dropout(act(fc1(x))))`, E → F → E, with biases."""
+
+    def __init__(self, config: ToeplitzMixerConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dropout(self.act(self.fc1(hidden_states))))
+
+
+class ToeplitzMixerBlock(GradientCheckpointingLayer):
+    """`x + Mixer(RMSNorm(x))`, then `+ MLP(RMSNorm(x))`."""
+
+    def __init__(self, config: ToeplitzMixerConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.mixer_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mixer = ToeplitzMixer(config, layer_idx)
+        self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = ToeplitzMixerMLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        cache: ToeplitzMixerCache | None = None,
+        parallel: bool = True,
+    ) -> torch.Tensor:
+        hidden_states = hidden_states + self.mixer(self.mixer_norm(hidden_states), positions, token_mask,
+                                                   cache=cache, parallel=parallel)
+        return hidden_states + self.mlp(self.mlp_norm(hidden_states))
+
+
+class ToeplitzMixerPreTrainedModel(ZooPreTrainedModel):
+    config_class = ToeplitzMixerConfig
+    config: ToeplitzMixerConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ToeplitzMixerBlock"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The seed's initialisation: every Linear / Embedding weight and the raw kernels ~ N(0, 0.2²) by default.
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, nn.RMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, ToeplitzMixer):
+            init.normal_(module.kernel_weight, mean=0.0, std=self.config.toeplitz_init_std)
+            init.zeros_(module.position_bias)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model creates its own `ToeplitzMixerCache` on the first cached forward pass
+
+
+class ToeplitzMixerModel(ToeplitzMixerPreTrainedModel):
+    """The embedding and the stack of (mixer, MLP) blocks with the final RMSNorm; no LM head."""
+
+    def __init__(self, config: ToeplitzMixerConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([ToeplitzMixerBlock(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def _overflow_window(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        cache: ToeplitzMixerCache | None,
+        total: int,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Apply `context_overflow` to a call that would reach `total > max_position_embeddings` tokens: raise, or
+        return the window of the last S token ids (and its mask) to recompute from position 0."""
+        limit = self.config.max_position_embeddings
+        if self.config.context_overflow == "error":
+            raise ValueError(
+                f"the sequence reaches {total} tokens but the Toeplitz kernels cover max_position_embeddings="
+                f"{limit} positions (the model's hard context); shorten the input or max_new_tokens, or set "
+                f"context_overflow='sliding_recompute' to read only the last {limit} tokens"
+            )
+        if input_ids is None:
+            raise ValueError("context_overflow='sliding_recompute' needs `input_ids`, not `inputs_embeds`")
+        if cache is not None and cache.get_seq_length() > 0:
+            input_ids = torch.cat([cache.cached_token_ids(), input_ids], dim=1)
+            cache.reset()
+        window_mask = attention_mask[:, -limit:] if attention_mask is not None else None
+        return input_ids[:, -limit:], window_mask
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        parallel_heads: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, seq)`): token ids (after the cached ones, if any).
+            attention_mask (`torch.Tensor` of shape `(batch, past + seq)` or `(batch, seq)`, *optional*): 1 for
+                real tokens, 0 for (left) padding; padded tokens are excluded from the mixing exactly.
+            position_ids (`torch.LongTensor` of shape `(batch or 1, seq)`, *optional*): position of each token in
+                its row (default: from `attention_mask`, else continuing after the cached tokens).
+            cache ([`ToeplitzMixerCache`], *optional*): the decoding state of the previous tokens.
+            inputs_embeds (`torch.Tensor` of shape `(batch, seq, hidden)`, *optional*): instead of `input_ids`.
+            use_cache (`bool`, *optional*): create (if missing) and return the cache.
+            parallel_heads (`bool`, *optional*): head schedule of this call (default `config.parallel_heads`).
+
+        Raises:
+            ValueError: the cached plus new tokens exceed `max_position_embeddings` under
+                `context_overflow="error"`, or the inputs are inconsistent.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(f"`attention_mask` must be a 2-D padding mask (batch, seq), got {attention_mask.dim()}-D")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        parallel = self.config.parallel_heads if parallel_heads is None else parallel_heads
+        if cache is not None and not isinstance(cache, ToeplitzMixerCache):
+            if cache.get_seq_length() > 0:
+                raise ValueError(f"a {type(cache).__name__} with content cannot continue a Toeplitz mixer")
+            cache = None
+        if not use_cache:
+            cache = None
+
+        batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        past = cache.get_seq_length() if cache is not None else 0
+        num_outputs = length
+        if past + length > self.config.max_position_embeddings:
+            input_ids, attention_mask = self._overflow_window(input_ids, attention_mask, cache, past + length)
+            num_outputs = min(length, input_ids.shape[1])
+            length, past, position_ids = input_ids.shape[1], 0, None
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and cache is None:
+            cache = ToeplitzMixerCache(self.config, batch, device=inputs_embeds.device, dtype=inputs_embeds.dtype)
+
+        token_mask = None
+        if attention_mask is not None:
+            token_mask = attention_mask[:, -length:]
+            if position_ids is None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+        if position_ids is None:
+            position_ids = torch.arange(past, past + length, device=inputs_embeds.device)[None]
+
+        hidden_states = inputs_embeds
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, position_ids, token_mask, cache=cache, parallel=parallel)
+        if cache is not None:
+            cache.advance(input_ids, length)
+        hidden_states = self.norm(hidden_states[:, -num_outputs:])
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+
+
+class ToeplitzMixerForCausalLM(ToeplitzMixerPreTrainedModel, GenerationMixin):
+    """The Toeplitz mixer with its (untied by default) LM head; `labels` give the shifted cross-entropy loss."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: ToeplitzMixerConfig) -> None:
+        super().__init__(config)
+        self.model = ToeplitzMixerModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor | None:
+        """`generate` would build a 4-D attention mask for a compileable cache; the mixer reads the 2-D padding
+        mask itself."""
+        return attention_mask
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        parallel_heads: bool | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        Args:
+            labels (`torch.LongTensor` of shape `(batch, seq)`, *optional*): targets, unshifted (the model shifts
+                them); `-100` is ignored. Under `context_overflow="sliding_recompute"` with more than
+                `max_position_embeddings` tokens, only the last window's labels are used.
+            logits_to_keep (`int` or `torch.Tensor`, *optional*): logits for the last `n` positions only (0: all).
+            parallel_heads (`bool`, *optional*): head schedule of this call (default `config.parallel_heads`);
+                `generate(..., parallel_heads=False)` passes it to every step.
+
+        Other arguments as in [`ToeplitzMixerModel.forward`]. Returns logits `(batch, seq, vocab)`.
+        """
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            parallel_heads=parallel_heads,
+        )
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            labels = labels[:, -outputs.last_hidden_state.shape[1]:]
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+
+
+__all__ = [
+    "ToeplitzMixerCache",
+    "ToeplitzMixerForCausalLM",
+    "ToeplitzMixerModel",
+    "ToeplitzMixerPreTrainedModel",
+    "fft_causal_conv",
+    "toeplitz_matrix",
+]

@@ -1,0 +1,389 @@
+"""Behaviour of the Toeplitz mixer LM (issue 3): the mixer's exact math, head schedules, dense vs FFT, exact cached
+decoding (all variants, both schedules, left padding), the cache's cost, the context policy, parameter count and
+the experiment CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from hf_models import ToeplitzMixerConfig, ToeplitzMixerForCausalLM
+from hf_models.toeplitz_mixer.modeling_toeplitz_mixer import (
+    ToeplitzMixer,
+    ToeplitzMixerCache,
+    fft_causal_conv,
+    toeplitz_matrix,
+)
+
+VARIANTS = {
+    "mean_proj": dict(do_toep_mean=True, do_toep_proj=True),
+    "mean_noproj": dict(do_toep_mean=True, do_toep_proj=False),
+    "nomean_proj": dict(do_toep_mean=False, do_toep_proj=True),
+    "nomean_noproj": dict(do_toep_mean=False, do_toep_proj=False),
+}
+
+
+def tiny_config(**overrides) -> ToeplitzMixerConfig:
+    fields = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_heads=4, intermediate_size=32,
+                  max_position_embeddings=16, dropout=0.0)
+    fields.update(overrides)
+    return ToeplitzMixerConfig(**fields)
+
+
+def tiny_model(seed: int = 0, **overrides) -> ToeplitzMixerForCausalLM:
+    torch.manual_seed(seed)
+    return ToeplitzMixerForCausalLM(tiny_config(**overrides)).eval()
+
+
+def mixer(seed: int = 0, **overrides) -> ToeplitzMixer:
+    torch.manual_seed(seed)
+    module = ToeplitzMixer(tiny_config(**overrides), layer_idx=0)
+    with torch.no_grad():
+        module.kernel_weight.normal_(0, 0.5)
+        module.position_bias.normal_(0, 0.5)
+        if module.config.do_toep_proj:
+            for linear in (module.inp_proj, module.out_proj):
+                linear.weight.normal_(0, 0.3)
+            module.inp_proj.bias.normal_(0, 0.3)
+    return module
+
+
+def ids(batch: int, length: int, seed: int = 1, vocab: int = 64) -> torch.Tensor:
+    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def positions(length: int) -> torch.Tensor:
+    return torch.arange(length)[None]
+
+
+def test_toeplitz_matrix_convention():
+    kernel = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    expected = torch.tensor([[1.0, 0, 0, 0], [2, 1, 0, 0], [3, 2, 1, 0], [4, 3, 2, 1]])
+    assert torch.equal(toeplitz_matrix(kernel, 0, 4, 4)[0], expected)
+    # rows 2..3 against 4 columns: the rows a chunk at positions 2, 3 needs
+    assert torch.equal(toeplitz_matrix(kernel, 2, 2, 4)[0], expected[2:])
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("kernel_param", ["identity", "softplus"])
+def test_mixer_equals_the_hand_formula(variant, kernel_param):
+    module = mixer(kernel_param=kernel_param, **VARIANTS[variant])
+    config = module.config
+    u = torch.randn(3, 7, config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = module(u, positions(7))
+        p = module.inp_proj(u) if config.do_toep_proj else u
+        k = module.kernel()
+        expected = torch.zeros_like(p)
+        for h, t in itertools.product(range(config.num_heads), range(7)):
+            channels = slice(h * config.head_dim, (h + 1) * config.head_dim)
+            y = sum(k[h, t - s] * p[:, s, channels] for s in range(t + 1))
+            if config.do_toep_mean:
+                y = y / k[h, : t + 1].sum()
+            expected[:, t, channels] = y + module.position_bias[h, t]
+        if config.do_toep_proj:
+            expected = module.out_proj(expected)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["dense", "fft"])
+@pytest.mark.parametrize("parallel", [True, False])
+def test_model_is_causal(impl, parallel):
+    for variant in VARIANTS.values():
+        model = tiny_model(mixer_impl=impl, **variant)
+        a, b = ids(2, 12), ids(2, 12, seed=9)
+        b[:, :6] = a[:, :6]
+        with torch.no_grad():
+            logits_a = model(a, parallel_heads=parallel).logits
+            logits_b = model(b, parallel_heads=parallel).logits
+        if impl == "dense":
+            assert torch.equal(logits_a[:, :6], logits_b[:, :6])
+        else:  # an FFT mixes every position in frequency space: causal up to rounding
+            torch.testing.assert_close(logits_a[:, :6], logits_b[:, :6], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(logits_a[:, 6:], logits_b[:, 6:])
+
+
+@pytest.mark.parametrize("impl", ["dense", "fft"])
+def test_parallel_heads_equal_sequential_heads(impl):
+    for batch, heads, length in itertools.product((1, 3), (1, 2, 4), (1, 7, 16)):
+        module = mixer(num_heads=heads, mixer_impl=impl)
+        u = torch.randn(batch, length, 16, generator=torch.Generator().manual_seed(heads))
+        with torch.no_grad():
+            parallel = module(u, positions(length), parallel=True)
+            sequential = module(u, positions(length), parallel=False)
+        assert (parallel - sequential).abs().max() <= 1e-5 * parallel.abs().max()
+
+
+def test_heads_and_batch_rows_use_their_own_kernels():
+    """The original expanded the kernels head-major against batch-major activations (row b got head b's kernel)."""
+    module = mixer(num_heads=4, do_toep_mean=False, do_toep_proj=False)
+    u = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = module(u, positions(5))
+        for b in range(3):
+            torch.testing.assert_close(module(u[b:b + 1], positions(5))[0], full[b])
+        k, bias = module.kernel(), module.position_bias
+        for h in range(4):
+            channel = h * 4
+            expected = torch.stack([sum(k[h, t - s] * u[:, s, channel] for s in range(t + 1)) + bias[h, t]
+                                    for t in range(5)], dim=1)
+            torch.testing.assert_close(full[:, :, channel], expected)
+
+
+def test_dense_equals_fft_in_fp32_and_fft_stays_fp32_under_bf16_autocast():
+    kernel = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    p = torch.randn(3, 50, 4, 8, generator=torch.Generator().manual_seed(1))
+    dense = torch.einsum("hts,bshd->bthd", toeplitz_matrix(kernel, 0, 50, 50), p)
+    fft = fft_causal_conv(kernel, p)
+    assert (fft - dense).norm() / dense.norm() <= 1e-4
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = fft_causal_conv(kernel, p)
+    assert under_autocast.dtype == torch.float32
+    assert torch.equal(under_autocast, fft)
+    for variant in VARIANTS.values():
+        dense_model, fft_model = tiny_model(**variant), tiny_model(mixer_impl="fft", **variant)
+        with torch.no_grad():
+            a, b = dense_model(ids(2, 16)).logits, fft_model(ids(2, 16)).logits
+        assert (a - b).norm() / a.norm() <= 1e-4
+
+
+def test_auto_impl_switches_to_fft_at_the_threshold(monkeypatch):
+    calls = []
+    original = fft_causal_conv
+    monkeypatch.setattr("hf_models.toeplitz_mixer.modeling_toeplitz_mixer.fft_causal_conv",
+                        lambda *args: calls.append(1) or original(*args))
+    model = tiny_model(mixer_impl="auto", fft_min_length=8)
+    with torch.no_grad():
+        model(ids(1, 7))
+        assert not calls
+        model(ids(1, 8))
+    assert len(calls) == 2  # one per layer
+
+
+def test_mean_normaliser_makes_a_weighted_average():
+    module = mixer(kernel_param="softplus", do_toep_mean=True, do_toep_proj=False)
+    with torch.no_grad():
+        module.position_bias.zero_()
+    value = torch.randn(2, 1, 16)
+    out = module(value.expand(2, 10, 16), positions(10))
+    torch.testing.assert_close(out, value.expand(2, 10, 16), rtol=1e-5, atol=1e-5)
+
+
+def _greedy(model, input_ids, attention_mask=None, use_cache=True, new_tokens=7, **kwargs):
+    return model.generate(
+        input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens, do_sample=False, use_cache=use_cache,
+        eos_token_id=None, pad_token_id=0, output_scores=True, return_dict_in_generate=True, **kwargs,
+    )
+
+
+def _left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row):] = row
+        mask[i, width - len(row):] = 1
+    return input_ids, mask
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cached_generation_equals_uncached_for_every_variant_and_schedule(variant):
+    model = tiny_model(**VARIANTS[variant])
+    rows = [ids(1, 6, seed=2)[0], ids(1, 3, seed=3)[0], ids(1, 5, seed=4)[0]]
+    input_ids, mask = _left_padded(rows)
+    reference = None
+    for parallel in (True, False):
+        cached = _greedy(model, input_ids, mask, use_cache=True, parallel_heads=parallel)
+        uncached = _greedy(model, input_ids, mask, use_cache=False, parallel_heads=parallel)
+        assert torch.equal(cached.sequences, uncached.sequences)
+        for step_cached, step_uncached in zip(cached.scores, uncached.scores):
+            torch.testing.assert_close(step_cached, step_uncached, rtol=1e-4, atol=1e-4)
+        reference = reference if reference is not None else cached.sequences
+        assert torch.equal(cached.sequences, reference)
+    for i, row in enumerate(rows):  # left padding is exact: each row alone gives the same tokens and scores
+        alone = _greedy(model, row[None])
+        assert torch.equal(alone.sequences[0, len(row):], reference[i, input_ids.shape[1]:])
+
+
+def test_cached_logits_match_the_full_forward_step_by_step():
+    model = tiny_model(kernel_param="identity", do_toep_mean=False)
+    sequence = ids(2, 12)
+    with torch.no_grad():
+        full = model(sequence).logits
+        output = model(sequence[:, :4], use_cache=True)
+        torch.testing.assert_close(output.logits, full[:, :4], rtol=1e-5, atol=1e-5)
+        cache = output.cache
+        for t in range(4, 12, 2):  # chunks of two tokens, then the single-token steps of decoding
+            step = model(sequence[:, t:t + 2], cache=cache, use_cache=True)
+            torch.testing.assert_close(step.logits, full[:, t:t + 2], rtol=1e-5, atol=1e-5)
+
+
+def test_generate_passes_the_head_schedule_to_every_cached_step(monkeypatch):
+    """The original's cached step ignored the schedule, so its 'sequential cached' speed measured nothing."""
+    seen = []
+    original = ToeplitzMixer._mix_history
+
+    def spy(self, kernel, history, num_new, parallel):
+        seen.append(parallel)
+        return original(self, kernel, history, num_new, parallel)
+
+    monkeypatch.setattr(ToeplitzMixer, "_mix_history", spy)
+    model = tiny_model()
+    _greedy(model, ids(2, 4), new_tokens=3, parallel_heads=False)
+    assert seen and not any(seen)
+    seen.clear()
+    _greedy(model, ids(2, 4), new_tokens=3)
+    assert seen and all(seen)
+
+
+def test_cache_is_a_preallocated_history_written_in_place():
+    model = tiny_model()
+    config = model.config
+    with torch.no_grad():
+        output = model(ids(2, 5), use_cache=True)
+        cache = output.cache
+        assert isinstance(cache, ToeplitzMixerCache)
+        history = cache.get_state(1, "history")
+        assert history.shape == (2, config.num_heads, config.head_dim, config.max_position_embeddings)
+        pointers = [cache.get_state(i, "history").data_ptr() for i in range(config.num_hidden_layers)]
+        for step in range(4):
+            model(ids(2, 1, seed=step), cache=cache, use_cache=True)
+        assert cache.get_seq_length() == 9
+        assert [cache.get_state(i, "history").data_ptr() for i in range(config.num_hidden_layers)] == pointers
+        assert history[..., :9].abs().sum() > 0 and history[..., 9:].abs().sum() == 0
+
+
+class ElementCounter(TorchDispatchMode):
+    """Counts the tensor elements every operator reads and writes: a measure of a step's work."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+        self.elements += sum(t.numel() for t in tensors)
+        return out
+
+
+def test_one_decode_step_costs_linear_time_in_the_position():
+    """The work of one cached step grows linearly with the number of cached tokens (O(t)), not quadratically, and
+    the matrix products (the projections and the MLP) do not grow at all."""
+    model = tiny_model(max_position_embeddings=200)
+    work, flops = {}, {}
+    with torch.no_grad():
+        for past in (50, 100, 150):
+            cache = model(ids(1, past), use_cache=True).cache
+            with ElementCounter() as counter, FlopCounterMode(display=False) as flop_counter:
+                model(ids(1, 1), cache=cache, use_cache=True)
+            work[past], flops[past] = counter.elements, flop_counter.get_total_flops()
+    first, second = work[100] - work[50], work[150] - work[100]
+    assert first > 0 and second == first, work
+    assert flops[50] == flops[100] == flops[150], flops
+
+
+def test_context_overflow_error_is_clear_and_early():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="max_position_embeddings=16"):
+        model(ids(1, 17))
+    with pytest.raises(ValueError, match="max_position_embeddings=16"):
+        _greedy(model, ids(1, 12), new_tokens=6)  # the prompt fits, the 17th position does not
+    with pytest.raises(ValueError, match="max_position_embeddings=16"):
+        _greedy(model, ids(1, 12), new_tokens=6, use_cache=False)
+
+
+def test_sliding_recompute_cached_equals_uncached_past_the_context():
+    model = tiny_model(context_overflow="sliding_recompute")
+    input_ids, mask = _left_padded([ids(1, 12, seed=5)[0], ids(1, 9, seed=6)[0]])
+    cached = _greedy(model, input_ids, mask, new_tokens=10)
+    uncached = _greedy(model, input_ids, mask, new_tokens=10, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for step_cached, step_uncached in zip(cached.scores, uncached.scores):
+        torch.testing.assert_close(step_cached, step_uncached, rtol=1e-4, atol=1e-4)
+    # past the context, each step reads exactly the last 16 tokens from position 0
+    sequence = cached.sequences[:1]
+    with torch.no_grad():
+        window = model(sequence[:, -17:-1]).logits[0, -1]
+    torch.testing.assert_close(cached.scores[-1][0], window, rtol=1e-4, atol=1e-4)
+
+
+def test_gradients_reach_every_parameter_in_both_schedules_and_gradcheck():
+    for parallel in (True, False):
+        model = tiny_model().train()
+        model(ids(2, 10), labels=ids(2, 10), parallel_heads=parallel).loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    for impl in ("dense", "fft"):
+        module = mixer(mixer_impl=impl, num_heads=2, do_toep_proj=False).double()
+        u = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+        weight = module.kernel_weight
+        assert torch.autograd.gradcheck(lambda u: module(u, positions(5)), (u,))
+        assert torch.autograd.gradcheck(
+            lambda w: torch.func.functional_call(module, {"kernel_weight": w}, (u.detach(), positions(5))),
+            (weight.detach().clone().requires_grad_(),),
+        )
+
+
+def test_parameter_count_equals_the_closed_form():
+    seed_sizes = dict(vocab_size=4096, hidden_size=512, num_hidden_layers=10, num_heads=4, intermediate_size=512,
+                      max_position_embeddings=512)
+    for proj, expected in ((True, 14_747_136), (False, 9_499_136)):
+        config = ToeplitzMixerConfig(do_toep_proj=proj, **seed_sizes)
+        with torch.device("meta"):
+            model = ToeplitzMixerForCausalLM(config)
+        assert sum(p.numel() for p in model.parameters()) == expected == config.num_parameters_closed_form()
+    small = tiny_config(do_toep_proj=False, tie_word_embeddings=True)
+    assert sum(p.numel() for p in ToeplitzMixerForCausalLM(small).parameters()) == small.num_parameters_closed_form()
+
+
+def test_loss_is_the_shifted_cross_entropy_with_ignored_labels():
+    model = tiny_model()
+    input_ids = ids(2, 9)
+    labels = input_ids.clone()
+    labels[1, 4] = -100
+    with torch.no_grad():
+        output = model(input_ids, labels=labels)
+    expected = F.cross_entropy(output.logits[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(output.loss, expected)
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [({"hidden_size": 18, "num_heads": 4}, "hidden_size"), ({"num_heads": 0}, "num_heads"),
+     ({"mixer_impl": "winograd"}, "mixer_impl"), ({"max_position_embeddings": -1}, "max_position_embeddings"),
+     ({"kernel_param": "exp"}, "kernel_param")],
+)
+def test_bad_configs_raise_naming_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**overrides)
+
+
+def test_experiment_cli_micro_run(tmp_path, stories_file):
+    from benchmarks import analyze_toeplitz, toeplitz_variants
+
+    run_dir = toeplitz_variants.main([
+        "--preset", "smoke", "--train_file", str(stories_file), "--output_root", str(tmp_path),
+        "--max_steps", "6", "--max_train_documents", "120", "--vocab_size", "300", "--block_size", "32",
+        "--config_overrides", "hidden_size=16,num_hidden_layers=1,num_heads=2,intermediate_size=16,"
+                              "max_position_embeddings=64",
+        "--variants", "mean_proj,nomean_noproj", "--bench_new_tokens", "4", "--bench_runs", "5",
+        "--bench_prompt_lengths", "1,8", "--eval_steps", "6",
+    ])
+    results = json.loads((run_dir / "all_results.json").read_text())
+    assert [r["model_name"] for r in results] == ["mean_proj", "nomean_noproj"]
+    metrics = json.loads((run_dir / "mean_proj" / "metrics.json").read_text())
+    assert set(metrics) >= {"model_name", "config", "training", "generation", "speedups", "extra"}
+    assert set(metrics["generation"]) == {"cached_parallel", "cached_sequential", "uncached_parallel",
+                                          "uncached_sequential"}
+    assert set(metrics["speedups"]) == {"cache_speedup_parallel", "cache_speedup_sequential",
+                                        "parallel_speedup_cached", "parallel_speedup_uncached"}
+    assert set(metrics["training"]) >= {"train_loss", "eval_loss", "train_runtime", "train_samples_per_second"}
+    verdicts = analyze_toeplitz.main([str(run_dir)])
+    assert verdicts["best_eval_loss"] in {"mean_proj", "nomean_noproj"}
+    assert (run_dir / "comparison_plots.png").stat().st_size > 0
