@@ -1,0 +1,94 @@
+"""Bicameral FFT byte LM with a dual head (seed 000): a byte model mixing positions with a causal FFT long
+convolution and a short convolution, with an optional teacher-token head trained by `training.dual_head`."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedConfig
+
+from ..registry import ArchitectureSpec, register, same_size_llama_config
+from ..tokenization_byte import ByteTokenizer
+from .configuration_bicameral import BicameralConfig
+from .modeling_bicameral import (
+    BicameralCache,
+    BicameralCausalLMOutput,
+    BicameralForCausalLM,
+    BicameralModel,
+    BicameralPreTrainedModel,
+)
+
+AutoConfig.register(BicameralConfig.model_type, BicameralConfig)
+AutoModel.register(BicameralConfig, BicameralModel)
+AutoModelForCausalLM.register(BicameralConfig, BicameralForCausalLM)
+AutoTokenizer.register(BicameralConfig, slow_tokenizer_class=ByteTokenizer)
+BicameralConfig.register_for_auto_class()
+BicameralModel.register_for_auto_class("AutoModel")
+BicameralForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+
+def parameter_matched_llama_config(config: PreTrainedConfig) -> LlamaConfig:
+    """The same-size Llama baseline on bytes: same width, depth, vocabulary and context, heads of 64 channels, and a
+    SwiGLU width of `4/3 * ffn_mult/2 * hidden` so that its MLP (three matrices) has the parameters of this
+    model's two-matrix FFN."""
+    baseline = same_size_llama_config(config)
+    baseline.intermediate_size = max(1, round(2 * config.ffn_mult * config.hidden_size / 3))
+    return baseline
+
+
+SPEC = register(
+    ArchitectureSpec(
+        model_type=BicameralConfig.model_type,
+        config_class=BicameralConfig,
+        model_class=BicameralForCausalLM,
+        base_model_class=BicameralModel,
+        task="causal-lm",
+        tokenizer="byte",
+        trainer="training.dual_head:DualHeadTrainer",
+        description="Bicameral FFT byte LM: causal FFT long convolution + short convolution per block, with a "
+                    "teacher-BPE token head trained beside the byte head (seed 000).",
+        default_config=dict(
+            hidden_size=256,
+            num_hidden_layers=4,
+            max_position_embeddings=1024,
+            kernel_len=128,
+            cutoff=128,
+            token_vocab_size=2048,
+        ),
+        tiny_config=dict(
+            vocab_size=259,
+            hidden_size=32,
+            num_hidden_layers=2,
+            max_position_embeddings=64,
+            kernel_len=8,
+            transition_bins=4,
+            token_vocab_size=300,
+            dropout=0.0,
+        ),
+        invalid_configs=(
+            ({"hidden_size": 0}, "hidden_size"),
+            ({"kernel_len": 0}, "kernel_len"),
+            ({"kernel_len": 65}, "kernel_len"),
+            ({"time_kernel_size": 0}, "time_kernel_size"),
+            ({"cutoff": 0}, "cutoff"),
+            ({"cutoff": 100}, "cutoff"),
+            ({"chunk_size": 64}, "chunk_size"),
+            ({"token_vocab_size": -1}, "token_vocab_size"),
+            ({"token_loss_weight": -0.5}, "token_loss_weight"),
+            ({"context_pooling": "mean"}, "context_pooling"),
+            ({"spectral_gating": "both"}, "spectral_gating"),
+            ({"phase_activation": True}, "phase_activation"),
+            ({"dropout": 1.0}, "dropout"),
+        ),
+        lora_target_modules=("ffn_up", "ffn_down"),
+        auxiliary_parameters=("token_head",),
+        baseline_config=parameter_matched_llama_config,
+        seed_experiment="dual_head",
+        card_tags=("byte-level", "fft", "long-convolution", "dual-head"),
+    )
+)
+
+__all__ = [
+    "BicameralCache",
+    "BicameralCausalLMOutput",
+    "BicameralConfig",
+    "BicameralForCausalLM",
+    "BicameralModel",
+    "BicameralPreTrainedModel",
+]

@@ -1,0 +1,601 @@
+"""The Bicameral FFT byte language model (seed 000) with an optional dual (byte + BPE-token) head.
+
+Notation: `x` is a block's normalised input `(batch, seq, hidden)`, `C = hidden_size`, `K = kernel_len`, `N =
+fft_size` (the frequency grid, see `BicameralConfig`), `m_t` the padding mask (1 for a real byte).
+
+Block (pre-norm), for `h` the residual stream and `x = LayerNorm(h) * m`:
+
+* Context: `p_t = sum_{s<=t} x_s / max(1, sum_{s<=t} m_s)`, the causal running mean (`context_pooling="causal"`;
+  the original used the mean over the whole window, `"global"`, which leaks future bytes).
+* Frequency path ("right brain"): one learned kernel `k` of `K` taps shared by all channels. Its spectrum on the
+  grid, `rfft(k, N)`, is multiplied by per-bin gates `sigmoid(g_f)` and by the cutoff mask `M_f` (1 below
+  `cutoff - transition_bins`, a raised cosine from 1 to 0 over the last `transition_bins` bins below `cutoff`, 0 from
+  `cutoff` on); the inverse transform truncated to its first `K` taps is the effective causal kernel `k_eff`.
+  Then `y_f[t, c] = gain_c * sigmoid(W_f p_t + b_f)_c * sum_{j<K} k_eff[j] x[t - j, c]`, the convolution evaluated
+  with zero-padded FFTs (exact linear convolution: no wrap-around, so nothing leaks from the future). The original
+  multiplied the *signal's* spectrum by the gates and mask (`spectral_gating="signal"`, plus an optional learned
+  phase rotation `exp(i phi[f, c])`): a two-sided filter whose output at `t` depends on inputs after `t`.
+* Time path ("left brain"): a depthwise causal convolution of width `time_kernel_size`,
+  `y_t[t, c] = sigmoid(W_t p_t + b_t)_c * (b_c + sum_j w[c, j] x[t - w + 1 + j, c])`.
+* Fusion: `a_f, a_t = sigmoid(alpha_f), sigmoid(alpha_t)`; `y = a_f/(a_f + a_t) y_f + a_t/(a_f + a_t) y_t +
+  0.1 * W_x [y_f; y_t]`; `h <- h + dropout(y)`; `h <- h + dropout(FFN(LayerNorm(h)))`, FFN `C -> ffn_mult C -> C`
+  with GELU.
+
+Heads on the final LayerNorm: the byte head (`lm_head`, `C -> vocab_size` with bias; position `t` predicts byte
+`t + chunk_size`) and, if `token_vocab_size > 0`, the token head (`token_head`, `C -> token_vocab_size` with bias;
+position `t` predicts the teacher-BPE token that covers byte `t`). The token head is computed only when asked for.
+
+Cached decoding: with the kernel limited to `K` taps, a step needs per layer only the last `max(K,
+time_kernel_size) - 1` inputs `x` (a ring buffer), and the running sum and count of the context mean: each step
+costs `O(layers * K * C)`, whatever the position. Prefill (and any multi-byte step) uses the FFT path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.utils import ModelOutput
+
+from ..modeling_zoo_common import ZooPreTrainedModel, ZooStateCache
+from .configuration_bicameral import BicameralConfig, next_power_of_two
+
+FUSION_CROSS_SCALE = 0.1  # the original's fixed weight of the cross-hemisphere projection
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """FFTs and running sums run in at least float32 (half precision FFTs lose too much)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def cutoff_mask(num_bins: int, cutoff: int | None, transition_bins: int, *, device=None,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The curriculum's low-pass mask over `num_bins` frequency bins, shape `(num_bins,)`.
+
+    1 below `cutoff - t`, a raised cosine falling from 1 (bin `cutoff - t`) to 0 (bin `cutoff - 1`) over
+    `t = min(transition_bins, cutoff)` bins, 0 from `cutoff` on; all ones when `cutoff` is `None` or `>= num_bins`.
+    """
+    mask = torch.ones(num_bins, device=device, dtype=dtype)
+    if cutoff is None or cutoff >= num_bins:
+        return mask
+    width = min(transition_bins, cutoff)
+    if width > 0:
+        ramp = torch.linspace(0.0, 1.0, steps=width, device=device, dtype=dtype)
+        mask[cutoff - width:cutoff] = 0.5 * (1.0 + torch.cos(math.pi * ramp))
+    mask[cutoff:] = 0.0
+    return mask
+
+
+def fft_causal_conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """`y[:, t] = sum_{j < K} kernel[j] * x[:, t - j]` (zero before the start) via zero-padded real FFTs.
+
+    Args:
+        x: `(batch, seq, channels)`.
+        kernel: `(K,)`, shared by all channels.
+
+    The FFT length is a power of two `>= seq + K - 1`, so the circular convolution equals the linear one on the
+    kept outputs: no input after `t` reaches output `t`.
+    """
+    length, work = x.shape[1], _work_dtype(x.dtype)
+    size = next_power_of_two(length + kernel.shape[0] - 1)
+    spectrum = torch.fft.rfft(x.to(work), n=size, dim=1) * torch.fft.rfft(kernel.to(work), n=size)[None, :, None]
+    return torch.fft.irfft(spectrum, n=size, dim=1)[:, :length].to(x.dtype)
+
+
+def direct_causal_conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """The same convolution as `fft_causal_conv`, computed directly in `O(seq * K)` (reference for tests)."""
+    taps = kernel.shape[0]
+    padded = F.pad(x.transpose(1, 2), (taps - 1, 0))  # (batch, channels, taps - 1 + seq)
+    weight = kernel.flip(0).to(x.dtype).expand(x.shape[-1], 1, taps)
+    return F.conv1d(padded, weight, groups=x.shape[-1]).transpose(1, 2)
+
+
+class BicameralCache(ZooStateCache):
+    """State of the Bicameral LM during decoding (not a key/value cache).
+
+    Per layer: `inputs` `(batch, history, hidden)`, a ring buffer of the last `history = max(kernel_len,
+    time_kernel_size) - 1` normalised, masked block inputs (position `p` in slot `p % history`); `context_sum`
+    `(batch, hidden)` and `context_count` `(batch, 1)`, the running sum and number of real bytes behind the causal
+    context mean. The size does not grow with the sequence. The effective kernels (which depend only on the weights
+    and the cutoff) are computed once per generation and kept in `kernels`.
+
+    Args:
+        config: the model's configuration.
+        batch_size: rows being decoded.
+        device / dtype: where and in which precision the state lives.
+    """
+
+    def __init__(self, config: BicameralConfig, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(config.num_hidden_layers)
+        self.history = max(config.kernel_len, config.time_kernel_size) - 1
+        self.kernels: dict[int, torch.Tensor] = {}
+        for layer_idx in range(config.num_hidden_layers):
+            self.set_state(layer_idx, "inputs",
+                           torch.zeros(batch_size, self.history, config.hidden_size, device=device, dtype=dtype))
+            self.set_state(layer_idx, "context_sum", torch.zeros(batch_size, config.hidden_size, device=device,
+                                                                 dtype=_work_dtype(dtype)))
+            self.set_state(layer_idx, "context_count", torch.zeros(batch_size, 1, device=device,
+                                                                   dtype=_work_dtype(dtype)))
+
+    @property
+    def is_compileable(self) -> bool:
+        # `generate` turns the 2-D padding mask into a 4-D attention mask for compileable caches; this model needs the
+        # 2-D mask (a convolution has no attention matrix), and its state is updated by replacement anyway.
+        return False
+
+    def past_inputs(self, layer_idx: int, count: int) -> torch.Tensor:
+        """The last `count` (`<= history`) inputs of layer `layer_idx` in time order, `(batch, count, hidden)`;
+        positions before the start read as zeros."""
+        inputs = self.get_state(layer_idx, "inputs")
+        if count == 0:
+            return inputs[:, :0]
+        start = self.seen_tokens - count
+        slots = torch.arange(start, self.seen_tokens, device=self.get_state(layer_idx, "inputs").device) % self.history
+        return self.get_state(layer_idx, "inputs")[:, slots]
+
+    def store_inputs(self, layer_idx: int, x: torch.Tensor) -> None:
+        """Write the new inputs `x` `(batch, new, hidden)` (positions `seen_tokens ...`) into the ring buffer."""
+        if self.history == 0:
+            return
+        keep = min(x.shape[1], self.history)
+        positions = torch.arange(self.seen_tokens + x.shape[1] - keep, self.seen_tokens + x.shape[1], device=x.device)
+        self.get_state(layer_idx, "inputs").index_copy_(1, positions % self.history, x[:, -keep:])
+
+    def update_context(self, layer_idx: int, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Running context mean at each new position, `(batch, new, hidden)`, and advance the sums."""
+        work = self.get_state(layer_idx, "context_sum").dtype
+        sums = self.get_state(layer_idx, "context_sum")[:, None] + torch.cumsum(x.to(work), dim=1)
+        counts = self.get_state(layer_idx, "context_count")[:, None] + torch.cumsum(mask.to(work), dim=1)[..., None]
+        self.set_state(layer_idx, "context_sum", sums[:, -1])
+        self.set_state(layer_idx, "context_count", counts[:, -1])
+        return (sums / counts.clamp(min=1.0)).to(x.dtype)
+
+
+class BicameralBlock(nn.Module):
+    """One bicameral block: causal long convolution (frequency path) + short convolution (time path), fused, then
+    a feed-forward network, each on a pre-norm residual branch. See the module docstring for the math."""
+
+    def __init__(self, config: BicameralConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        hidden, bins = config.hidden_size, config.num_freq_bins
+        self.norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        # frequency path
+        self.kernel = nn.Parameter(torch.empty(config.kernel_len))
+        self.spectral_gain = nn.Parameter(torch.empty(hidden))
+        self.freq_gate_logits = nn.Parameter(torch.empty(bins))
+        self.freq_context_gate = nn.Linear(hidden, hidden)
+        self.phase = nn.Parameter(torch.empty(bins, hidden)) if config.phase_activation else None
+        # time path
+        self.time_conv = nn.Conv1d(hidden, hidden, config.time_kernel_size, groups=hidden)
+        self.time_context_gate = nn.Linear(hidden, hidden)
+        # fusion
+        self.alpha_freq = nn.Parameter(torch.empty(()))
+        self.alpha_time = nn.Parameter(torch.empty(()))
+        self.cross_mix = nn.Linear(2 * hidden, hidden)
+        # feed-forward
+        self.ffn_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+        self.ffn_up = nn.Linear(hidden, config.ffn_mult * hidden)
+        self.ffn_down = nn.Linear(config.ffn_mult * hidden, hidden)
+        self.dropout = nn.Dropout(config.dropout)
+        # the original's initialisations (read by `BicameralPreTrainedModel._init_weights`)
+        for gate in (self.freq_context_gate, self.time_context_gate):
+            gate.init_std, gate.init_bias = 0.0, 2.0  # gates start at sigmoid(2) ~ 0.88 everywhere
+        for layer in (self.time_conv, self.cross_mix, self.ffn_up, self.ffn_down):
+            layer.init_std = 0.01
+
+    def spectral_filter(self) -> torch.Tensor:
+        """Per-bin gains `sigmoid(g_f) * M_f` on the grid, `(num_freq_bins,)` (at least float32)."""
+        config, work = self.config, _work_dtype(self.kernel.dtype)
+        mask = cutoff_mask(config.num_freq_bins, config.cutoff, config.transition_bins,
+                           device=self.kernel.device, dtype=work)
+        return torch.sigmoid(self.freq_gate_logits.to(work)) * mask
+
+    def effective_kernel(self) -> torch.Tensor:
+        """The causal kernel `k_eff` `(kernel_len,)`: the gated, low-passed kernel spectrum back in time, first
+        `kernel_len` taps (everything the grid's inverse transform puts after them is dropped)."""
+        size = self.config.fft_size
+        spectrum = torch.fft.rfft(self.kernel.to(_work_dtype(self.kernel.dtype)), n=size) * self.spectral_filter()
+        return torch.fft.irfft(spectrum, n=size)[: self.config.kernel_len]
+
+    def _signal_gated_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """The original's frequency path (`spectral_gating="signal"`): gates, phase and mask on the product of the
+        spectra; not causal."""
+        size = self.config.fft_size
+        if x.shape[1] + self.config.kernel_len - 1 > size:
+            raise ValueError(f"spectral_gating='signal' supports at most max_position_embeddings="
+                             f"{self.config.max_position_embeddings} bytes, got {x.shape[1]}")
+        work = _work_dtype(x.dtype)
+        kernel_spectrum = torch.fft.rfft(self.kernel.to(work), n=size) * self.spectral_filter()
+        spectrum = torch.fft.rfft(x.to(work), n=size, dim=1) * kernel_spectrum[None, :, None]
+        if self.phase is not None:
+            phase = self.phase.to(work)
+            spectrum = spectrum * torch.polar(torch.ones_like(phase), phase)[None]
+        return torch.fft.irfft(spectrum, n=size, dim=1)[:, : x.shape[1]].to(x.dtype)
+
+    def forward(
+        self, hidden_states: torch.Tensor, mask: torch.Tensor, cache: BicameralCache | None = None
+    ) -> torch.Tensor:
+        """Args:
+            hidden_states: `(batch, seq, hidden)`, the residual stream of the new positions.
+            mask: `(batch, seq)`, 1 for real bytes, 0 for padding (padding contributes nothing to other positions).
+            cache: the decoding state; `seq` new positions follow the `cache.seen_tokens` already seen.
+        """
+        x = self.norm(hidden_states) * mask[..., None].to(hidden_states.dtype)
+        length = x.shape[1]
+        context = self._context(x, mask, cache)
+
+        if self.config.spectral_gating == "signal":
+            long_conv = self._signal_gated_conv(x)
+        else:
+            kernel = self._kernel(cache)
+            if cache is not None and length == 1:  # decode step: a K-tap dot product with the ring buffer
+                past = cache.past_inputs(self.layer_idx, kernel.shape[0] - 1)
+                window = torch.cat([past, x], dim=1)
+                long_conv = torch.einsum("btc,t->bc", window.to(kernel.dtype), kernel.flip(0))[:, None].to(x.dtype)
+            else:
+                if cache is None or cache.seen_tokens == 0:
+                    window = x
+                else:  # continuing a cached sequence: the last inputs are the convolution's left context
+                    window = torch.cat([cache.past_inputs(self.layer_idx, cache.history), x], dim=1)
+                long_conv = fft_causal_conv(window, kernel)[:, -length:]
+        y_freq = long_conv * self.spectral_gain * torch.sigmoid(self.freq_context_gate(context))
+
+        width = self.config.time_kernel_size
+        past = cache.past_inputs(self.layer_idx, width - 1) if cache is not None else x.new_zeros(
+            x.shape[0], width - 1, x.shape[2])
+        window = torch.cat([past, x], dim=1).transpose(1, 2)  # (batch, hidden, width - 1 + seq)
+        y_time = self.time_conv(window).transpose(1, 2) * torch.sigmoid(self.time_context_gate(context))
+
+        if cache is not None:
+            cache.store_inputs(self.layer_idx, x)
+
+        a_freq, a_time = torch.sigmoid(self.alpha_freq), torch.sigmoid(self.alpha_time)
+        total = a_freq + a_time + 1e-8
+        mixed = (a_freq / total) * y_freq + (a_time / total) * y_time
+        mixed = mixed + FUSION_CROSS_SCALE * self.cross_mix(torch.cat([y_freq, y_time], dim=-1))
+        hidden_states = hidden_states + self.dropout(mixed)
+        ffn = self.ffn_down(self.dropout(F.gelu(self.ffn_up(self.ffn_norm(hidden_states)))))
+        return hidden_states + self.dropout(ffn)
+
+    def _context(self, x: torch.Tensor, mask: torch.Tensor, cache: BicameralCache | None) -> torch.Tensor:
+        """The context gates' input: `(batch, seq, hidden)` (causal running mean) or `(batch, 1, hidden)` (global)."""
+        if self.config.context_pooling == "global":
+            return (x.sum(1, keepdim=True) / mask.sum(1).clamp(min=1)[:, None, None].to(x.dtype))
+        if cache is not None:
+            return cache.update_context(self.layer_idx, x, mask)
+        work = _work_dtype(x.dtype)
+        counts = torch.cumsum(mask.to(work), dim=1).clamp(min=1.0)[..., None]
+        return (torch.cumsum(x.to(work), dim=1) / counts).to(x.dtype)
+
+    def _kernel(self, cache: BicameralCache | None) -> torch.Tensor:
+        if cache is None:
+            return self.effective_kernel()
+        if self.layer_idx not in cache.kernels:
+            cache.kernels[self.layer_idx] = self.effective_kernel()
+        return cache.kernels[self.layer_idx]
+
+
+@dataclass
+class BicameralCausalLMOutput(ModelOutput):
+    """Output of [`BicameralForCausalLM`].
+
+    Args:
+        loss (`torch.FloatTensor`, *optional*): byte cross-entropy (position `t` against byte `t + chunk_size`),
+            when `labels` are given.
+        logits (`torch.FloatTensor` of shape `(batch, seq, vocab_size)`): byte-head scores.
+        token_loss (`torch.FloatTensor`, *optional*): token-head cross-entropy (position `t` against the teacher
+            token covering byte `t`; -100 ignored), when `token_labels` are given.
+        token_logits (`torch.FloatTensor` of shape `(batch, seq, token_vocab_size)`, *optional*): token-head scores,
+            only when `return_token_logits=True` or `token_labels` are given.
+        cache (`BicameralCache`, *optional*): the decoding state, when `use_cache=True`.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*): the embeddings and each block's output.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    token_loss: torch.FloatTensor | None = None
+    token_logits: torch.FloatTensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+class BicameralPreTrainedModel(ZooPreTrainedModel):
+    config_class = BicameralConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["BicameralBlock"]
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model builds its own `BicameralCache` on the first cached forward pass
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The original's small initialisations: kernel N(0, 1e-3), convolution / fusion / FFN N(0, 0.01), context
+        # gates zero weights with bias 2; embeddings and heads N(0, initializer_range).
+        std = self.config.initializer_range
+        if isinstance(module, BicameralBlock):
+            init.normal_(module.kernel, mean=0.0, std=1e-3)
+            init.ones_(module.spectral_gain)
+            init.constant_(module.freq_gate_logits, 2.0)
+            init.constant_(module.alpha_freq, 0.5)
+            init.constant_(module.alpha_time, 0.5)
+            if module.phase is not None:
+                init.zeros_(module.phase)
+        elif isinstance(module, (nn.Linear, nn.Conv1d)):
+            layer_std = getattr(module, "init_std", std)
+            if layer_std == 0:
+                init.zeros_(module.weight)
+            else:
+                init.normal_(module.weight, mean=0.0, std=layer_std)
+            if module.bias is not None:
+                init.constant_(module.bias, getattr(module, "init_bias", 0.0))
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+
+class BicameralModel(BicameralPreTrainedModel):
+    """The Bicameral backbone: byte ids → final normalised hidden states `(batch, seq, hidden)`."""
+
+    def __init__(self, config: BicameralConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([BicameralBlock(config, index) for index in range(config.num_hidden_layers)])
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def set_cutoff(self, cutoff: int | None) -> None:
+        """Change the frequency path's cutoff (bins; `None` = all) for every layer: the config holds it."""
+        self.config.cutoff = self.config.validate_cutoff(cutoff)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: BicameralCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """Args:
+            input_ids: `(batch, seq)` byte ids (new positions only when a `cache` is given).
+            attention_mask: `(batch, seq)` or `(batch, past + seq)`, 1 for real bytes, 0 for (left) padding.
+            cache: a `BicameralCache` from a previous call (the model creates one when `use_cache=True`).
+            inputs_embeds: `(batch, seq, hidden)` instead of `input_ids`.
+            use_cache: return the decoding state (default `config.use_cache`; off for the leaky variants).
+            output_hidden_states: also return the embeddings and every block's output.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, length = hidden_states.shape[:2]
+        if not self.config.is_causal:
+            if cache is not None or use_cache:
+                raise ValueError(
+                    "This configuration is not causal (context_pooling='global', spectral_gating='signal' or "
+                    "phase_activation): every output depends on later bytes, so a cache would replay a different "
+                    "model than the one trained. Generate with use_cache=False.")
+            use_cache = False
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = BicameralCache(self.config, batch, hidden_states.device, hidden_states.dtype)
+        if not use_cache:
+            cache = None
+        if attention_mask is None:
+            mask = hidden_states.new_ones(batch, length)
+        else:
+            mask = attention_mask[:, -length:].to(hidden_states.dtype)
+
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, mask, cache)
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+        if cache is not None:
+            cache.seen_tokens += length
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache,
+                                       hidden_states=all_hidden)
+
+
+class BicameralForCausalLM(BicameralPreTrainedModel, GenerationMixin):
+    """Bicameral backbone + byte head (+ optional token head for the dual loss, see `training.dual_head`)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    accepts_loss_kwargs = False  # the loss is a per-batch mean: the Trainer scales it for gradient accumulation
+
+    def __init__(self, config: BicameralConfig) -> None:
+        super().__init__(config)
+        self.model = BicameralModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.token_head = nn.Linear(config.hidden_size, config.token_vocab_size) if config.token_vocab_size else None
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def set_cutoff(self, cutoff: int | None) -> None:
+        """Change the frequency path's cutoff (bins; `None` = all), e.g. from the curriculum callback."""
+        self.model.set_cutoff(cutoff)
+
+    def remove_token_head(self) -> None:
+        """Delete the token head (it only serves training): byte logits are unchanged, the saved model is smaller,
+        and `config.token_vocab_size` becomes 0."""
+        self.token_head = None
+        self.config.token_vocab_size = 0
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: BicameralCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        token_labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        return_token_logits: bool = False,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> BicameralCausalLMOutput:
+        """Args:
+            labels: `(batch, seq)` byte ids; position `t` is scored against `labels[:, t + chunk_size]` (-100
+                ignored), like `input_ids` shifted inside the model.
+            token_labels: `(batch, seq)` teacher-token ids of the byte at each position (-100 ignored); the token
+                head's cross-entropy is returned as `token_loss` (the weighting is the trainer's).
+            return_token_logits: also compute the token head's scores (never computed otherwise).
+            logits_to_keep: score only the last `logits_to_keep` positions (0: all).
+            Other arguments: see [`BicameralModel.forward`].
+        """
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
+                             inputs_embeds=inputs_embeds, use_cache=use_cache,
+                             output_hidden_states=output_hidden_states)
+        hidden = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+
+        loss = None
+        if labels is not None:
+            shift = self.config.chunk_size
+            loss = F.cross_entropy(logits[:, :-shift].reshape(-1, logits.shape[-1]).float(),
+                                   labels[:, shift:].reshape(-1).to(logits.device), ignore_index=-100)
+
+        token_logits = token_loss = None
+        if return_token_logits or token_labels is not None:
+            if self.token_head is None:
+                raise ValueError("this model has no token head (token_vocab_size=0)")
+            token_logits = self.token_head(hidden)
+            if token_labels is not None:
+                token_loss = F.cross_entropy(token_logits.reshape(-1, token_logits.shape[-1]).float(),
+                                             token_labels.reshape(-1).to(token_logits.device), ignore_index=-100)
+        return BicameralCausalLMOutput(loss=loss, logits=logits, token_loss=token_loss, token_logits=token_logits,
+                                       cache=outputs.cache, hidden_states=outputs.hidden_states)
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs):
+        if self.config.chunk_size != 1:
+            raise ValueError(f"this model predicts byte t + {self.config.chunk_size} at position t "
+                             f"(chunk_size={self.config.chunk_size}): use generate_chunks, not generate")
+        return super().prepare_inputs_for_generation(input_ids, **kwargs)
+
+    @torch.no_grad()
+    def generate_chunks(
+        self,
+        input_ids: torch.LongTensor,
+        max_new_tokens: int,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> torch.LongTensor:
+        """Generate `chunk_size` bytes per forward pass, as the seed's chunk objective does: the last `chunk_size`
+        positions predict the next `chunk_size` bytes.
+
+        Args:
+            input_ids: `(batch, seq)` prompt, at least `chunk_size` bytes, no padding.
+            max_new_tokens: bytes to add (the last chunk is cut to fit).
+            do_sample / temperature / top_k: greedy by default, else sampling from the (top-k) softmax.
+            use_cache: feed only the new chunk to the cached state instead of the whole sequence.
+            generator: random generator for sampling.
+
+        Returns:
+            `(batch, seq + max_new_tokens)`.
+        """
+        chunk = self.config.chunk_size
+        if input_ids.shape[1] < chunk:
+            raise ValueError(f"the prompt needs at least chunk_size={chunk} bytes, got {input_ids.shape[1]}")
+        sequences, feed, cache = input_ids, input_ids, None
+        while sequences.shape[1] - input_ids.shape[1] < max_new_tokens:
+            outputs = self(input_ids=feed, cache=cache, use_cache=use_cache)
+            scores = outputs.logits[:, -chunk:].float()
+            if do_sample:
+                scores = scores / temperature
+                if top_k:
+                    threshold = scores.topk(min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
+                    scores = scores.masked_fill(scores < threshold, float("-inf"))
+                probabilities = scores.softmax(-1).reshape(-1, scores.shape[-1])
+                new = torch.multinomial(probabilities, 1, generator=generator).reshape(scores.shape[:2])
+            else:
+                new = scores.argmax(-1)
+            new = new[:, : max_new_tokens - (sequences.shape[1] - input_ids.shape[1])]
+            sequences = torch.cat([sequences, new], dim=1)
+            cache = outputs.cache if use_cache else None
+            feed = new if use_cache else sequences
+        return sequences
+
+
+def estimate_flops_per_byte(config: BicameralConfig, seq_len: int | None = None) -> dict[str, float]:
+    """Forward FLOPs per byte of the backbone, the byte head and the token head, for windows of `seq_len` bytes.
+
+    A multiply-add counts 2. The long convolution counts three real FFTs of `n = next_power_of_two(seq_len +
+    kernel_len - 1)` points (about `2.5 n log2 n` FLOPs each) and the spectral product per channel and window,
+    spread over its `seq_len` bytes. Heads count their matmul plus about 5 FLOPs per class for the softmax and
+    cross-entropy. Elementwise gates and norms (a few FLOPs per channel) are left out. Training costs about three
+    times the forward FLOPs for every part.
+    """
+    seq_len = seq_len or config.max_position_embeddings
+    hidden, inner = config.hidden_size, config.ffn_mult * config.hidden_size
+    n = next_power_of_two(seq_len + config.kernel_len - 1)
+    linear = 2 * (2 * hidden * hidden) + 2 * (2 * hidden * hidden) + 2 * (2 * hidden * inner)  # gates, cross, FFN
+    fft = (3 * 2.5 * n * math.log2(n) + 6 * (n // 2 + 1)) * hidden / seq_len
+    time_conv = 2 * config.time_kernel_size * hidden
+    return {
+        "backbone_linear_flops_per_byte": config.num_hidden_layers * linear,
+        "backbone_fft_flops_per_byte": config.num_hidden_layers * (fft + time_conv),
+        "backbone_flops_per_byte": config.num_hidden_layers * (linear + fft + time_conv),
+        "byte_head_flops_per_byte": 2 * hidden * config.vocab_size + 5 * config.vocab_size,
+        "token_head_flops_per_byte": 2 * hidden * config.token_vocab_size + 5 * config.token_vocab_size,
+    }
+
+
+def parameter_breakdown(model: BicameralForCausalLM) -> dict[str, int]:
+    """Parameters of the backbone, the byte head (not counted again when tied) and the token head."""
+    backbone = sum(p.numel() for p in model.model.parameters())
+    byte_head = sum(p.numel() for p in model.lm_head.parameters()) - (
+        model.lm_head.weight.numel() if model.lm_head.weight is model.model.embed_tokens.weight else 0)
+    token_head = sum(p.numel() for p in model.token_head.parameters()) if model.token_head is not None else 0
+    return {"backbone": backbone, "byte_head": byte_head, "token_head": token_head,
+            "total": backbone + byte_head + token_head}
+
+
+__all__ = [
+    "BicameralBlock",
+    "BicameralCache",
+    "BicameralCausalLMOutput",
+    "BicameralForCausalLM",
+    "BicameralModel",
+    "BicameralPreTrainedModel",
+    "cutoff_mask",
+    "direct_causal_conv",
+    "estimate_flops_per_byte",
+    "fft_causal_conv",
+    "parameter_breakdown",
+]
