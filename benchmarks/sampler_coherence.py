@@ -1,0 +1,459 @@
+"""The seed experiment of the masked diffusion LM (seed 002): does wavefront sampling with the sampler head (and
+critic-guided remasking) make parallel un-masking locally more coherent, and at what speed?
+
+    python -m benchmarks.sampler_coherence --preset smoke     # minutes on 2 CPU cores, tinystories sample
+    python -m benchmarks.sampler_coherence --preset seed      # larger model and sample, the seed's stage schedule (GPU)
+
+Steps:
+1. Fit a BPE tokenizer on the training documents and pack them (the foundation's data pipeline).
+2. Train the masked diffusion LM (sampler + critic heads, staged: main loss from step 0, sampler loss from
+   `start_sampler_step`, critic loss from `start_critic_step`, ramped until `end_critic_step`) with
+   `DiffusionTrainer`, and a same-size Llama (the zoo's causal baseline) on the same blocks with its own trainer, as
+   the reference model. Report both validation losses (the diffusion one is an NLL bound).
+3. Prompts: the first `prompt_tokens` tokens of validation blocks. For every sampler (naive, naive+critic,
+   wavefront, wavefront+critic) and step count, generate `new_tokens` tokens for all prompts in one batch
+   (temperature and top-p fixed, one sampling seed), and measure on the generated tokens:
+   * unseen-bigram rate: share of adjacent token pairs (the first paired with the prompt's last token) that never
+     occur in the training tokens: local incoherence;
+   * repetition rate: share of tokens equal to the previous one;
+   * distinct-2: distinct bigrams / bigrams over all samples of the setting (diversity);
+   * reference perplexity: exp of the mean NLL of the generated tokens under the Llama, given the prompt;
+   * tokens/s: batch x new tokens / wall-clock seconds of the generation call (after one warm-up call);
+   * tokens re-masked by the critic.
+   The validation blocks' real continuations get the same text metrics (the "real text" line).
+4. Verdict: at each step count, wavefront vs naive and critic vs no critic, in unseen-bigram rate and reference
+   NLL, against twice the standard error of the difference (over prompts).
+
+Writes `sampler_coherence.json` and `sampler_coherence.png` to `--output_dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import LlamaForCausalLM, PreTrainedModel, TrainingArguments, set_seed
+
+import hf_models  # noqa: F401  (fills the registry)
+from hf_models.masked_diffusion import MaskedDiffusionForMaskedLM
+from hf_models.registry import get_spec
+from training.common import UsageError, run_cli
+from training.data import DataArguments, default_data_dir, load_documents, tokenize_and_pack
+from training.diffusion import DiffusionTrainer
+from training.tokenization import train_bpe_tokenizer
+from training.train import config_for_tokenizer
+from training.trainer import resolve_trainer
+
+from .harness import environment, format_table, positive_ints, resolve_device, write_json
+
+METHODS = {
+    "naive": dict(sampler="naive", use_critic=False),
+    "naive+critic": dict(sampler="naive", use_critic=True),
+    "wavefront": dict(sampler="wavefront", use_critic=False),
+    "wavefront+critic": dict(sampler="wavefront", use_critic=True),
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    # ~1.2M-parameter models, 32 prompts x 64 new tokens: about 15 minutes on 2 CPU cores. The diffusion model gets
+    # 1,200 steps of 16 x 128 tokens, the Llama 400: a masked LM of this size sits on a unigram plateau (validation
+    # bound ~5.9 nats, the corpus's unigram entropy 5.79) for the first ~600 steps here, whatever the weighting
+    # (measured; BERT-style 15% masking plateaus as well), while the Llama reaches ~3.1 nats in 400 steps.
+    # One torch thread: on a shared 2-core machine, small multi-threaded kernels mostly measure OpenMP threads
+    # waiting for a busy core (10x slower generation measured here with 2 threads while another job ran).
+    "smoke": dict(train_file="tinystories_valid_sample.txt", vocab_size=1024, block_size=128, hidden_size=128,
+                  num_hidden_layers=4, num_attention_heads=4, batch_size=16, max_steps=1200, reference_max_steps=400,
+                  learning_rate=2e-3, start_sampler_step=300, start_critic_step=600, end_critic_step=900,
+                  max_train_documents=None,
+                  max_eval_blocks=64, num_prompts=32, prompt_tokens=16, new_tokens=64, step_counts=[8, 16, 32, 64],
+                  temperature=1.0, top_p=0.9, threads=1),
+    # The seed's stage schedule (main only to 1,000; + sampler; + critic from 3,000, full weight at 5,000), a
+    # 256-wide 6-layer model, 128 new tokens, 128 prompts. Meant for a GPU.
+    "seed": dict(train_file="tinystories_valid_sample.txt", vocab_size=4096, block_size=256, hidden_size=256,
+                 num_hidden_layers=6, num_attention_heads=8, batch_size=32, max_steps=6000, reference_max_steps=6000,
+                 learning_rate=1e-3,
+                 start_sampler_step=1000, start_critic_step=3000, end_critic_step=5000, max_train_documents=None,
+                 max_eval_blocks=256, num_prompts=128, prompt_tokens=32, new_tokens=128,
+                 step_counts=[8, 16, 32, 64, 128], temperature=1.0, top_p=0.9, threads=None),
+}
+INT_SETTINGS = ("threads", "vocab_size", "block_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "batch_size", "max_steps", "reference_max_steps", "start_sampler_step", "start_critic_step",
+                "end_critic_step", "max_train_documents", "max_eval_blocks", "num_prompts", "prompt_tokens",
+                "new_tokens")
+FLOAT_SETTINGS = ("learning_rate", "temperature", "top_p")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def bigram_set(token_rows: Sequence[Sequence[int]]) -> set[tuple[int, int]]:
+    """Every adjacent token pair of `token_rows`."""
+    return {(row[i], row[i + 1]) for row in token_rows for i in range(len(row) - 1)}
+
+
+def text_metrics(prompt_last: int, generated: Sequence[int], seen: set[tuple[int, int]]) -> dict[str, float]:
+    """Unseen-bigram and repetition rates of one generated continuation (the first token paired with
+    `prompt_last`)."""
+    tokens = [prompt_last, *generated]
+    pairs = list(zip(tokens[:-1], tokens[1:]))
+    return {
+        "unseen_bigram_rate": sum(pair not in seen for pair in pairs) / len(pairs),
+        "repeat_rate": sum(a == b for a, b in pairs) / len(pairs),
+    }
+
+
+def distinct_bigrams(rows: Sequence[Sequence[int]]) -> float:
+    """Distinct bigrams / bigrams over all `rows`."""
+    pairs = [(row[i], row[i + 1]) for row in rows for i in range(len(row) - 1)]
+    return len(set(pairs)) / max(1, len(pairs))
+
+
+@torch.no_grad()
+def reference_nll(model: PreTrainedModel, sequences: torch.Tensor, prompt_length: int,
+                  batch_size: int = 32) -> list[float]:
+    """Mean NLL (nats) per row of the tokens after `prompt_length` under a causal `model`."""
+    model.eval()
+    values = []
+    for start in range(0, sequences.shape[0], batch_size):
+        rows = sequences[start:start + batch_size]
+        logits = model(input_ids=rows).logits[:, prompt_length - 1:-1].float()
+        nll = F.cross_entropy(logits.transpose(1, 2), rows[:, prompt_length:], reduction="none")
+        values.extend(nll.mean(dim=1).tolist())
+    return values
+
+
+def mean_and_se(values: Sequence[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return mean, se
+
+
+def summarise(name: str, steps: int | None, sequences: torch.Tensor, prompt_length: int, seen: set,
+              reference: PreTrainedModel) -> dict[str, Any]:
+    """Per-prompt and aggregate metrics of one setting's `sequences` `(prompts, prompt + new)`."""
+    rows = sequences.tolist()
+    per_prompt = [text_metrics(row[prompt_length - 1], row[prompt_length:], seen) for row in rows]
+    nll = reference_nll(reference, sequences, prompt_length)
+    result: dict[str, Any] = {"method": name, "steps": steps}
+    for key in ("unseen_bigram_rate", "repeat_rate"):
+        result[key], result[f"{key}_se"] = mean_and_se([m[key] for m in per_prompt])
+    result["reference_nll"], result["reference_nll_se"] = mean_and_se(nll)
+    result["reference_perplexity"] = math.exp(result["reference_nll"])
+    result["distinct_2"] = distinct_bigrams([row[prompt_length:] for row in rows])
+    result["per_prompt"] = {"unseen_bigram_rate": [m["unseen_bigram_rate"] for m in per_prompt], "reference_nll": nll}
+    return result
+
+
+def compare(a: dict[str, Any], b: dict[str, Any], key: str) -> tuple[float, float]:
+    """Mean paired difference a - b over prompts of `key` and its standard error."""
+    diffs = [x - y for x, y in zip(a["per_prompt"][key], b["per_prompt"][key])]
+    return mean_and_se(diffs)
+
+
+def verdict(rows: list[dict[str, Any]], step_counts: Sequence[int]) -> tuple[list[str], str]:
+    """Paired comparisons (difference beyond 2 standard errors = significant) and a one-line verdict.
+
+    Both measures are counted: a sampler that repeats one frequent token lowers the unseen-bigram rate while its
+    text gets less likely under the reference model, so neither measure alone decides.
+    """
+    by_key = {(row["method"], row["steps"]): row for row in rows}
+    lines: list[str] = []
+    tally = {(group, key): [0, 0] for group in ("wavefront", "critic")
+             for key in ("unseen_bigram_rate", "reference_nll")}
+    pairs = [("wavefront", "naive"), ("naive+critic", "naive"), ("wavefront+critic", "wavefront")]
+    for steps in step_counts:
+        for treated, control in pairs:
+            if (treated, steps) not in by_key or (control, steps) not in by_key:
+                continue
+            parts = []
+            for key, label in (("unseen_bigram_rate", "unseen bigrams"), ("reference_nll", "ref NLL")):
+                diff, se = compare(by_key[(treated, steps)], by_key[(control, steps)], key)
+                significant = abs(diff) > 2 * se
+                parts.append(f"{label} {diff:+.4f} ± {se:.4f}" + (" *" if significant else ""))
+                if significant:
+                    tally[("wavefront" if treated == "wavefront" else "critic", key)][diff > 0] += 1
+            lines.append(f"{steps} steps, {treated} vs {control}: " + ", ".join(parts))
+    total = sum(1 for s in step_counts if ("wavefront", s) in by_key)
+
+    def counts(group: str, key: str) -> str:
+        lower, higher = tally[(group, key)]
+        return f"lowers {'the unseen-bigram rate' if key == 'unseen_bigram_rate' else 'the reference NLL'} " \
+               f"significantly in {lower} (raises it in {higher})"
+
+    summary = (f"wavefront vs naive ({total} step counts): {counts('wavefront', 'unseen_bigram_rate')}, "
+               f"{counts('wavefront', 'reference_nll')}; critic remasking ({2 * total} comparisons): "
+               f"{counts('critic', 'unseen_bigram_rate')}, {counts('critic', 'reference_nll')} "
+               "(significant = beyond 2 standard errors of the paired difference over prompts)")
+    return lines, summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def _training_args(settings: dict[str, Any], max_steps: int, output_dir: Path, device: torch.device,
+                   seed: int) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=settings["batch_size"],
+        per_device_eval_batch_size=settings["batch_size"], learning_rate=settings["learning_rate"],
+        lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.0,
+        logging_steps=max(1, max_steps // 20), save_strategy="no", report_to="none", seed=seed,
+        use_cpu=device.type == "cpu", dataloader_pin_memory=False, disable_tqdm=False,
+    )
+
+
+def train_models(settings: dict[str, Any], data: dict[str, Any], device: torch.device, output_dir: Path,
+                 seed: int) -> dict[str, Any]:
+    """Train the masked diffusion LM and the same-size Llama reference on the same blocks."""
+    spec = get_spec("masked_diffusion_lm")
+    tokenizer = data["tokenizer"]
+    config = config_for_tokenizer(spec, tokenizer, {
+        "hidden_size": settings["hidden_size"], "num_hidden_layers": settings["num_hidden_layers"],
+        "num_attention_heads": settings["num_attention_heads"], "max_position_embeddings": settings["block_size"],
+        "add_sampler_head": True, "add_critic_head": True, "start_sampler_step": settings["start_sampler_step"],
+        "start_critic_step": settings["start_critic_step"], "end_critic_step": settings["end_critic_step"],
+    })
+    set_seed(seed)
+    diffusion = MaskedDiffusionForMaskedLM(config)
+    trainer = DiffusionTrainer.from_cli(
+        model=diffusion, tokenizer=tokenizer,
+        args=_training_args(settings, settings["max_steps"], output_dir / "diffusion", device, seed),
+        train_dataset=data["train"].blocks, eval_dataset=data["eval_blocks"], objective_args={},
+        train_texts=data["documents"]["train"],
+    )
+    start = time.perf_counter()
+    trainer.train()
+    diffusion_seconds = time.perf_counter() - start
+    diffusion_eval = trainer.evaluate()["eval_loss"]
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+
+    set_seed(seed)
+    reference = LlamaForCausalLM(spec.baseline_config(config))
+    llama_spec = get_spec("llama")
+    reference_trainer = resolve_trainer(llama_spec).from_cli(
+        model=reference, tokenizer=tokenizer,
+        args=_training_args(settings, settings["reference_max_steps"], output_dir / "reference", device, seed),
+        train_dataset=data["train"].blocks, eval_dataset=data["eval_blocks"], objective_args={},
+        train_texts=data["documents"]["train"],
+    )
+    start = time.perf_counter()
+    reference_trainer.train()
+    reference_seconds = time.perf_counter() - start
+    reference_eval = reference_trainer.evaluate()["eval_loss"]
+    tokens_per_byte = data["validation"].tokens_per_byte
+    return {
+        "diffusion": trainer.model.eval(),
+        "reference": reference_trainer.model.eval(),
+        "report": {
+            "diffusion_parameters": sum(p.numel() for p in diffusion.parameters()),
+            "diffusion_trunk_parameters": sum(p.numel() for p in diffusion.model.parameters()),
+            "reference_parameters": sum(p.numel() for p in reference.parameters()),
+            "diffusion_eval_nll_bound": diffusion_eval,
+            "diffusion_eval_bits_per_byte_bound": diffusion_eval * tokens_per_byte / math.log(2),
+            "reference_eval_nll": reference_eval,
+            "reference_eval_bits_per_byte": reference_eval * tokens_per_byte / math.log(2),
+            "diffusion_train_seconds": diffusion_seconds,
+            "reference_train_seconds": reference_seconds,
+            "diffusion_log": [{key: entry[key] for key in ("step", "loss", "loss_main", "loss_sampler", "loss_critic")
+                               if key in entry} for entry in logs],
+        },
+    }
+
+
+def prepare_data(settings: dict[str, Any]) -> dict[str, Any]:
+    train_file = Path(settings["train_file"])
+    if not train_file.exists() and not train_file.is_absolute():
+        train_file = default_data_dir() / train_file
+    data_args = DataArguments(train_file=str(train_file), block_size=settings["block_size"],
+                              max_train_documents=settings["max_train_documents"])
+    documents = load_documents(data_args, seed=0)
+    tokenizer = train_bpe_tokenizer(documents["train"]["text"], vocab_size=settings["vocab_size"])
+    train = tokenize_and_pack(documents["train"], tokenizer, settings["block_size"], split_name="train")
+    validation = tokenize_and_pack(documents["validation"], tokenizer, settings["block_size"], split_name="validation")
+    blocks = validation.blocks
+    needed = settings["num_prompts"]
+    if len(blocks) < 2:
+        raise UsageError(f"the validation split fills only {len(blocks)} block(s); use more text or a smaller block")
+    # Prompts come from the second half of the validation blocks, the loss is measured on the first half.
+    eval_blocks = blocks.select(range(min(settings["max_eval_blocks"], len(blocks) // 2)))
+    prompt_blocks = blocks.select(range(len(blocks) // 2, len(blocks)))
+    if len(prompt_blocks) < needed:
+        raise UsageError(f"--num_prompts {needed} exceeds the {len(prompt_blocks)} validation blocks kept for prompts")
+    prompt_blocks = torch.tensor(prompt_blocks.select(range(needed))["input_ids"])
+    return {"documents": documents, "tokenizer": tokenizer, "train": train, "validation": validation,
+            "eval_blocks": eval_blocks, "prompt_blocks": prompt_blocks,
+            "train_file": str(train_file)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def run_sampling(models: dict[str, Any], data: dict[str, Any], settings: dict[str, Any], device: torch.device,
+                 seed: int) -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, str]]]:
+    diffusion: MaskedDiffusionForMaskedLM = models["diffusion"].to(device)
+    reference = models["reference"].to(device)
+    tokenizer = data["tokenizer"]
+    prompt_length, new_tokens = settings["prompt_tokens"], settings["new_tokens"]
+    blocks = data["prompt_blocks"].to(device)
+    prompts = blocks[:, :prompt_length]
+    seen = bigram_set(data["train"].blocks["input_ids"])
+    real = summarise("real text", None, blocks[:, :prompt_length + new_tokens], prompt_length, seen, reference)
+    diffusion.diffusion_generate(prompts[:2], max_new_tokens=new_tokens, steps=settings["step_counts"][0], seed=seed,
+                                 temperature=settings["temperature"], top_p=settings["top_p"])  # warm-up
+    rows, examples = [], []
+    jobs = [(name, steps) for steps in settings["step_counts"] for name in METHODS]
+    for name, steps in tqdm(jobs, desc="sampling", unit="setting"):
+        start = time.perf_counter()
+        output = diffusion.diffusion_generate(
+            prompts, max_new_tokens=new_tokens, steps=steps, seed=seed, temperature=settings["temperature"],
+            top_p=settings["top_p"], return_dict_in_generate=True, **METHODS[name],
+        )
+        seconds = time.perf_counter() - start
+        row = summarise(name, steps, output.sequences, prompt_length, seen, reference)
+        row.update(tokens_per_second=prompts.shape[0] * new_tokens / seconds, seconds=seconds,
+                   remasked_per_sample=output.num_remasked.float().mean().item())
+        rows.append(row)
+        examples.append({"method": name, "steps": str(steps),
+                         "prompt": tokenizer.decode(prompts[0]),
+                         "continuation": tokenizer.decode(output.sequences[0, prompt_length:])})
+    examples.append({"method": "real text", "steps": "—", "prompt": tokenizer.decode(prompts[0]),
+                     "continuation": tokenizer.decode(blocks[0, prompt_length:prompt_length + new_tokens])})
+    return rows, real, examples
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, real = report["rows"], report["real_text"]
+    panels = [("unseen_bigram_rate", "unseen-bigram rate (lower: more locally coherent)"),
+              ("reference_nll", "reference NLL, nats/token (Llama on the same corpus)"),
+              ("repeat_rate", "immediate repetition rate"),
+              ("tokens_per_second", "tokens / s")]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for ax, (key, label) in zip(axes.flat, panels):
+        for index, method in enumerate(METHODS):
+            points = sorted((row["steps"], row[key], row.get(f"{key}_se", 0.0))
+                            for row in rows if row["method"] == method)
+            if not points:
+                continue
+            xs, ys, errors = zip(*points)
+            ax.errorbar(xs, ys, yerr=errors, fmt="o-" if "critic" not in method else "s--", capsize=3,
+                        color=f"C{index}", label=method)
+        if key in real:
+            ax.axhline(real[key], color="0.3", linestyle=":", label="real text")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(f"steps (trunk passes) for {report['settings']['new_tokens']} tokens")
+        ax.set_ylabel(label, fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+    axes.flat[0].legend(fontsize=7)
+    settings = report["settings"]
+    parameters = report["training"]["diffusion_parameters"]
+    fig.suptitle(f"Masked diffusion sampler coherence ({report['preset']}): {parameters:,} "
+                 f"parameters, {settings['max_steps']} steps (Llama {settings['reference_max_steps']}), "
+                 f"T={settings['temperature']}, top-p={settings['top_p']}, "
+                 f"{settings['num_prompts']} prompts — {report['environment']['device_name']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
+    for name in INT_SETTINGS:
+        parser.add_argument(f"--{name}", type=int, default=None, help="Default: the preset's value.")
+    for name in FLOAT_SETTINGS:
+        parser.add_argument(f"--{name}", type=float, default=None, help="Default: the preset's value.")
+    parser.add_argument("--step_counts", type=positive_ints, default=None, help="Comma-separated step counts.")
+    parser.add_argument("--train_file", default=None, help="Corpus; default: the preset's file in $HF_ZOO_DATA.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--output_dir", default=None, help="Default: results/sampler_coherence-<preset>-<timestamp>.")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    settings = dict(PRESETS[args.preset])
+    for key in (*INT_SETTINGS, *FLOAT_SETTINGS, "step_counts", "train_file"):
+        value = getattr(args, key, None)
+        if value is not None:
+            settings[key] = value
+    too_many = [s for s in settings["step_counts"] if s > settings["new_tokens"]]
+    if too_many:
+        raise UsageError(f"step counts {too_many} exceed --new_tokens {settings['new_tokens']}")
+    if settings["prompt_tokens"] < 1 or settings["prompt_tokens"] + settings["new_tokens"] > settings["block_size"]:
+        raise UsageError("--prompt_tokens must be >= 1 and --prompt_tokens + --new_tokens <= --block_size "
+                         "(prompts and real continuations come from validation blocks)")
+    if settings["num_prompts"] < 2 or min(settings["max_steps"], settings["reference_max_steps"]) < 1:
+        raise UsageError("--num_prompts must be >= 2 (standard errors), --max_steps and --reference_max_steps >= 1")
+    return settings
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    settings = _settings(args)
+    threads = torch.get_num_threads()
+    if settings["threads"]:
+        torch.set_num_threads(settings["threads"])
+    try:
+        return run(args, settings)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
+    """The experiment with parsed arguments and settings (see the module docstring)."""
+    device = resolve_device(args.device)
+    output_dir = Path(args.output_dir or f"results/sampler_coherence-{args.preset}-{datetime.now():%Y-%m-%d_%H-%M-%S}")
+    data = prepare_data(settings)
+    try:
+        models = train_models(settings, data, device, output_dir / "checkpoints", args.seed)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    rows, real, examples = run_sampling(models, data, settings, device, args.seed)
+    lines, summary = verdict(rows, settings["step_counts"])
+    report = {
+        "experiment": "sampler_coherence", "preset": args.preset,
+        "settings": {**settings, "train_file": data["train_file"], "seed": args.seed},
+        "data": {"train_tokens": data["train"].num_tokens, "validation_tokens": data["validation"].num_tokens,
+                 "eval_blocks": len(data["eval_blocks"]), "tokenizer": f"BPE {len(data['tokenizer'])}",
+                 "tokens_per_byte": data["validation"].tokens_per_byte},
+        "training": models["report"],
+        "environment": environment(device, torch.float32),
+        "real_text": {key: value for key, value in real.items() if key != "per_prompt"},
+        "rows": rows, "comparisons": lines, "verdict": summary, "examples": examples,
+    }
+    write_json(output_dir / "sampler_coherence.json", report)
+    plot(report, output_dir / "sampler_coherence.png")
+    columns = [("method", "method"), ("steps", "steps"), ("unseen_bigram_rate", "unseen bigrams"),
+               ("unseen_bigram_rate_se", "± se"), ("reference_perplexity", "ref ppl"), ("reference_nll_se", "nll se"),
+               ("repeat_rate", "repeats"), ("distinct_2", "distinct-2"), ("remasked_per_sample", "remasked"),
+               ("tokens_per_second", "tok/s")]
+    print(format_table([*rows, {**real, "method": "real text", "steps": "—"}], columns))
+    training = models["report"]
+    print(f"\ndiffusion validation NLL bound {training['diffusion_eval_nll_bound']:.4f} nats/token "
+          f"({training['diffusion_eval_bits_per_byte_bound']:.4f} bpb), reference Llama NLL "
+          f"{training['reference_eval_nll']:.4f} ({training['reference_eval_bits_per_byte']:.4f} bpb)")
+    print("\n".join(lines))
+    print(f"\nverdict: {summary}\nwrote {output_dir}/sampler_coherence.json and sampler_coherence.png")
+    return report
+
+
+if __name__ == "__main__":
+    run_cli(main)

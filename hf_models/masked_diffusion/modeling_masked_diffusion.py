@@ -1,0 +1,666 @@
+"""Masked diffusion language model (seed 002): a bidirectional transformer that un-masks text, with an optional
+sampler head (locally coherent "wavefront" sampling) and an optional critic head (remasking of doubtful tokens).
+
+The trunk, per position t (x is the residual stream, width C = `hidden_size`):
+
+    x = embed(token_t)                                   # token_t may be [MASK] (`mask_token_id`)
+    for each block:
+        h = rmsnorm(x);  q, k, v = W_q h, W_k h, W_v h;  q, k = rope(q, t), rope(k, t)
+        x = x + W_o softmax(q k^T / sqrt(d)) v           # bidirectional: no causal mask (padding keys masked)
+        x = x + W_down (silu(W_gate rmsnorm(x)) * W_up rmsnorm(x))
+    h_t = rmsnorm(x);  logits_t = W_lm h_t               # W_lm tied to the embedding by default
+
+Training (absorbing-state diffusion; the objective lives in `training/diffusion.py`): draw a masking rate
+t ~ U(eps, 1) per sequence, replace each token by [MASK] with probability t, and score the model's prediction of
+the original token at the masked positions. With the linear schedule the ELBO weights each masked token's
+cross-entropy by 1/t (MDLM), which makes the loss an upper bound on the negative log-likelihood per token. The
+model's own `forward(labels=...)` computes the plain (unshifted, unweighted) cross-entropy at every labelled
+position.
+
+Sampler head (`add_sampler_head`), an auxiliary network that never sends gradients into the trunk:
+
+    s_t = [E(left neighbour) ; h_t ; E(right neighbour)]          (3C; every part detached)
+    sampler_logits_t = W_s LN(silu(W_2 LN(silu(W_1 s_t))))       (its own vocabulary projection W_s)
+
+where E is the (detached) token embedding and a neighbour that is missing (sequence edge, padding) or [MASK]
+contributes a zero vector. Training and inference build `s_t` with the same function (`sampler_inputs`); the
+original fork trained on all-zero neighbours by accident (a chained boolean-index assignment into a copy).
+
+Critic head (`add_critic_head`): `critic_t = w_c · h_t + b_c` (on the detached h_t), the logit of "the token now at
+position t is wrong".
+
+Generation (`diffusion_generate`), from `prompt + N x [MASK]` in S steps; each step runs the trunk once:
+
+1. the step's budget is k = ceil(masked / steps_left) positions (so the last step fills everything);
+2. with `use_critic`, except at the last step, generated tokens whose critic probability of being wrong exceeds
+   `critic_threshold` are re-masked first, worst first, at most `critic_remask_fraction` (rounded up) of what the
+   previous step committed (ReMDM-like; the prompt is never touched); they are filled again in later steps
+   (the budgets of 1. grow with them);
+3. naive: sample every masked position from its own distribution (temperature, top-p) and commit the k most
+   confident (probability of the sampled token under the model), keeping the rest masked (LLaDA's
+   low-confidence remasking);
+   wavefront: fill in waves with the sampler head: each wave samples the masked positions that have at least one
+   filled neighbour (the prompt counts), conditioned on the neighbours as they are now, then updates the
+   sequence; when the budget is smaller than a wave, the wave's most confident positions go first. When no
+   masked position has a filled neighbour, a bootstrap first fills the `sampler_min_neighbors_ratio` share of
+   the masked positions (at least one) by confidence with naive sampling.
+The trunk's hidden states are not recomputed between waves of one step (that is what makes waves cheap): the
+sampler sees fresh neighbours, the trunk context of the step's start. There is no key/value cache: attention is
+bidirectional and every step changes the inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
+from transformers.utils import ModelOutput
+
+from ..modeling_zoo_common import ZooPreTrainedModel
+from .configuration_masked_diffusion import MaskedDiffusionConfig
+
+SAMPLERS = ("auto", "naive", "wavefront")
+
+
+class MaskedDiffusionRMSNorm(nn.Module):
+    """RMSNorm with a learnable gain over the last dimension."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, self.eps)
+
+
+class MaskedDiffusionRotaryEmbedding(nn.Module):
+    """Rotary embedding: `cos`/`sin` tables `(batch, seq, head_dim)` for given positions."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+        self.inv_freq = nn.Buffer(self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self) -> torch.Tensor:
+        return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """`(x1, x2) -> (-x2, x1)` over the two halves of the last dimension."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` `(batch, heads, seq, dim)` by the angles of `cos`/`sin` `(batch, seq, dim)`."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+class MaskedDiffusionAttention(nn.Module):
+    """Multi-head self-attention, bidirectional (or causal, see `attention_type`), with rotary positions."""
+
+    def __init__(self, config: MaskedDiffusionConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.is_causal = config.attention_type == "causal"
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        key_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """`hidden_states` `(batch, seq, hidden)`; `key_mask` `(batch, 1, 1, seq)` boolean, `True` = attend."""
+        batch, seq, _ = hidden_states.shape
+        shape = (batch, seq, self.num_heads, self.head_dim)
+        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        if self.is_causal:
+            causal = torch.ones(seq, seq, dtype=torch.bool, device=hidden_states.device).tril()
+            key_mask = causal if key_mask is None else key_mask & causal
+        output = F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask)
+        return self.o_proj(output.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class MaskedDiffusionMLP(nn.Module):
+    """SwiGLU MLP: `W_down (silu(W_gate x) * W_up x)`."""
+
+    def __init__(self, config: MaskedDiffusionConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+
+
+class MaskedDiffusionBlock(GradientCheckpointingLayer):
+    """Pre-norm transformer block: attention then MLP, each added to the residual stream."""
+
+    def __init__(self, config: MaskedDiffusionConfig) -> None:
+        super().__init__()
+        self.input_layernorm = MaskedDiffusionRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MaskedDiffusionAttention(config)
+        self.post_attention_layernorm = MaskedDiffusionRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MaskedDiffusionMLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        key_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        attention = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, key_mask)
+        hidden_states = hidden_states + attention
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class MaskedDiffusionSamplerHead(nn.Module):
+    """The sampler head: `[E(left) ; h ; E(right)]` `(…, 3C)` → Linear → SiLU → LayerNorm → Linear → SiLU
+    → LayerNorm → its own vocabulary projection `(…, vocab)`. Inputs come from `sampler_inputs` (detached)."""
+
+    def __init__(self, config: MaskedDiffusionConfig) -> None:
+        super().__init__()
+        hidden = config.hidden_size
+        self.fc1 = nn.Linear(3 * hidden, hidden)
+        self.norm1 = nn.LayerNorm(hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.norm2 = nn.LayerNorm(hidden)
+        self.lm_head = nn.Linear(hidden, config.vocab_size, bias=False)
+
+    def forward(self, sampler_inputs: torch.Tensor) -> torch.Tensor:
+        features = self.norm1(F.silu(self.fc1(sampler_inputs)))
+        features = self.norm2(F.silu(self.fc2(features)))
+        return self.lm_head(features)
+
+
+@dataclass
+class MaskedDiffusionLMOutput(MaskedLMOutput):
+    """[`MaskedLMOutput`] plus the trunk's final (normalised) hidden states, which the sampler and critic heads read.
+
+    Args:
+        last_hidden_state (`torch.Tensor` of shape `(batch, seq, hidden)`): `h_t` of every position.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+
+
+@dataclass
+class DiffusionGenerateOutput(ModelOutput):
+    """What `diffusion_generate(..., return_dict_in_generate=True)` returns.
+
+    Args:
+        sequences (`torch.LongTensor` of shape `(batch, prompt + new)`): prompt and generated tokens.
+        history (`tuple[torch.LongTensor]`, *optional*): with `output_history`, the sequence after each step
+            (masks included), `steps` tensors of shape `(batch, prompt + new)`.
+        waves (`tuple[tuple[tuple[str, torch.BoolTensor], ...], ...]`, *optional*): with `output_history` and the
+            wavefront sampler, for each step the fills in order: `("bootstrap" | "wave", positions filled (batch,
+            prompt + new))`.
+        num_remasked (`torch.LongTensor` of shape `(batch,)`): tokens re-masked by the critic over all steps.
+    """
+
+    sequences: torch.LongTensor | None = None
+    history: tuple[torch.LongTensor, ...] | None = None
+    waves: tuple[tuple[tuple[str, torch.BoolTensor], ...], ...] | None = None
+    num_remasked: torch.LongTensor | None = None
+
+
+class MaskedDiffusionPreTrainedModel(ZooPreTrainedModel):
+    config_class = MaskedDiffusionConfig
+    config: MaskedDiffusionConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MaskedDiffusionBlock"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (MaskedDiffusionRMSNorm, nn.LayerNorm)):
+            init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, MaskedDiffusionRotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq())
+
+
+class MaskedDiffusionModel(MaskedDiffusionPreTrainedModel):
+    """The trunk without heads: token ids (with [MASK]s) → final normalised hidden states `(batch, seq, hidden)`."""
+
+    def __init__(self, config: MaskedDiffusionConfig) -> None:
+        super().__init__(config)
+        if config.mask_token_id is None:
+            raise ValueError("MaskedDiffusionConfig.mask_token_id is required to build a model: set it to the "
+                             "tokenizer's mask token id (e.g. `mask_token_id=tokenizer.mask_token_id`).")
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([MaskedDiffusionBlock(config) for _ in range(config.num_hidden_layers)])
+        self.norm = MaskedDiffusionRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = MaskedDiffusionRotaryEmbedding(config.head_dim, config.rope_theta)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> BaseModelOutput:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, seq)`): token ids, [MASK] where a token is to be
+                predicted (or pass `inputs_embeds`).
+            attention_mask (`torch.Tensor` of shape `(batch, seq)`, *optional*): 1 for real tokens, 0 for padding
+                (padding keys are not attended to).
+            position_ids (`torch.LongTensor` of shape `(batch, seq)`, *optional*): rotary positions (default
+                `0 .. seq-1`).
+            inputs_embeds (`torch.Tensor` of shape `(batch, seq, hidden)`, *optional*): embeddings instead of ids.
+            output_hidden_states (`bool`, *optional*): also return the input of every block and the final states.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if position_ids is None:
+            position_ids = torch.arange(hidden_states.shape[1], device=hidden_states.device)[None]
+        key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        all_hidden_states = []
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+            hidden_states = layer(hidden_states, position_embeddings, key_mask)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states.append(hidden_states)
+        return BaseModelOutput(last_hidden_state=hidden_states,
+                               hidden_states=tuple(all_hidden_states) if output_hidden_states else None)
+
+
+class MaskedDiffusionForMaskedLM(MaskedDiffusionPreTrainedModel):
+    """The masked diffusion LM: trunk, LM head (tied to the embedding by default) and the optional sampler and
+    critic heads; `diffusion_generate` samples text. `labels` give the plain cross-entropy at labelled positions
+    (not shifted); the diffusion objective is `training.diffusion.DiffusionTrainer`."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MaskedDiffusionConfig) -> None:
+        super().__init__(config)
+        self.model = MaskedDiffusionModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.sampler_head = MaskedDiffusionSamplerHead(config) if config.add_sampler_head else None
+        self.critic_head = nn.Linear(config.hidden_size, 1) if config.add_critic_head else None
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+    ) -> MaskedDiffusionLMOutput:
+        r"""
+        Args:
+            labels (`torch.LongTensor` of shape `(batch, seq)`, *optional*): the token each position should hold
+                (not shifted); `-100` is ignored. The loss is their mean cross-entropy.
+
+        Other arguments as in [`MaskedDiffusionModel.forward`]. Returns logits `(batch, seq, vocab)` in float32 and
+        `last_hidden_state` `(batch, seq, hidden)`.
+        """
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states)
+        logits = self.lm_head(outputs.last_hidden_state).float()
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device),
+                                   ignore_index=-100)
+        return MaskedDiffusionLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                       last_hidden_state=outputs.last_hidden_state)
+
+    # --- auxiliary heads ---------------------------------------------------------------------------------------
+
+    def sampler_inputs(
+        self, input_ids: torch.LongTensor, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`[E(left neighbour) ; h_t ; E(right neighbour)]` `(batch, seq, 3 * hidden)`, every part detached.
+
+        A neighbour at the sequence edge, a padding neighbour (`attention_mask` 0) or a [MASK] neighbour gives a
+        zero vector. The same function feeds the sampler in training and in generation.
+        """
+        embeddings = F.embedding(input_ids, self.model.embed_tokens.weight.detach())
+        present = input_ids != self.config.mask_token_id
+        if attention_mask is not None:
+            present = present & attention_mask.bool()
+        embeddings = embeddings * present[..., None].to(embeddings.dtype)
+        edge = embeddings.new_zeros(embeddings.shape[0], 1, embeddings.shape[2])
+        left = torch.cat((edge, embeddings[:, :-1]), dim=1)
+        right = torch.cat((embeddings[:, 1:], edge), dim=1)
+        return torch.cat((left, hidden_states.detach().to(embeddings.dtype), right), dim=-1)
+
+    def sampler_logits(self, sampler_inputs: torch.Tensor) -> torch.Tensor:
+        """The sampler head's vocabulary logits (float32) for inputs `(…, 3 * hidden)` from `sampler_inputs`.
+
+        Raises:
+            ValueError: the model has no sampler head.
+        """
+        if self.sampler_head is None:
+            raise ValueError("this model has no sampler head (config.add_sampler_head=False): use sampler='naive' "
+                             "or train a model with add_sampler_head=True")
+        return self.sampler_head(sampler_inputs).float()
+
+    def critic_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The critic's logit of "the token at this position is wrong", `(batch, seq)` (float32), on detached
+        hidden states.
+
+        Raises:
+            ValueError: the model has no critic head.
+        """
+        if self.critic_head is None:
+            raise ValueError("this model has no critic head (config.add_critic_head=False): use use_critic=False "
+                             "or train a model with add_critic_head=True")
+        return self.critic_head(hidden_states.detach()).squeeze(-1).float()
+
+    # --- generation --------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def diffusion_generate(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 64,
+        steps: int | None = None,
+        sampler: str = "auto",
+        use_critic: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        critic_threshold: float = 0.5,
+        critic_remask_fraction: float = 0.5,
+        output_history: bool = False,
+        return_dict_in_generate: bool = False,
+    ) -> torch.LongTensor | DiffusionGenerateOutput:
+        """Generate `max_new_tokens` tokens after each prompt by iterative un-masking in `steps` steps (the
+        algorithm is in the module docstring; the name and main arguments follow Dream's `diffusion_generate`).
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, prompt)`): prompts (left-padded in a batch); may be
+                empty (`prompt` = 0).
+            attention_mask (`torch.Tensor` of shape `(batch, prompt)`, *optional*): 1 for prompt tokens, 0 for
+                padding (padding is never attended to, never a neighbour, never changed).
+            max_new_tokens (`int`): tokens to generate per row.
+            steps (`int`, *optional*): un-masking steps (trunk passes), in `[1, max_new_tokens]`; default
+                `max_new_tokens` (one token per step).
+            sampler (`str`): `"naive"` (independent parallel sampling), `"wavefront"` (sampler head) or `"auto"`
+                (wavefront when the model has a sampler head, else naive).
+            use_critic (`bool`): re-mask generated tokens the critic head doubts (needs the critic head).
+            temperature (`float`): softmax temperature; 0 is greedy.
+            top_p (`float`): nucleus sampling threshold in `(0, 1]`.
+            seed (`int`, *optional*): seed of a private generator (same seed, same output); default: torch's
+                global generator.
+            critic_threshold (`float`): critic probability of "wrong" above which a token may be re-masked.
+            critic_remask_fraction (`float`): at most this share (rounded up) of the tokens the previous step
+                committed is re-masked at a step, in `[0, 1]` (the last step never re-masks, so all masks get filled).
+            output_history / return_dict_in_generate (`bool`): return a [`DiffusionGenerateOutput`] (with the
+                per-step sequences and waves when `output_history`).
+
+        Returns:
+            The sequences `(batch, prompt + max_new_tokens)`, or a [`DiffusionGenerateOutput`].
+
+        Raises:
+            ValueError: a missing mask token, `max_new_tokens` or `steps` out of range, prompt + new tokens longer
+                than `max_position_embeddings`, an unknown sampler, or a head the model lacks.
+        """
+        config = self.config
+        mask_id = config.mask_token_id
+        if mask_id is None:
+            raise ValueError("config.mask_token_id is not set: masked diffusion generation needs a mask token")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, prompt), got {tuple(input_ids.shape)}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        steps = max_new_tokens if steps is None else steps
+        if not isinstance(steps, int) or not 1 <= steps <= max_new_tokens:
+            raise ValueError(f"steps must be an integer in [1, max_new_tokens={max_new_tokens}] (at least one "
+                             f"token per step), got {steps!r}")
+        batch, prompt_length = input_ids.shape
+        total = prompt_length + max_new_tokens
+        if total > config.max_position_embeddings:
+            raise ValueError(f"the prompt ({prompt_length} tokens) plus max_new_tokens ({max_new_tokens}) is {total} "
+                             "tokens, longer than the context "
+                             f"(max_position_embeddings={config.max_position_embeddings})")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if sampler == "auto":
+            sampler = "wavefront" if self.sampler_head is not None else "naive"
+        if sampler == "wavefront" and self.sampler_head is None:
+            raise ValueError("sampler='wavefront' needs the sampler head, but this model has none "
+                             "(config.add_sampler_head=False): use sampler='naive'")
+        if use_critic and self.critic_head is None:
+            raise ValueError("use_critic=True needs the critic head, but this model has none "
+                             "(config.add_critic_head=False)")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
+        if not 0 <= critic_threshold <= 1 or not 0 <= critic_remask_fraction <= 1:
+            raise ValueError(f"critic_threshold and critic_remask_fraction must lie in [0, 1], got "
+                             f"{critic_threshold} and {critic_remask_fraction}")
+        if bool((input_ids == mask_id).any()):
+            raise ValueError("the prompt contains the mask token; mask-infilling prompts are not supported")
+
+        device = input_ids.device
+        generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        prompt_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+        valid = torch.cat((prompt_mask, prompt_mask.new_ones(batch, max_new_tokens)), dim=1).bool()
+        position_ids = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
+        generated = torch.zeros(batch, total, dtype=torch.bool, device=device)
+        generated[:, prompt_length:] = True
+        x = torch.cat((input_ids, input_ids.new_full((batch, max_new_tokens), mask_id)), dim=1)
+        sample = _TokenSampler(temperature, top_p, mask_id, generator)
+
+        history, waves = [], []
+        num_remasked = torch.zeros(batch, dtype=torch.long, device=device)
+        committed_last = torch.zeros(batch, dtype=torch.long, device=device)
+        for step in range(steps):
+            outputs = self(input_ids=x, attention_mask=valid.long(), position_ids=position_ids)
+            fillable = x == mask_id  # masked at the time of this pass: its logits are valid predictions
+            if use_critic and step < steps - 1:
+                limit = torch.ceil(committed_last * critic_remask_fraction).long()
+                remask = self._critic_remask(outputs.last_hidden_state, x, generated, limit, critic_threshold)
+                x = x.masked_fill(remask, mask_id)
+                num_remasked += remask.sum(dim=1)
+            budget = _ceil_div((x == mask_id).sum(dim=1), steps - step).clamp(max=fillable.sum(dim=1))
+            if sampler == "naive":
+                tokens, confidence = sample.at(outputs.logits[fillable], fillable, fill_value=mask_id)
+                chosen = _top_k_per_row(confidence, fillable, budget)
+                x = torch.where(chosen, tokens, x)
+                step_waves = ()
+            else:
+                x, step_waves = wavefront_fill(
+                    self, x, outputs, fillable=fillable, budget=budget, valid=valid, sample=sample,
+                    bootstrap_ratio=config.sampler_min_neighbors_ratio,
+                )
+            committed_last = budget
+            if output_history:
+                history.append(x.clone())
+                waves.append(step_waves)
+        if bool((x == mask_id).any()):
+            raise RuntimeError("internal error: masks remain after the last step")
+        if not (return_dict_in_generate or output_history):
+            return x
+        return DiffusionGenerateOutput(
+            sequences=x,
+            history=tuple(history) if output_history else None,
+            waves=tuple(waves) if output_history and sampler == "wavefront" else None,
+            num_remasked=num_remasked,
+        )
+
+    def _critic_remask(
+        self, hidden_states: torch.Tensor, x: torch.Tensor, generated: torch.Tensor, limit: torch.Tensor,
+        threshold: float,
+    ) -> torch.Tensor:
+        """Positions to re-mask: generated, filled tokens whose critic probability of being wrong exceeds
+        `threshold`, worst first, at most `limit` per row."""
+        wrong = torch.sigmoid(self.critic_logits(hidden_states))
+        candidates = generated & (x != self.config.mask_token_id) & (wrong > threshold)
+        return _top_k_per_row(wrong, candidates, limit)
+
+
+class _TokenSampler:
+    """Draws one token per position from logits with temperature and top-p, never the mask token, and reports
+    each draw's confidence: its probability under the model's plain softmax (temperature 1, no top-p)."""
+
+    def __init__(self, temperature: float, top_p: float, mask_id: int, generator: torch.Generator | None) -> None:
+        self.temperature, self.top_p, self.mask_id, self.generator = temperature, top_p, mask_id, generator
+
+    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`logits` `(n, vocab)` → tokens `(n,)` and confidences `(n,)`."""
+        logits = logits.float().clone()
+        logits[:, self.mask_id] = float("-inf")
+        if self.temperature == 0:
+            tokens = logits.argmax(dim=-1)
+        else:
+            filtered = _top_p_filter(logits / self.temperature, self.top_p)
+            tokens = torch.multinomial(filtered.softmax(dim=-1), 1, generator=self.generator).squeeze(-1)
+        confidence = logits.softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+        return tokens, confidence
+
+    def at(self, logits: torch.Tensor, where: torch.Tensor, fill_value: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample at the positions `where` `(batch, seq)` from their logits `(where.sum(), vocab)`; returns tokens and
+        confidences `(batch, seq)`, `fill_value` and 0 elsewhere."""
+        tokens, confidence = self(logits)
+        all_tokens = torch.full(where.shape, fill_value, dtype=torch.long, device=where.device)
+        all_confidence = torch.zeros(where.shape, dtype=confidence.dtype, device=where.device)
+        return all_tokens.masked_scatter(where, tokens), all_confidence.masked_scatter(where, confidence)
+
+
+def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Set to -inf the logits outside the smallest set of tokens whose probability reaches `top_p`."""
+    if top_p >= 1:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # the token that crosses top_p is kept
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def _ceil_div(numerator: torch.Tensor, denominator: int) -> torch.Tensor:
+    return (numerator + denominator - 1) // denominator
+
+
+def _top_k_per_row(scores: torch.Tensor, allowed: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Boolean `(batch, seq)`: in each row the `k[row]` allowed positions with the highest scores (ties: lower
+    position first)."""
+    scores = scores.float().masked_fill(~allowed, float("-inf"))
+    order = scores.argsort(dim=1, descending=True, stable=True)
+    positions = torch.arange(scores.shape[1], device=scores.device).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(1, order, positions)
+    return allowed & (ranks < k[:, None])
+
+
+def filled_neighbour(is_mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Boolean `(batch, seq)`: the position has a left or right neighbour that is a real (not padding), unmasked
+    token."""
+    filled = valid & ~is_mask
+    edge = filled.new_zeros(filled.shape[0], 1)
+    return torch.cat((edge, filled[:, :-1]), dim=1) | torch.cat((filled[:, 1:], edge), dim=1)
+
+
+def wavefront_fill(
+    model: MaskedDiffusionForMaskedLM,
+    x: torch.LongTensor,
+    outputs: MaskedDiffusionLMOutput,
+    *,
+    fillable: torch.Tensor,
+    budget: torch.Tensor,
+    valid: torch.Tensor,
+    sample: _TokenSampler,
+    bootstrap_ratio: float,
+) -> tuple[torch.LongTensor, tuple[tuple[str, torch.Tensor], ...]]:
+    """Fill up to `budget[row]` of the `fillable` masked positions of `x` in waves with the sampler head.
+
+    Each wave takes, per row, the fillable masked positions with at least one filled neighbour, samples them from
+    the sampler head given `[E(left) ; h ; E(right)]` with the neighbours as they are now, and commits the most
+    confident ones the row's remaining budget allows. A row with budget left but no such position is bootstrapped
+    first: the `bootstrap_ratio` share of its masked positions (at least one, at most its budget) with the most
+    confident naive samples from the main logits are committed.
+
+    Args:
+        model: the model (its sampler head and embedding are used).
+        x: the sequences `(batch, seq)` with [MASK]s.
+        outputs: the trunk's outputs on `x` at the start of the step (`logits`, `last_hidden_state`).
+        fillable: `(batch, seq)` positions that may be filled in this step.
+        budget: `(batch,)` how many positions to fill per row.
+        valid: `(batch, seq)` real positions (not padding).
+        sample: the token sampler (temperature, top-p, generator).
+        bootstrap_ratio: the bootstrap share (`sampler_min_neighbors_ratio`).
+
+    Returns:
+        The updated sequences and the fills in order: `("bootstrap" | "wave", positions filled (batch, seq))`.
+    """
+    mask_id = model.config.mask_token_id
+    remaining = budget.clone()
+    fills = []
+    while True:
+        open_positions = fillable & (x == mask_id)
+        active = (remaining > 0) & open_positions.any(dim=1)
+        if not bool(active.any()):
+            break
+        eligible = open_positions & filled_neighbour(x == mask_id, valid) & active[:, None]
+        stuck = active & ~eligible.any(dim=1)
+        if bool(stuck.any()):
+            candidates = open_positions & stuck[:, None]
+            tokens, confidence = sample.at(outputs.logits[candidates], candidates, fill_value=mask_id)
+            count = torch.ceil(candidates.sum(dim=1).float() * bootstrap_ratio).long().clamp(min=1)
+            count = torch.minimum(count, remaining) * stuck
+            chosen = _top_k_per_row(confidence, candidates, count)
+            x = torch.where(chosen, tokens, x)
+            remaining = remaining - chosen.sum(dim=1)
+            fills.append(("bootstrap", chosen))
+            continue
+        inputs = model.sampler_inputs(x, outputs.last_hidden_state, valid)[eligible]
+        tokens, confidence = sample.at(model.sampler_logits(inputs), eligible, fill_value=mask_id)
+        chosen = _top_k_per_row(confidence, eligible, remaining)
+        x = torch.where(chosen, tokens, x)
+        remaining = remaining - chosen.sum(dim=1)
+        fills.append(("wave", chosen))
+    return x, tuple(fills)
+
+
+__all__ = [
+    "DiffusionGenerateOutput",
+    "MaskedDiffusionForMaskedLM",
+    "MaskedDiffusionLMOutput",
+    "MaskedDiffusionModel",
+    "MaskedDiffusionPreTrainedModel",
+]

@@ -1,0 +1,492 @@
+"""Masked diffusion LM (seed 002): config rules, the detached sampler/critic heads (and the original's neighbour bug),
+the staged objective, wavefront / bootstrap / critic sampling invariants, bad inputs, head-changing checkpoints,
+the CLI's bound metrics and the coherence experiment's CLI. Tiny configs, CPU, fixed seeds; the common battery
+(tests/test_common.py) covers the rest."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForMaskedLM, TrainerCallback, TrainingArguments
+
+from benchmarks import sampler_coherence
+from hf_models.masked_diffusion import MaskedDiffusionConfig, MaskedDiffusionForMaskedLM, MaskedDiffusionLMOutput
+from hf_models.masked_diffusion.modeling_masked_diffusion import _TokenSampler, filled_neighbour, wavefront_fill
+from training import train
+from training.diffusion import (
+    DiffusionObjective,
+    DiffusionTrainer,
+    critic_loss,
+    critic_targets,
+    diffusion_loss,
+    diffusion_losses,
+    mask_tokens,
+    sample_mask_rates,
+    sampler_loss,
+)
+
+MASK = 2
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64, mask_token_id=MASK)
+
+
+def make_model(seed: int = 0, **overrides) -> MaskedDiffusionForMaskedLM:
+    torch.manual_seed(seed)
+    fields = {**TINY, "add_sampler_head": True, "add_critic_head": True, **overrides}
+    return MaskedDiffusionForMaskedLM(MaskedDiffusionConfig(**fields)).eval()
+
+
+def ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 64, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def trunk_parameters(model: MaskedDiffusionForMaskedLM) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if not name.startswith(("sampler_head.", "critic_head."))}
+
+
+@contextmanager
+def transformers_warnings():
+    """Collect the warnings of transformers' loggers (they do not propagate to the root logger)."""
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler, logger = Collect(level=logging.WARNING), logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+# --- configuration --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides,field", [
+    ({"add_sampler_head": True, "attention_type": "causal"}, "attention_type"),
+    ({"add_sampler_head": True, "mask_token_id": None}, "mask_token_id"),
+    ({"mask_token_id": 64}, "mask_token_id"),
+    ({"sampler_min_neighbors_ratio": 0.0}, "sampler_min_neighbors_ratio"),
+    ({"start_critic_step": 3, "end_critic_step": 2}, "end_critic_step"),
+    ({"attention_type": "local"}, "attention_type"),
+])
+def test_config_rejects_what_the_seed_forbids(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        MaskedDiffusionConfig(**{**TINY, **overrides})
+
+
+def test_a_model_needs_a_mask_token_but_a_bare_config_does_not():
+    assert AutoConfig.for_model("masked_diffusion_lm").mask_token_id is None
+    with pytest.raises(ValueError, match="mask_token_id is required"):
+        MaskedDiffusionForMaskedLM(MaskedDiffusionConfig(**{**TINY, "mask_token_id": None}))
+
+
+def test_critic_weight_ramps_from_start_to_end():
+    config = MaskedDiffusionConfig(**TINY, add_critic_head=True, start_critic_step=4, end_critic_step=7,
+                                   critic_alpha=0.5)
+    assert [config.critic_weight(step) for step in range(3, 9)] == [0.0, 0.125, 0.25, 0.375, 0.5, 0.5]
+    assert MaskedDiffusionConfig(**TINY, add_critic_head=True, start_critic_step=2).critic_weight(2) == 0.5
+
+
+def test_attention_is_bidirectional_or_causal_as_configured():
+    x = ids(1, 10)
+    changed = x.clone()
+    changed[0, 7] = (x[0, 7] + 1) % 61 + 3
+    with torch.no_grad():
+        for attention_type, earlier_changes in (("bidirectional", True), ("causal", False)):
+            model = make_model(attention_type=attention_type, add_sampler_head=False)
+            before, after = model(x).logits[0, :7], model(changed).logits[0, :7]
+            assert (not torch.allclose(before, after)) == earlier_changes, attention_type
+
+
+def test_forward_loss_is_the_unshifted_cross_entropy():
+    model = make_model()
+    x = ids(2, 9)
+    labels = x.clone()
+    labels[:, ::2] = -100
+    with torch.no_grad():
+        output = model(x, labels=labels)
+    expected = F.cross_entropy(output.logits.reshape(-1, 64), labels.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(output.loss, expected)
+
+
+# --- sampler and critic heads ---------------------------------------------------------------------------------
+
+
+def test_sampler_inputs_carry_real_neighbour_embeddings():
+    """The original fork wrote neighbours into a copy (chained boolean indexing) and trained on zeros."""
+    model = make_model()
+    x = torch.tensor([[5, MASK, 7, 9, 11]])
+    attention_mask = torch.tensor([[1, 1, 1, 1, 0]])  # the last token is padding: not a neighbour
+    hidden = model(x).last_hidden_state
+    inputs = model.sampler_inputs(x, hidden, attention_mask)
+    embed = model.model.embed_tokens.weight
+    left, middle, right = inputs[0].split(32, dim=-1)
+    zero = torch.zeros(32)
+    expected_left = [zero, embed[5], zero, embed[7], embed[9]]
+    expected_right = [zero, embed[7], embed[9], zero, zero]
+    for position in range(5):
+        torch.testing.assert_close(left[position], expected_left[position])
+        torch.testing.assert_close(right[position], expected_right[position])
+    torch.testing.assert_close(middle, hidden[0])
+    assert not inputs.requires_grad and hidden.requires_grad
+    assert left[3].abs().sum() > 0 and right[1].abs().sum() > 0
+
+
+def test_auxiliary_losses_leave_the_trunk_gradients_unchanged():
+    x = ids(4, 16)
+    grads = {}
+    for auxiliary in (False, True):
+        model = make_model().train()
+        total, parts, _ = diffusion_losses(model, x, x, step=0, objective=DiffusionObjective(),
+                                           generator=torch.Generator().manual_seed(3), auxiliary=auxiliary)
+        total.backward()
+        grads[auxiliary] = {name: p.grad.clone() for name, p in trunk_parameters(model).items()}
+        if auxiliary:
+            assert set(parts) == {"main", "sampler", "critic"}
+            for name, parameter in model.named_parameters():
+                if name.startswith(("sampler_head.", "critic_head.")):
+                    assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    assert grads[False].keys() == grads[True].keys()
+    for name in grads[False]:
+        assert torch.equal(grads[False][name], grads[True][name]), name
+
+
+def test_sampler_training_and_wavefront_use_the_same_head_path():
+    model = make_model()
+    x = ids(2, 12)
+    labels = x.clone()
+    noisy, masked = mask_tokens(x, labels, torch.tensor([0.5, 0.5]), MASK, torch.Generator().manual_seed(0))
+    hidden = model(noisy).last_hidden_state
+    expected = F.cross_entropy(model.sampler_head(model.sampler_inputs(noisy, hidden)[masked]), labels[masked])
+    torch.testing.assert_close(sampler_loss(model, noisy, hidden, labels, masked), expected)
+
+    # Greedy wavefront on [a, M, b]: the middle gets the argmax of the same head on the same inputs.
+    seq = torch.tensor([[10, MASK, 20]])
+    outputs = model(seq)
+    filled, _ = wavefront_fill(model, seq, outputs, fillable=seq == MASK, budget=torch.tensor([1]),
+                               valid=torch.ones_like(seq, dtype=torch.bool), sample=_TokenSampler(0, 1, MASK, None),
+                               bootstrap_ratio=0.01)
+    logits = model.sampler_logits(model.sampler_inputs(seq, outputs.last_hidden_state))[0, 1]
+    logits[MASK] = -math.inf
+    assert filled[0, 1] == logits.argmax()
+    assert not torch.equal(model.sampler_head.lm_head.weight[:5], model.lm_head.weight[:5])  # its own projection
+
+
+def test_critic_targets_and_loss_on_a_hand_made_example():
+    filled = torch.tensor([[4, 5, 6, 7]])
+    truth = torch.tensor([[4, 9, 6, 8]])
+    assert critic_targets(filled, truth).tolist() == [[0.0, 1.0, 0.0, 1.0]]
+
+    model = make_model()
+    noisy = torch.tensor([[4, MASK, 6, MASK]])
+    masked = noisy == MASK
+    logits = torch.full((1, 4, 64), -30.0)
+    logits[0, 1, 5] = logits[0, 3, 8] = 30.0  # position 1 samples 5 (wrong: truth 9), position 3 samples 8 (right)
+    loss = critic_loss(model, noisy, logits, truth, masked)
+    hidden = model.model(input_ids=torch.tensor([[4, 5, 6, 8]])).last_hidden_state
+    critic = model.critic_logits(hidden)[0]
+    expected = F.binary_cross_entropy_with_logits(critic[[1, 3]], torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(loss, expected)
+
+
+# --- the objective --------------------------------------------------------------------------------------------
+
+
+def test_mask_rates_are_stratified_and_masks_skip_ignored_labels():
+    rates = sample_mask_rates(8, 0.01, device=torch.device("cpu"), generator=torch.Generator().manual_seed(0))
+    ordered = rates.sort().values
+    assert ordered.min() >= 0.01 and ordered.max() < 1
+    torch.testing.assert_close(ordered.diff(), torch.full((7,), 0.99 / 8))
+    x = ids(2, 50)
+    labels = x.clone()
+    labels[:, :25] = -100
+    noisy, masked = mask_tokens(x, labels, torch.tensor([1.0, 1.0]), MASK)
+    assert not masked[:, :25].any() and masked[:, 25:].all()
+    assert torch.equal(noisy[:, :25], x[:, :25]) and (noisy[:, 25:] == MASK).all()
+
+
+def test_elbo_weighting_divides_by_the_rate_and_mean_does_not():
+    labels = torch.tensor([[1, 2, 3], [1, 2, 3]])
+    masked = torch.tensor([[True, False, False], [True, True, False]])
+    logits = torch.zeros(2, 3, 4)  # uniform: every token costs log 4
+    rates = torch.tensor([0.25, 0.5])
+    ce = math.log(4)
+    elbo = diffusion_loss(logits, labels, masked, rates, "elbo")
+    torch.testing.assert_close(elbo, torch.tensor((ce / 0.25 + 2 * ce / 0.5) / 6))
+    torch.testing.assert_close(diffusion_loss(logits, labels, masked, rates, "mean"), torch.tensor(ce))
+
+
+def test_objective_arguments_are_validated():
+    assert DiffusionObjective.from_args({"loss_weighting": "mean"}).loss_weighting == "mean"
+    with pytest.raises(ValueError, match="unknown objective argument"):
+        DiffusionObjective.from_args({"weighting": "elbo"})
+    with pytest.raises(ValueError, match="loss_weighting"):
+        DiffusionObjective.from_args({"loss_weighting": "sum"})
+    with pytest.raises(ValueError, match="min_mask_rate"):
+        DiffusionObjective.from_args({"min_mask_rate": 0})
+
+
+@pytest.fixture(scope="module")
+def corpus_blocks(stories_file):
+    from training.data import DataArguments, load_documents, tokenize_and_pack
+    from training.tokenization import train_bpe_tokenizer
+
+    documents = load_documents(DataArguments(train_file=str(stories_file), max_train_documents=300))
+    bpe = train_bpe_tokenizer(documents["train"]["text"], vocab_size=300)
+    blocks = {name: tokenize_and_pack(documents[name], bpe, 32, split_name=name).blocks
+              for name in ("train", "validation")}
+    return bpe, documents, blocks
+
+
+def test_staged_trainer_switches_stages_at_the_configured_steps(corpus_blocks, tmp_path):
+    bpe, documents, blocks = corpus_blocks
+    torch.manual_seed(0)
+    model = MaskedDiffusionForMaskedLM(MaskedDiffusionConfig(
+        **{**TINY, "vocab_size": len(bpe), "mask_token_id": bpe.mask_token_id}, add_sampler_head=True,
+        add_critic_head=True, start_sampler_step=2, start_critic_step=4, end_critic_step=5))
+    sampler_before = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("sampler_head.")}
+    unchanged: dict[int, bool] = {}
+
+    class SamplerWatch(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            unchanged[state.global_step] = all(torch.equal(p, sampler_before[n]) for n, p in model.named_parameters()
+                                               if n in sampler_before)
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4,
+                             per_device_eval_batch_size=8, learning_rate=3e-3, logging_steps=1, save_strategy="no",
+                             report_to="none", use_cpu=True, seed=0, disable_tqdm=True, weight_decay=0.0)
+    trainer = DiffusionTrainer.from_cli(model=model, args=args, tokenizer=bpe, train_dataset=blocks["train"],
+                                        eval_dataset=blocks["validation"].select(range(16)), objective_args={},
+                                        train_texts=documents["train"])
+    trainer.add_callback(SamplerWatch())
+    trainer.train()
+    assert unchanged == {1: True, 2: True, 3: False, 4: False, 5: False, 6: False}  # stage 1: no sampler update
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    # A log at step s covers optimizer step s - 1 (counted from 0): stage 2 from step 2, stage 3 from step 4.
+    assert [("loss_sampler" in e, "loss_critic" in e) for e in logs] == [(False, False), (False, False)] + \
+        [(True, False)] * 2 + [(True, True)] * 2
+    for entry in logs:
+        weight = model.config.critic_weight(entry["step"] - 1)
+        expected = entry["loss_main"] + entry.get("loss_sampler", 0) + weight * entry.get("loss_critic", 0)
+        assert entry["loss"] == pytest.approx(expected, abs=2e-3)
+
+    first, second = trainer.evaluate()["eval_loss"], trainer.evaluate()["eval_loss"]
+    assert first == second and first > 0
+
+
+def test_unknown_objective_argument_is_a_usage_error(corpus_blocks, tmp_path):
+    bpe, documents, blocks = corpus_blocks
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match="unknown objective argument"):
+        DiffusionTrainer.from_cli(model=make_model(vocab_size=len(bpe)), args=args, tokenizer=bpe,
+                                  train_dataset=blocks["train"], eval_dataset=blocks["validation"],
+                                  objective_args={"temperature": 1}, train_texts=documents["train"])
+
+
+# --- generation -------------------------------------------------------------------------------------------------
+
+
+def test_wavefront_fills_only_positions_with_a_filled_neighbour():
+    model = make_model()
+    a, b, c = 10, 20, 30
+    x = torch.tensor([[a, MASK, MASK, b, MASK, MASK, MASK, MASK, c, MASK]])
+    outputs = model(x)
+    sampler = _TokenSampler(1.0, 1.0, MASK, torch.Generator().manual_seed(0))
+    valid = torch.ones_like(x, dtype=torch.bool)
+    filled, fills = wavefront_fill(model, x, outputs, fillable=x == MASK, budget=torch.tensor([10]), valid=valid,
+                                   sample=sampler, bootstrap_ratio=0.01)
+    waves = [(kind, chosen[0].nonzero().flatten().tolist()) for kind, chosen in fills]
+    assert waves == [("wave", [1, 2, 4, 7, 9]), ("wave", [5, 6])]
+    assert not (filled == MASK).any() and torch.equal(filled[x != MASK], x[x != MASK])
+
+    # A budget of 3: the wave's three most confident positions, all with a filled neighbour.
+    _, fills = wavefront_fill(model, x, outputs, fillable=x == MASK, budget=torch.tensor([3]), valid=valid,
+                              sample=_TokenSampler(0, 1.0, MASK, None), bootstrap_ratio=0.01)
+    assert len(fills) == 1 and fills[0][1].sum() == 3
+    assert set(fills[0][1][0].nonzero().flatten().tolist()) <= {1, 2, 4, 7, 9}
+
+
+def test_bootstrap_fires_only_without_neighbours_and_fills_the_share_by_confidence():
+    model = make_model(sampler_min_neighbors_ratio=0.25)
+    out = model.diffusion_generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=12, steps=2, sampler="wavefront",
+                                   temperature=0, output_history=True)
+    first_step = out.waves[0]
+    assert first_step[0][0] == "bootstrap" and all(kind == "wave" for kind, _ in first_step[1:])
+    assert all(kind == "wave" for kind, _ in out.waves[1])
+    assert first_step[0][1].sum() == math.ceil(0.25 * 12)
+
+    # By confidence: hand-made main logits whose confidences rank positions 4, 7, 1 first.
+    x = torch.full((1, 12), MASK)
+    logits = torch.zeros(1, 12, 64)
+    scores = torch.tensor([0.1, 3.0, 0.5, 2.0, 5.0, 0.2, 1.0, 4.0, 0.0, 0.3, 0.4, 0.6])
+    logits[0, :, 10] = 2 * scores
+    outputs = MaskedDiffusionLMOutput(logits=logits, last_hidden_state=model(x).last_hidden_state)
+    filled, fills = wavefront_fill(model, x, outputs, fillable=x == MASK, budget=torch.tensor([12]),
+                                   valid=torch.ones_like(x, dtype=torch.bool), sample=_TokenSampler(0, 1, MASK, None),
+                                   bootstrap_ratio=0.25)
+    assert fills[0][0] == "bootstrap" and fills[0][1][0].nonzero().flatten().tolist() == [1, 4, 7]
+    assert (filled[0, [1, 4, 7]] == 10).all() and all(kind == "wave" for kind, _ in fills[1:])
+    # Every wave position had a filled neighbour just before its wave.
+    state = torch.full((1, 12), MASK)
+    for step_fills, after in zip(out.waves, out.history):
+        for kind, chosen in step_fills:
+            if kind == "wave":
+                assert (filled_neighbour(state == MASK, torch.ones_like(state, dtype=torch.bool)) | ~chosen).all()
+            state = torch.where(chosen, after, state)
+
+    with_prompt = model.diffusion_generate(ids(1, 3), max_new_tokens=12, steps=3, sampler="wavefront", seed=0,
+                                           output_history=True)
+    assert all(kind == "wave" for step in with_prompt.waves for kind, _ in step)
+
+
+@pytest.mark.parametrize("sampler,use_critic", [("naive", False), ("wavefront", False), ("naive", True),
+                                                ("wavefront", True)])
+def test_generation_keeps_the_prompt_fills_every_mask_and_is_seeded(sampler, use_critic):
+    model = make_model()
+    prompts = torch.zeros(2, 5, dtype=torch.long)
+    attention_mask = torch.zeros(2, 5, dtype=torch.long)
+    prompts[0], attention_mask[0] = ids(1, 5, seed=4)[0], 1
+    prompts[1, 2:], attention_mask[1, 2:] = ids(1, 3, seed=5)[0], 1
+    kwargs = dict(attention_mask=attention_mask, max_new_tokens=10, steps=5, sampler=sampler, use_critic=use_critic,
+                  critic_threshold=0.0, top_p=0.9, output_history=True)
+    out = model.diffusion_generate(prompts, seed=7, **kwargs)
+    again = model.diffusion_generate(prompts, seed=7, **kwargs)
+    other = model.diffusion_generate(prompts, seed=8, **kwargs)
+    assert out.sequences.shape == (2, 15)
+    assert torch.equal(out.sequences, again.sequences) and not torch.equal(out.sequences, other.sequences)
+    assert not (out.sequences == MASK).any()
+    for state in out.history:
+        assert torch.equal(state[:, :5], prompts)  # prompt and padding never change, at any step
+    if use_critic:
+        assert out.num_remasked.sum() > 0
+    else:  # committed tokens are never re-masked or changed
+        assert out.num_remasked.sum() == 0
+        for before, after in zip(out.history, out.history[1:]):
+            kept = before != MASK
+            assert torch.equal(after[kept], before[kept])
+        masks_left = [int((state == MASK).sum(dim=1)[0]) for state in out.history]
+        assert masks_left == [8, 6, 4, 2, 0]
+
+
+def test_left_padded_row_generates_as_alone_greedily():
+    model = make_model()
+    row = ids(1, 3, seed=6)
+    padded = torch.cat((torch.zeros(1, 2, dtype=torch.long), row), dim=1)
+    mask = torch.tensor([[0, 0, 1, 1, 1]])
+    for sampler in ("naive", "wavefront"):
+        alone = model.diffusion_generate(row, max_new_tokens=6, steps=3, sampler=sampler, temperature=0)
+        batched = model.diffusion_generate(padded, attention_mask=mask, max_new_tokens=6, steps=3, sampler=sampler,
+                                           temperature=0)
+        assert torch.equal(batched[0, 2:], alone[0]), sampler
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"steps": 0}, "steps"),
+    ({"steps": 9}, "steps"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"max_new_tokens": 62}, "longer than the context"),
+    ({"sampler": "beam"}, "sampler must be one of"),
+    ({"top_p": 0.0}, "top_p"),
+])
+def test_generation_rejects_bad_arguments(kwargs, message):
+    model = make_model()
+    with pytest.raises(ValueError, match=message):
+        model.diffusion_generate(ids(1, 4), **{"max_new_tokens": 8, **kwargs})
+
+
+def test_generation_rejects_missing_heads_and_masked_prompts():
+    plain = make_model(add_sampler_head=False, add_critic_head=False)
+    with pytest.raises(ValueError, match="sampler head"):
+        plain.diffusion_generate(ids(1, 4), max_new_tokens=4, sampler="wavefront")
+    with pytest.raises(ValueError, match="critic head"):
+        plain.diffusion_generate(ids(1, 4), max_new_tokens=4, use_critic=True)
+    assert plain.diffusion_generate(ids(1, 4), max_new_tokens=4, sampler="auto", seed=0).shape == (1, 8)
+    with pytest.raises(ValueError, match="mask token"):
+        plain.diffusion_generate(torch.tensor([[5, MASK, 6]]), max_new_tokens=4)
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------------
+
+
+def test_save_load_keeps_heads_and_loads_across_head_configs(tmp_path):
+    model = make_model()
+    model.save_pretrained(tmp_path / "heads")
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path / "heads")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+    plain = make_model(seed=1, add_sampler_head=False, add_critic_head=False)
+    plain.save_pretrained(tmp_path / "plain")
+    with_heads = MaskedDiffusionConfig(**TINY, add_sampler_head=True, add_critic_head=True)
+    with transformers_warnings() as records:
+        grown = MaskedDiffusionForMaskedLM.from_pretrained(tmp_path / "plain", config=with_heads)
+    text = " ".join(record.getMessage() for record in records)
+    assert "sampler_head.fc1.weight" in text and "critic_head.weight" in text and "MISSING" in text
+    assert torch.equal(grown.model.embed_tokens.weight, plain.model.embed_tokens.weight)
+    assert torch.equal(grown.sampler_head.norm1.weight, torch.ones(32))  # initialised, not left empty
+    assert 0.01 < grown.sampler_head.fc1.weight.std() < 0.03 and grown.critic_head.bias.abs().sum() == 0
+
+    without_heads = MaskedDiffusionConfig(**TINY)
+    with transformers_warnings() as records:
+        shrunk = MaskedDiffusionForMaskedLM.from_pretrained(tmp_path / "heads", config=without_heads)
+    assert "UNEXPECTED" in " ".join(record.getMessage() for record in records)
+    assert shrunk.sampler_head is None and shrunk.critic_head is None
+    x = ids(1, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x).logits, model(x).logits, rtol=0, atol=0)
+
+
+# --- the CLI and the experiment -------------------------------------------------------------------------------
+
+
+def test_cli_trains_samples_and_reports_bounds(stories_file, tmp_path):
+    output_dir = tmp_path / "md"
+    train.main([
+        "--model_type", "masked_diffusion_lm", "--config_overrides",
+        "hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=4,max_position_embeddings=32",
+        "--train_file", str(stories_file), "--max_train_documents", "200", "--vocab_size", "300",
+        "--block_size", "32", "--output_dir", str(output_dir), "--max_steps", "3", "--per_device_train_batch_size",
+        "4", "--per_device_eval_batch_size", "32", "--save_strategy", "no", "--report_to", "none", "--use_cpu",
+        "--disable_tqdm", "true", "--sample_max_new_tokens", "6", "--seed", "0",
+    ])
+    metrics = json.loads((output_dir / "all_results.json").read_text())
+    assert "eval_perplexity" not in metrics and "eval_bits_per_byte" not in metrics
+    assert metrics["eval_perplexity_bound"] == pytest.approx(math.exp(metrics["eval_loss"]))
+    assert 0 < metrics["eval_bits_per_byte_bound"] < metrics["eval_bits_per_token_bound"]
+    card = (output_dir / "README.md").read_text()
+    assert "eval_perplexity_bound" in card and "upper bound" in card and "AutoModelForMaskedLM" in card
+    model = AutoModelForMaskedLM.from_pretrained(output_dir)
+    assert model.config.mask_token_id == 2 and model.sampler_head is not None and model.critic_head is not None
+
+
+def test_coherence_experiment_cli_writes_its_report(tmp_path):
+    report = sampler_coherence.main([
+        "--max_train_documents", "300", "--vocab_size", "300", "--block_size", "24", "--hidden_size", "32",
+        "--num_hidden_layers", "1", "--batch_size", "4", "--max_steps", "4", "--reference_max_steps", "2",
+        "--start_sampler_step", "1", "--start_critic_step", "2", "--end_critic_step", "3", "--max_eval_blocks", "4",
+        "--num_prompts", "3",
+        "--prompt_tokens", "4", "--new_tokens", "6", "--step_counts", "2,6", "--output_dir", str(tmp_path),
+    ])
+    saved = json.loads((tmp_path / "sampler_coherence.json").read_text())
+    assert (tmp_path / "sampler_coherence.png").stat().st_size > 0
+    assert [(row["method"], row["steps"]) for row in saved["rows"]] == [
+        (method, steps) for steps in (2, 6) for method in sampler_coherence.METHODS]
+    for row in saved["rows"]:
+        assert 0 <= row["unseen_bigram_rate"] <= 1 and row["reference_perplexity"] > 1 and row["tokens_per_second"] > 0
+    assert saved["training"]["diffusion_eval_nll_bound"] > 0 and "verdict" in saved and report["verdict"]
+
+
+def test_coherence_metrics_on_hand_made_tokens():
+    seen = sampler_coherence.bigram_set([[1, 2, 3, 1, 2]])
+    metrics = sampler_coherence.text_metrics(1, [2, 2, 5], seen)
+    assert metrics == {"unseen_bigram_rate": 2 / 3, "repeat_rate": 1 / 3}
+    assert sampler_coherence.distinct_bigrams([[1, 2, 1, 2]]) == 2 / 3

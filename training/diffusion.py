@@ -1,0 +1,256 @@
+"""The staged training objective of the masked diffusion LM (seed 002) and its `Trainer`.
+
+Per batch of token rows x (packed blocks; positions whose label is -100 are never masked nor scored):
+
+1. **Main loss** (every step): draw one masking rate per row, t ~ U(eps, 1), stratified over the batch
+   (t_i = eps + (1 - eps) * ((u + i / B) mod 1), one uniform u: MDLM's low-discrepancy sampler, which lowers the
+   variance of the loss); replace each token by [MASK] with probability t_i; run the model on the noisy rows.
+   * `loss_weighting=elbo` (default): sum over rows and masked positions of CE / t_i, divided by the number of
+     scored positions. For the linear schedule (alpha_t = 1 - t) this is the continuous-time ELBO of MDLM, an
+     upper bound on the negative log-likelihood in nats per token (LLaDA also divides by t).
+   * `loss_weighting=mean`: the mean CE over masked positions, the original fork's choice (not a bound).
+   Evaluation always reports the ELBO (with a fixed masking seed), whatever the training weighting, so that the
+   CLI's `eval_loss` is a bound on the NLL (reported as perplexity / bits-per-byte *bounds*).
+2. **Sampler loss** (models with a sampler head, from `config.start_sampler_step`): at every masked position,
+   CE of the sampler head's logits given `[E(left) ; h.detach() ; E(right)]` with the neighbours of the *noisy*
+   input (a masked neighbour is a zero vector, as at inference), target the true token; added without weight.
+3. **Critic loss** (models with a critic head, from `config.start_critic_step`): sample a token at every masked
+   position from the main logits (no gradient), run the trunk on the filled rows (no gradient), and train the
+   critic head (on the detached hidden states) with BCE-with-logits to predict, at the filled positions, whether
+   the sampled token differs from the truth; weighted by `config.critic_weight(step)` (a ramp to `critic_alpha`).
+
+Neither auxiliary loss sends a gradient into the trunk or the LM head (their inputs are detached), so the trunk
+trains exactly as without them. The steps are the Trainer's optimizer steps (`state.global_step`, from 0). Each
+part is logged (`loss_main`, `loss_sampler`, `loss_critic` beside the total `loss`).
+
+Objective arguments (`--objective_args`): `loss_weighting=elbo|mean`, `min_mask_rate=EPS` (default 1e-3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments, default_data_collator
+
+from .trainer import ZooTrainer
+
+IGNORE_INDEX = -100
+WEIGHTINGS = ("elbo", "mean")
+
+
+@dataclass(frozen=True)
+class DiffusionObjective:
+    """Options of the main diffusion loss.
+
+    Attributes:
+        loss_weighting: `"elbo"` (CE / t, the NLL bound) or `"mean"` (plain mean CE over masked tokens).
+        min_mask_rate: eps, the smallest masking rate drawn (keeps 1/t finite).
+    """
+
+    loss_weighting: str = "elbo"
+    min_mask_rate: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.loss_weighting not in WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {WEIGHTINGS}, got {self.loss_weighting!r}")
+        if isinstance(self.min_mask_rate, bool) or not isinstance(self.min_mask_rate, (int, float)) \
+                or not 0 < self.min_mask_rate < 1:
+            raise ValueError(f"min_mask_rate must lie in (0, 1), got {self.min_mask_rate!r}")
+
+    @classmethod
+    def from_args(cls, objective_args: Mapping[str, Any]) -> DiffusionObjective:
+        """Build from `--objective_args`.
+
+        Raises:
+            ValueError: an unknown argument or a value out of range.
+        """
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(set(objective_args) - known)
+        if unknown:
+            raise ValueError(f"unknown objective argument(s) {unknown} for the masked diffusion objective; "
+                             f"known: {sorted(known)}")
+        return cls(**objective_args)
+
+
+def sample_mask_rates(batch: int, min_rate: float, *, device: torch.device,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Stratified masking rates `(batch,)` in `[min_rate, 1)`: `min_rate + (1 - min_rate) * ((u + i / batch) mod 1)`."""
+    offset = torch.rand(1, device=device, generator=generator)
+    strata = (offset + torch.arange(batch, device=device) / batch) % 1.0
+    return min_rate + (1.0 - min_rate) * strata
+
+
+def mask_tokens(
+    input_ids: torch.LongTensor, labels: torch.LongTensor, rates: torch.Tensor, mask_token_id: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.LongTensor, torch.BoolTensor]:
+    """Replace each scored token (label != -100) by the mask token with its row's probability.
+
+    Returns:
+        The noisy ids `(batch, seq)` and the masked positions `(batch, seq)`.
+    """
+    draws = torch.rand(input_ids.shape, device=input_ids.device, generator=generator)
+    masked = (draws < rates[:, None]) & (labels != IGNORE_INDEX)
+    return input_ids.masked_fill(masked, mask_token_id), masked
+
+
+def diffusion_loss(
+    logits: torch.Tensor, labels: torch.LongTensor, masked: torch.BoolTensor, rates: torch.Tensor, weighting: str
+) -> torch.Tensor:
+    """The main loss (see the module docstring) from logits `(batch, seq, vocab)` of the noisy rows."""
+    token_loss = F.cross_entropy(
+        logits.float().transpose(1, 2), labels.masked_fill(~masked, IGNORE_INDEX), ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )
+    if weighting == "elbo":
+        scored = (labels != IGNORE_INDEX).sum().clamp(min=1)
+        return (token_loss / rates[:, None]).sum() / scored
+    return token_loss.sum() / masked.sum().clamp(min=1)
+
+
+def sampler_loss(model: PreTrainedModel, noisy_ids: torch.LongTensor, hidden_states: torch.Tensor,
+                 labels: torch.LongTensor, masked: torch.BoolTensor) -> torch.Tensor:
+    """Mean CE of the sampler head at the masked positions, its inputs built from the noisy rows (detached)."""
+    inputs = model.sampler_inputs(noisy_ids, hidden_states)[masked]
+    logits = model.sampler_logits(inputs)
+    return F.cross_entropy(logits, labels[masked], reduction="sum") / masked.sum().clamp(min=1)
+
+
+def critic_targets(filled_ids: torch.LongTensor, labels: torch.LongTensor) -> torch.Tensor:
+    """1.0 where the filled token differs from the true one, else 0.0 `(batch, seq)`."""
+    return (filled_ids != labels).float()
+
+
+def critic_loss(model: PreTrainedModel, noisy_ids: torch.LongTensor, logits: torch.Tensor, labels: torch.LongTensor,
+                masked: torch.BoolTensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """BCE of the critic head at the masked positions after filling them with samples of the main model.
+
+    The samples and the trunk pass on the filled rows carry no gradient; the critic reads detached hidden states.
+    """
+    with torch.no_grad():
+        probabilities = logits.detach().float().softmax(dim=-1)
+        probabilities[..., model.config.mask_token_id] = 0.0
+        flat = probabilities.reshape(-1, probabilities.shape[-1])
+        samples = torch.multinomial(flat, 1, generator=generator).view(labels.shape)
+        filled = torch.where(masked, samples, noisy_ids)
+        hidden_states = model.model(input_ids=filled).last_hidden_state
+    critic = model.critic_logits(hidden_states)
+    targets = critic_targets(filled, labels)
+    loss = F.binary_cross_entropy_with_logits(critic[masked], targets[masked], reduction="sum")
+    return loss / masked.sum().clamp(min=1)
+
+
+def diffusion_losses(
+    model: PreTrainedModel,
+    input_ids: torch.LongTensor,
+    labels: torch.LongTensor | None,
+    *,
+    step: int,
+    objective: DiffusionObjective,
+    generator: torch.Generator | None = None,
+    auxiliary: bool = True,
+    forward: Callable[..., Any] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any]:
+    """All active loss parts at optimizer step `step`.
+
+    Args:
+        model: the (unwrapped) `MaskedDiffusionForMaskedLM`.
+        input_ids / labels: the clean rows `(batch, seq)`; `labels` default to `input_ids`.
+        step: the optimizer step, which decides the active stages.
+        objective: the main loss options.
+        generator: random generator for masking rates, masks and critic samples (default: torch's global one).
+        auxiliary: add the sampler and critic losses of the active stages (off: the main loss only).
+        forward: callable used for the main forward pass (e.g. the Trainer's wrapped model); default `model`.
+
+    Returns:
+        The total loss, the parts by name (`main`, and `sampler` / `critic` when active) and the main outputs.
+    """
+    config = model.config
+    labels = input_ids if labels is None else labels
+    rates = sample_mask_rates(input_ids.shape[0], objective.min_mask_rate, device=input_ids.device, generator=generator)
+    noisy, masked = mask_tokens(input_ids, labels, rates, config.mask_token_id, generator)
+    outputs = (forward or model)(input_ids=noisy)
+    parts = {"main": diffusion_loss(outputs.logits, labels, masked, rates, objective.loss_weighting)}
+    total = parts["main"]
+    if auxiliary and model.sampler_head is not None and step >= config.start_sampler_step:
+        parts["sampler"] = sampler_loss(model, noisy, outputs.last_hidden_state, labels, masked)
+        total = total + parts["sampler"]
+    if auxiliary and model.critic_head is not None and step >= config.start_critic_step:
+        parts["critic"] = critic_loss(model, noisy, outputs.logits, labels, masked, generator)
+        total = total + config.critic_weight(step) * parts["critic"]
+    return total, parts, outputs
+
+
+class DiffusionTrainer(ZooTrainer):
+    """`Trainer` of the masked diffusion LM: the staged objective of `diffusion_losses`, each part logged.
+
+    In evaluation only the main loss is computed, always ELBO-weighted and with masks drawn from a generator
+    re-seeded (`args.seed`) at every evaluation, so `eval_loss` is a reproducible NLL bound.
+    """
+
+    def __init__(self, *args: Any, objective: DiffusionObjective | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.objective = objective or DiffusionObjective()
+        self._eval_generator: torch.Generator | None = None
+
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        unwrapped = self.accelerator.unwrap_model(model)
+        if model.training:
+            total, parts, outputs = diffusion_losses(
+                unwrapped, inputs["input_ids"], inputs.get("labels"), step=self.state.global_step,
+                objective=self.objective, forward=model,
+            )
+            self.record_loss_components(**parts)
+        else:
+            if self._eval_generator is None:
+                self._eval_generator = torch.Generator(device=inputs["input_ids"].device).manual_seed(self.args.seed)
+            total, _, outputs = diffusion_losses(
+                unwrapped, inputs["input_ids"], inputs.get("labels"), step=self.state.global_step,
+                objective=DiffusionObjective("elbo", self.objective.min_mask_rate), generator=self._eval_generator,
+                auxiliary=False, forward=model,
+            )
+        outputs.loss = total
+        return (total, outputs) if return_outputs else total
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        self._eval_generator = None  # every evaluation draws the same masks
+        return super().evaluate(*args, **kwargs)
+
+    @classmethod
+    def from_cli(
+        cls,
+        *,
+        model: PreTrainedModel,
+        args: TrainingArguments,
+        tokenizer: PreTrainedTokenizerBase,
+        train_dataset: Dataset,
+        eval_dataset: Dataset,
+        objective_args: Mapping[str, Any],
+        train_texts: Dataset,
+    ) -> DiffusionTrainer:
+        """Build the trainer the training CLI runs; `objective_args`: `loss_weighting`, `min_mask_rate`.
+
+        Raises:
+            ValueError: an unknown objective argument or value, or a model without a mask token.
+        """
+        objective = DiffusionObjective.from_args(objective_args)
+        if getattr(model.config, "mask_token_id", None) is None:
+            raise ValueError("the masked diffusion objective needs config.mask_token_id")
+        return cls(
+            model=model,
+            args=args,
+            processing_class=tokenizer,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            data_collator=default_data_collator,
+            objective=objective,
+        )
+
+
+__all__ = ["DiffusionObjective", "DiffusionTrainer", "critic_loss", "critic_targets", "diffusion_loss",
+           "diffusion_losses", "mask_tokens", "sample_mask_rates", "sampler_loss"]
