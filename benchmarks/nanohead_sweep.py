@@ -1,0 +1,350 @@
+"""The Nanohead experiment (seed 003): train Nanohead GPTs at nanohead proportions 0, 0.2, 0.4, 0.6, 0.8 at a
+matched parameter budget and compare validation bits per byte.
+
+    python -m benchmarks.nanohead_sweep --preset smoke     # minutes on 2 CPU cores, tinystories sample
+    python -m benchmarks.nanohead_sweep --preset seed      # the seed's sizes (~50M parameters, GPU)
+
+Matched budget: equal parameter count. The depth is the one whose aspect-ratio width (`hidden = aspect_ratio *
+depth`, as nanochat sizes its models) gives the parameter count nearest the target; the width is then moved in
+steps that keep every proportion's head split valid until the count is within a few percent of the target. Since
+both kinds of heads keep the same GQA ratio and fill the same width, the proportion does not change the parameter
+count (nor the attention's matmul FLOPs), so every proportion trains the very same number of parameters.
+
+Every proportion is trained with each of `--seeds` seeds (the seed-to-seed spread says which differences are
+noise); the same BPE tokenizer, data order and schedule are used for all. Writes `nanohead_sweep.json` (runs,
+per-proportion summary, verdict) and `nanohead_sweep.png` (bpb vs proportion, annotated) to `--output_dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+from transformers import TrainingArguments, set_seed
+
+import hf_models  # noqa: F401  (fills the registry)
+from hf_models.nanohead import NanoheadConfig, NanoheadForCausalLM, calculate_nanohead_split
+from hf_models.registry import get_spec
+from training.common import UsageError, run_cli
+from training.data import DataArguments, default_data_dir, load_documents, tokenize_and_pack
+from training.tokenization import train_bpe_tokenizer
+from training.trainer import resolve_trainer
+
+from .harness import environment, format_table, resolve_device, write_json
+
+PROPORTIONS = (0.0, 0.2, 0.4, 0.6, 0.8)
+PRESETS: dict[str, dict[str, Any]] = {
+    # ~0.5M parameters, 150 steps of 16 x 128 tokens per run, 2 seeds: a few minutes on 2 CPU cores.
+    "smoke": dict(target_params=5e5, aspect_ratio=32, head_dim=32, vocab_size=1024, block_size=128, batch_size=16,
+                  max_steps=150, learning_rate=3e-3, seeds=2, max_train_documents=None, max_eval_blocks=64,
+                  train_file="tinystories_valid_sample.txt"),
+    # The seed's sizes: ~50M parameters, aspect ratio 64, head dim 128, vocabulary 32768, sequences of 2048,
+    # 500 iterations; 2 seeds. Meant for a GPU and a corpus larger than the local samples (--train_file).
+    "seed": dict(target_params=50e6, aspect_ratio=64, head_dim=128, vocab_size=32768, block_size=2048,
+                 batch_size=16, max_steps=500, learning_rate=1e-3, seeds=2, max_train_documents=None,
+                 max_eval_blocks=256, train_file="tinystories_valid_sample.txt"),
+}
+
+
+def count_parameters(config: NanoheadConfig) -> int:
+    """Parameters of a `NanoheadForCausalLM` of `config`, from the head split (no model is built)."""
+    split = config.nanohead_split
+    hidden = config.hidden_size
+    embeddings = config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2)
+    attention = hidden * (split.width + 2 * split.kv_width) + split.width * hidden
+    mlp = 2 * hidden * config.intermediate_size
+    return embeddings + config.num_hidden_layers * (attention + mlp)
+
+
+def _splits_exist(hidden: int, heads: int, kv_heads: int, nanohead_dim: int, proportions: Iterable[float]) -> bool:
+    try:
+        for proportion in proportions:
+            calculate_nanohead_split(hidden, heads, kv_heads, proportion, nanohead_dim)
+    except ValueError:
+        return False
+    return True
+
+
+def estimate_config(
+    target_params: float,
+    *,
+    vocab_size: int,
+    aspect_ratio: int,
+    head_dim: int,
+    kv_group: int,
+    nanohead_dim: int,
+    proportions: Sequence[float],
+    mlp_ratio: int = 4,
+) -> dict[str, int]:
+    """Depth and width of a model of about `target_params` parameters whose head split exists at every proportion.
+
+    1. depth: the seed's rule, the depth whose width `aspect_ratio * depth` (MLP `mlp_ratio` times wider) gives
+       the count nearest the target;
+    2. heads: `round(width / head_dim)`, rounded to a multiple of the GQA group `kv_group`;
+    3. width: the multiple of `2 * heads` (so that the plain GPT's head dim is even) nearest the target count
+       for which `calculate_nanohead_split` succeeds at every proportion;
+    4. MLP width: set so that the count meets the target (the width steps of 3. are coarse for small models).
+
+    Returns the config fields `hidden_size`, `num_hidden_layers`, `num_attention_heads`, `num_key_value_heads`,
+    `intermediate_size`.
+
+    Raises:
+        ValueError: no width of that depth has a valid split at every proportion.
+    """
+
+    def count(depth: int, hidden: int, intermediate: int) -> float:
+        # Both kinds keep the GQA ratio and fill the width, so the split does not change the count.
+        attention = hidden * hidden * (2 + 2 / kv_group)
+        return 2 * vocab_size * hidden + depth * (attention + 2 * hidden * intermediate)
+
+    depth = min(range(1, 257),
+                key=lambda d: abs(count(d, aspect_ratio * d, mlp_ratio * aspect_ratio * d) - target_params))
+    heads = max(kv_group, round(aspect_ratio * depth / head_dim / kv_group) * kv_group)
+    step = 2 * heads
+    widths = [h for h in range(step, 4 * aspect_ratio * depth + step, step)
+              if _splits_exist(h, heads, heads // kv_group, nanohead_dim, proportions)]
+    if not widths:
+        raise ValueError(f"no width at depth {depth} with {heads} heads splits at every proportion {list(proportions)}")
+    hidden = min(widths, key=lambda h: abs(count(depth, h, mlp_ratio * h) - target_params))
+    intermediate = max(1, round((target_params - count(depth, hidden, 0)) / (2 * depth * hidden)))
+    return {"hidden_size": hidden, "num_hidden_layers": depth, "num_attention_heads": heads,
+            "num_key_value_heads": heads // kv_group, "intermediate_size": intermediate}
+
+
+@torch.no_grad()
+def bits_per_byte(model: torch.nn.Module, blocks: Sequence[dict[str, list[int]]], *, tokens_per_byte: float,
+                  batch_size: int) -> float:
+    """Validation bits per byte: the mean next-token loss (nats) over `blocks` × tokens per UTF-8 byte / ln 2.
+
+    Every block has the same length, so the mean over batches weighted by their number of blocks is the mean
+    over all predicted tokens; `tokens_per_byte` comes from the tokenized split, so the figure does not depend
+    on the tokenizer.
+    """
+    model.eval()
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        batch = [blocks[i] for i in range(start, min(start + batch_size, len(blocks)))]
+        input_ids = torch.tensor([row["input_ids"] for row in batch], device=device)
+        labels = torch.tensor([row["labels"] for row in batch], device=device)
+        total += model(input_ids=input_ids, labels=labels).loss.float().item() * len(batch)
+        count += len(batch)
+    return total / count * tokens_per_byte / math.log(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
+    parser.add_argument("--proportions", default=None, help="Comma-separated (default: 0,0.2,0.4,0.6,0.8).")
+    parser.add_argument("--nanohead_dim", type=int, default=3)
+    parser.add_argument("--kv_group", type=int, default=1, help="Query heads per key/value head (GQA ratio).")
+    parser.add_argument("--seeds", type=int, default=None, help="Seeds per proportion (preset: 2).")
+    for name, kind in (("target_params", float), ("aspect_ratio", int), ("head_dim", int), ("vocab_size", int),
+                       ("block_size", int), ("batch_size", int), ("max_steps", int), ("learning_rate", float),
+                       ("max_train_documents", int), ("max_eval_blocks", int)):
+        parser.add_argument(f"--{name}", type=kind, default=None, help="Default: the preset's value.")
+    parser.add_argument("--train_file", default=None,
+                        help="Corpus (.txt/.jsonl); default: the preset's file in $HF_ZOO_DATA / ../shared/data.")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--bf16", action="store_true", help="Train under bf16 autocast (GPU).")
+    parser.add_argument("--output_dir", default=None, help="Default: results/nanohead_sweep-<preset>-<timestamp>.")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    settings = dict(PRESETS[args.preset])
+    for key in list(settings):
+        value = getattr(args, key, None)
+        if value is not None:
+            settings[key] = value
+    settings["seeds"] = args.seeds if args.seeds is not None else settings["seeds"]
+    settings["proportions"] = (
+        [float(p) for p in args.proportions.split(",") if p.strip()] if args.proportions else list(PROPORTIONS)
+    )
+    settings.update(nanohead_dim=args.nanohead_dim, kv_group=args.kv_group)
+    if settings["seeds"] < 1 or settings["max_steps"] < 1:
+        raise UsageError("--seeds and --max_steps must be at least 1")
+    return settings
+
+
+def _summarise(runs: list[dict[str, Any]], proportions: Sequence[float]) -> tuple[list[dict[str, Any]], str]:
+    summary = []
+    for proportion in proportions:
+        rows = [run for run in runs if run["proportion"] == proportion]
+        bpbs = [run["val_bpb"] for run in rows]
+        summary.append({
+            "proportion": proportion,
+            "achieved_proportion": rows[0]["achieved_proportion"],
+            "nanoheads": rows[0]["nanoheads"],
+            "normal_head_dim": rows[0]["normal_head_dim"],
+            "parameters": rows[0]["parameters"],
+            "val_bpb_mean": statistics.fmean(bpbs),
+            "val_bpb_std": statistics.stdev(bpbs) if len(bpbs) > 1 else 0.0,
+            "val_bpb_min": min(bpbs),
+            "val_bpb_max": max(bpbs),
+            "train_tokens_per_second": statistics.fmean(run["train_tokens_per_second"] for run in rows),
+            "seeds": len(rows),
+        })
+    base = next((row for row in summary if row["proportion"] == 0.0), None)
+    if base is None:
+        return summary, "no proportion-0 baseline in this sweep: no verdict"
+    noise = max(row["val_bpb_max"] - row["val_bpb_min"] for row in summary)
+    lines = []
+    for row in summary:
+        if row is base:
+            continue
+        delta = row["val_bpb_mean"] - base["val_bpb_mean"]
+        row["delta_vs_baseline"] = delta
+        word = "better" if delta < 0 else "worse"
+        beyond = abs(delta) > noise if noise > 0 else None
+        lines.append(f"p={row['proportion']}: {delta:+.4f} bpb ({word}"
+                     + ("" if beyond is None else ", beyond the seed spread" if beyond else ", within the seed spread")
+                     + ")")
+    better = [row for row in summary if row is not base and row["delta_vs_baseline"] < 0
+              and (noise == 0 or -row["delta_vs_baseline"] > noise)]
+    verdict = ("supported: " if better else "not supported: ") + (
+        "some proportion beats the plain GPT by more than the seed spread" if better
+        else "no proportion beats the plain GPT (proportion 0) by more than the seed-to-seed spread") + (
+        f" ({noise:.4f} bpb); " + "; ".join(lines))
+    return summary, verdict
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = report["summary"]
+    fig, (ax, ax_speed) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for run in report["runs"]:
+        ax.plot(run["proportion"], run["val_bpb"], "o", color="0.6", markersize=4)
+    xs = [row["proportion"] for row in summary]
+    means = [row["val_bpb_mean"] for row in summary]
+    errors = [[m - row["val_bpb_min"] for m, row in zip(means, summary)],
+              [row["val_bpb_max"] - m for m, row in zip(means, summary)]]
+    ax.errorbar(xs, means, yerr=errors, fmt="s-", color="C0", capsize=4, label="mean (bars: min-max over seeds)")
+    for row in summary:
+        ax.annotate(f"{row['val_bpb_mean']:.4f}\n{row['nanoheads']} nano / d={row['normal_head_dim']}",
+                    (row["proportion"], row["val_bpb_mean"]), textcoords="offset points", xytext=(0, 10),
+                    ha="center", fontsize=7)
+    settings = report["settings"]
+    ax.set_xlabel("nanohead proportion (share of attention QKV parameters)")
+    ax.set_ylabel("validation bits per byte")
+    ax.set_title(f"{report['parameters']:,} parameters, {settings['max_steps']} steps, {settings['seeds']} seeds",
+                 fontsize=9)
+    ax.margins(y=0.2)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax_speed.plot(xs, [row["train_tokens_per_second"] for row in summary], "o-", color="C1")
+    ax_speed.set_xlabel("nanohead proportion")
+    ax_speed.set_ylabel("training tokens / s")
+    ax_speed.set_title(report["environment"]["device_name"], fontsize=9)
+    ax_speed.grid(alpha=0.3)
+    fig.suptitle(f"Nanohead sweep ({report['preset']}, nanohead dim {settings['nanohead_dim']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    settings = _settings(args)
+    device = resolve_device(args.device)
+    train_file = Path(settings["train_file"])
+    if not train_file.exists() and not train_file.is_absolute():
+        train_file = default_data_dir() / train_file
+    try:
+        fields = estimate_config(settings["target_params"], vocab_size=settings["vocab_size"],
+                                 aspect_ratio=settings["aspect_ratio"], head_dim=settings["head_dim"],
+                                 kv_group=settings["kv_group"], nanohead_dim=settings["nanohead_dim"],
+                                 proportions=settings["proportions"])
+        configs = {p: NanoheadConfig(vocab_size=settings["vocab_size"], nanohead_proportion=p,
+                                     nanohead_dim=settings["nanohead_dim"],
+                                     max_position_embeddings=settings["block_size"],
+                                     **fields) for p in settings["proportions"]}
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+    data_args = DataArguments(train_file=str(train_file), block_size=settings["block_size"],
+                              max_train_documents=settings["max_train_documents"])
+    documents = load_documents(data_args, seed=0)
+    tokenizer = train_bpe_tokenizer(documents["train"]["text"], vocab_size=settings["vocab_size"])
+    train = tokenize_and_pack(documents["train"], tokenizer, settings["block_size"], split_name="train")
+    validation = tokenize_and_pack(documents["validation"], tokenizer, settings["block_size"], split_name="validation")
+    eval_blocks = validation.blocks.select(range(min(len(validation.blocks), settings["max_eval_blocks"])))
+    for config in configs.values():  # the tokenizer's special ids
+        config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    output_dir = Path(args.output_dir or f"results/nanohead_sweep-{args.preset}-{datetime.now():%Y-%m-%d_%H-%M-%S}")
+    trainer_class = resolve_trainer(get_spec("nanohead_gpt"))
+    runs = []
+    jobs = [(p, seed) for p in settings["proportions"] for seed in range(settings["seeds"])]
+    for proportion, seed in tqdm(jobs, desc="nanohead sweep", unit="run"):
+        config = configs[proportion]
+        set_seed(seed)
+        model = NanoheadForCausalLM(config)
+        training_args = TrainingArguments(
+            output_dir=str(output_dir / "checkpoints"), max_steps=settings["max_steps"],
+            per_device_train_batch_size=settings["batch_size"], learning_rate=settings["learning_rate"],
+            lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.0,
+            logging_steps=max(1, settings["max_steps"] // 10),
+            save_strategy="no", report_to="none", seed=seed, use_cpu=device.type == "cpu", bf16=args.bf16,
+            dataloader_pin_memory=False, disable_tqdm=True,
+        )
+        trainer = trainer_class.from_cli(model=model, args=training_args, tokenizer=tokenizer,
+                                         train_dataset=train.blocks, eval_dataset=eval_blocks, objective_args={},
+                                         train_texts=documents["train"])
+        start = time.perf_counter()
+        result = trainer.train()
+        seconds = time.perf_counter() - start
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            bpb = bits_per_byte(trainer.model, eval_blocks, tokens_per_byte=validation.tokens_per_byte,
+                                batch_size=settings["batch_size"])
+        split = config.nanohead_split
+        runs.append({
+            "proportion": proportion, "seed": seed, "achieved_proportion": split.proportion,
+            "nanoheads": split.num_nanoheads, "normal_head_dim": split.head_dim,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "val_bpb": bpb, "final_train_loss": next(
+                (entry["loss"] for entry in reversed(trainer.state.log_history) if "loss" in entry), None),
+            "mean_train_loss": result.training_loss,
+            "train_tokens_per_second":
+                settings["max_steps"] * settings["batch_size"] * settings["block_size"] / seconds,
+            "train_seconds": seconds,
+        })
+        tqdm.write(f"p={proportion} seed={seed}: val bpb {bpb:.4f}, {runs[-1]['train_tokens_per_second']:.0f} tok/s")
+
+    summary, verdict = _summarise(runs, settings["proportions"])
+    report = {
+        "experiment": "nanohead_sweep", "preset": args.preset, "settings": {**settings, "train_file": str(train_file)},
+        "model": fields, "parameters": runs[0]["parameters"], "target_params": settings["target_params"],
+        "budget": "equal parameter count (the proportion does not change it)",
+        "data": {"train_tokens": train.num_tokens, "validation_tokens": validation.num_tokens,
+                 "eval_blocks": len(eval_blocks), "tokens_per_byte": validation.tokens_per_byte,
+                 "tokenizer": f"BPE {len(tokenizer)}", "tokens_per_run": settings["max_steps"] * settings["batch_size"]
+                 * settings["block_size"]},
+        "optimizer": "AdamW (Trainer), cosine schedule, 10% warm-up, no weight decay",
+        "environment": environment(device, torch.bfloat16 if args.bf16 else torch.float32),
+        "runs": runs, "summary": summary, "verdict": verdict,
+    }
+    write_json(output_dir / "nanohead_sweep.json", report)
+    plot(report, output_dir / "nanohead_sweep.png")
+    print(format_table(summary, [("proportion", "p"), ("achieved_proportion", "achieved"), ("nanoheads", "nano heads"),
+                                 ("normal_head_dim", "head dim"), ("parameters", "params"),
+                                 ("val_bpb_mean", "val bpb"), ("val_bpb_std", "std"), ("val_bpb_min", "min"),
+                                 ("val_bpb_max", "max"), ("train_tokens_per_second", "train tok/s")]))
+    print(f"\nverdict: {verdict}\nwrote {output_dir}/nanohead_sweep.json and nanohead_sweep.png")
+    return report
+
+
+if __name__ == "__main__":
+    run_cli(main)
