@@ -1,0 +1,252 @@
+"""The NPT loss ablation (seed 004): which distillation losses let an NPT layer replace its base Llama layer?
+
+    python -m benchmarks.npt_losses --preset smoke        # minutes on a 2-core CPU
+    python -m benchmarks.npt_losses --preset full         # bigger teacher, longer runs, three layer positions
+    python -m benchmarks.npt_losses --preset smoke --configs base,mg_exact,mg_seed --steps 50
+
+1. The teacher: a small Llama trained on `tinystories_valid_sample.txt` through the training CLI
+   (`python -m training.train --model_type llama ...`), or reused from `<output_dir>/teacher` when it exists.
+2. For every configuration: `NPTForCausalLM.from_llama(teacher, npt_layers=..., ...)` and `NPTTrainer` with the
+   configuration's losses (one change at a time from `direct + fidelity + regularization`): each of the seed's
+   proposals in its sound version and as the seed wrote it, the repository's losses and stage schedule, the
+   adaptive weightings, and a few architecture switches (affine generator, keep mode, gate_up, several layers).
+3. Held-out metrics per configuration (`training.npt.evaluate_npt`): KL(teacher ‖ NPT) and top-1 agreement,
+   PPL_base / PPL_npt / PPL_drop (modulation off: the attention is deleted in replace mode) and the recovery
+   R = (PPL_drop − PPL_npt)/(PPL_drop − PPL_base), direct-loss NMSE, Var(s) — at step 0 and at the end, plus the
+   KL every `eval_every` steps.
+
+Writes `<output_dir>/<preset>/results.json`, `ablation.png` (bars of R and KL per configuration) and `curves.png`
+(direct NMSE and KL against the step). A configuration whose loss fails (the seed's orthogonality loss raises a
+shape error) is recorded with its error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainingArguments, set_seed
+
+import hf_models  # noqa: F401  (fills the registry)
+from hf_models.npt import NPTForCausalLM
+from training.common import UsageError, run_cli
+from training.data import DataArguments, default_data_dir, load_documents, tokenize_and_pack
+from training.npt import NPTLossModule, NPTLossOptions, NPTTrainer, evaluate_npt
+from training.tokenization import load_tokenizer
+
+from .harness import environment, format_table, write_json
+
+BASE_LOSSES = "direct+fidelity+regularization"
+# name → (NPT config fields, loss options); one change at a time from "base".
+CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "base": ({}, {}),
+    "repo_losses": ({}, {"losses": "direct+attention+fidelity+regularization", "direct_impl": "repo",
+                         "fidelity_impl": "mse", "schedule": "repo"}),
+    "repo_smooth_schedule": ({}, {"losses": "direct+attention+fidelity+regularization", "schedule": "smooth"}),
+    "attention_enc": ({}, {"losses": BASE_LOSSES + "+attention"}),
+    "mg_exact": ({}, {"losses": BASE_LOSSES + "+mg"}),
+    "mg_seed": ({}, {"losses": BASE_LOSSES + "+mg", "mg_impl": "seed"}),
+    "decomposed_delta": ({}, {"losses": BASE_LOSSES + "+decomposed"}),
+    "decomposed_seed": ({}, {"losses": BASE_LOSSES + "+decomposed", "decomposed_impl": "seed"}),
+    "ib_rate": ({}, {"losses": BASE_LOSSES + "+ib", "weight_ib": 0.01}),
+    "ib_seed": ({}, {"losses": BASE_LOSSES + "+ib", "ib_impl": "seed"}),
+    "projection_direction": ({}, {"losses": BASE_LOSSES + "+projection"}),
+    "projection_seed": ({}, {"losses": BASE_LOSSES + "+projection", "projection_impl": "seed"}),
+    "orthogonality_pca": ({}, {"losses": BASE_LOSSES + "+orthogonality"}),
+    "orthogonality_seed": ({}, {"losses": BASE_LOSSES + "+orthogonality", "orth_impl": "seed"}),
+    "curriculum_valid": ({}, {"curriculum": "valid"}),
+    "adaptive_invgrad": ({}, {"adaptive": "invgrad"}),
+    "adaptive_gradnorm": ({}, {"adaptive": "gradnorm"}),
+    "adaptive_uncertainty": ({}, {"adaptive": "uncertainty"}),
+    "adaptive_seed": ({}, {"adaptive": "seed"}),
+    "generator_affine": ({"np_generator": "affine"}, {}),
+    "residual_keep": ({"np_residual_mode": "keep"}, {}),
+    "modulation_gate_up": ({"np_modulation": "gate_up"}, {}),
+    "keep_affine_gate_up": ({"np_residual_mode": "keep", "np_generator": "affine", "np_modulation": "gate_up"}, {}),
+    "keep_affine_gate_up_mg": ({"np_residual_mode": "keep", "np_generator": "affine", "np_modulation": "gate_up"},
+                               {"losses": BASE_LOSSES + "+mg"}),
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": dict(teacher_overrides="hidden_size=64,intermediate_size=176,num_hidden_layers=4,num_attention_heads=4,"
+                                    "num_key_value_heads=2,max_position_embeddings=128",
+                  teacher_steps=300, teacher_lr=3e-3, vocab_size=512, block_size=64, max_documents=3000,
+                  layers=[[2]], steps=400, lr=3e-3, batch_size=8, eval_batches=8, eval_every=100, np_rank=32,
+                  multi_layer=[1, 2, 3]),
+    "full": dict(teacher_overrides="hidden_size=256,intermediate_size=688,num_hidden_layers=8,num_attention_heads=8,"
+                                   "num_key_value_heads=4,max_position_embeddings=256",
+                 teacher_steps=3000, teacher_lr=1e-3, vocab_size=2048, block_size=128, max_documents=None,
+                 layers=[[2], [4], [7]], steps=2000, lr=1e-3, batch_size=16, eval_batches=20, eval_every=250,
+                 np_rank=64, multi_layer=[2, 3, 4, 5, 6, 7]),
+}
+
+
+def train_teacher(folder: Path, data_file: Path, preset: dict[str, Any]) -> Path:
+    """Train the base Llama through the training CLI unless `folder` already holds one."""
+    if (folder / "model.safetensors").exists():
+        return folder
+    from training.train import main as train_main
+
+    argv = ["--model_type", "llama", "--config_overrides", preset["teacher_overrides"], "--train_file", str(data_file),
+            "--vocab_size", str(preset["vocab_size"]), "--block_size", str(preset["block_size"]),
+            "--max_steps", str(preset["teacher_steps"]), "--learning_rate", str(preset["teacher_lr"]),
+            "--per_device_train_batch_size", "16", "--output_dir", str(folder), "--report_to", "none",
+            "--save_strategy", "no", "--logging_steps", "50", "--seed", "0", "--sample_max_new_tokens", "32",
+            "--disable_tqdm", "true"]
+    if preset["max_documents"]:
+        argv += ["--max_train_documents", str(preset["max_documents"])]
+    train_main(argv)
+    return folder
+
+
+class _EvalCurve(TrainerCallback):
+    """Held-out KL / NMSE every `every` steps."""
+
+    def __init__(self, model: NPTForCausalLM, blocks, every: int, batches: int, batch_size: int) -> None:
+        self.model, self.blocks, self.every, self.batches, self.batch_size = model, blocks, every, batches, batch_size
+        self.points: list[dict[str, float]] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.every == 0:
+            metrics = evaluate_npt(self.model, self.blocks, self.batch_size, self.batches)
+            self.points.append({"step": state.global_step, **metrics})
+
+
+def run_config(name: str, teacher: Path, layers: Sequence[int], fields: dict[str, Any], loss_args: dict[str, Any],
+               blocks: dict[str, Any], preset: dict[str, Any], work_dir: Path) -> dict[str, Any]:
+    """Convert, distil and evaluate one configuration."""
+    set_seed(0)
+    model = NPTForCausalLM.from_llama(str(teacher), npt_layers=list(layers), np_rank=preset["np_rank"], **fields)
+    options = NPTLossOptions.from_args({"stage1_steps": max(1, preset["steps"] // 6), **loss_args})
+    validation = blocks["validation"]
+    before = evaluate_npt(model, validation, preset["batch_size"], preset["eval_batches"])
+    curve = _EvalCurve(model, validation, preset["eval_every"], preset["eval_batches"], preset["batch_size"])
+    args = TrainingArguments(
+        output_dir=str(work_dir), max_steps=preset["steps"], per_device_train_batch_size=preset["batch_size"],
+        learning_rate=preset["lr"], lr_scheduler_type="cosine", warmup_steps=0.05, max_grad_norm=1.0,
+        logging_steps=10, save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(), seed=0,
+        dataloader_pin_memory=False, disable_tqdm=True,
+    )
+    trainer = NPTTrainer(model=model, args=args, train_dataset=blocks["train"],
+                         loss_module=NPTLossModule(options), callbacks=[curve])
+    started = time.perf_counter()
+    result: dict[str, Any] = {"name": name, "layers": list(layers), "npt_fields": fields, "loss_options": loss_args,
+                              "np_parameters": sum(p.numel() for _, p in model.np_parameters()), "before": before}
+    try:
+        trainer.train()
+    except (RuntimeError, ValueError) as error:
+        result["error"] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+        return result
+    result["train_seconds"] = time.perf_counter() - started
+    result["after"] = evaluate_npt(model, validation, preset["batch_size"], preset["eval_batches"])
+    result["curve"] = [{"step": 0, **before}] + curve.points
+    result["log"] = [entry for entry in trainer.state.log_history if "loss" in entry]
+    return result
+
+
+def plot(results: list[dict[str, Any]], folder: Path) -> None:
+    """`ablation.png` (R and KL after training per configuration) and `curves.png` (KL and NMSE by step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in results if "after" in r]
+    labels = [f"{r['name']} L{','.join(map(str, r['layers']))}" for r in done]
+    fig, axes = plt.subplots(1, 2, figsize=(14, max(4, 0.3 * len(done) + 1)))
+    axes[0].barh(labels, [r["after"]["recovery"] for r in done], color="tab:blue")
+    axes[0].axvline(0, color="k", lw=0.8)
+    axes[0].set_xlabel("recovery R = (PPL_drop − PPL_npt)/(PPL_drop − PPL_base)")
+    axes[1].barh(labels, [r["after"]["kl"] for r in done], color="tab:orange")
+    axes[1].set_xlabel("KL(teacher ‖ NPT), nats/token")
+    axes[1].set_xscale("log")
+    axes[1].set_yticklabels([])
+    fig.tight_layout()
+    fig.savefig(folder / "ablation.png", dpi=120)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    for r, label in zip(done, labels):
+        steps = [p["step"] for p in r["curve"]]
+        axes[0].plot(steps, [p["kl"] for p in r["curve"]], label=label)
+        axes[1].plot(steps, [p["direct_nmse"] for p in r["curve"]], label=label)
+    axes[0].set(xlabel="step", ylabel="held-out KL (nats/token)", yscale="log")
+    axes[1].set(xlabel="step", ylabel="held-out direct NMSE", yscale="log")
+    axes[1].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(folder / "curves.png", dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
+    parser.add_argument("--output_dir", default="results/npt_losses")
+    parser.add_argument("--data_file", default=None, help="default: $HF_ZOO_DATA/tinystories_valid_sample.txt")
+    parser.add_argument("--configs", default=None, help=f"comma-separated subset of: {', '.join(CONFIGS)}")
+    parser.add_argument("--steps", type=int, default=None, help="override the preset's NPT training steps")
+    parser.add_argument("--teacher_steps", type=int, default=None, help="override the preset's teacher steps")
+    parser.add_argument("--no_multi_layer", action="store_true", help="skip the several-layer runs")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: 1 for smoke, whose tiny matrices only lose from more)")
+    args = parser.parse_args(argv)
+    threads = args.threads or (1 if args.preset == "smoke" else None)
+    if threads:
+        torch.set_num_threads(threads)
+
+    preset = dict(PRESETS[args.preset])
+    for key in ("steps", "teacher_steps"):
+        if getattr(args, key) is not None:
+            preset[key] = getattr(args, key)
+    names = list(CONFIGS) if args.configs is None else [n.strip() for n in args.configs.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(CONFIGS))
+    if unknown:
+        raise UsageError(f"unknown configuration(s) {unknown}; known: {', '.join(CONFIGS)}")
+    data_file = Path(args.data_file) if args.data_file else default_data_dir() / "tinystories_valid_sample.txt"
+    if not data_file.exists():
+        raise UsageError(f"no corpus at {data_file}")
+    folder = Path(args.output_dir) / args.preset
+    folder.mkdir(parents=True, exist_ok=True)
+
+    teacher = train_teacher(folder / "teacher", data_file, preset)
+    tokenizer = load_tokenizer(str(teacher))
+    documents = load_documents(DataArguments(train_file=str(data_file), max_train_documents=preset["max_documents"]))
+    blocks = {split: tokenize_and_pack(documents[split], tokenizer, preset["block_size"], split_name=split).blocks
+              for split in ("train", "validation")}
+
+    runs = [(name, layers) for layers in preset["layers"] for name in names]
+    if not args.no_multi_layer:
+        runs += [(name, preset["multi_layer"]) for name in ("base", "mg_exact") if name in names]
+    results = []
+    for number, (name, layers) in enumerate(runs, 1):
+        fields, loss_args = CONFIGS[name]
+        print(f"[{number}/{len(runs)}] {name} on layers {layers} ...", flush=True)
+        result = run_config(name, teacher, layers, fields, loss_args, blocks, preset, folder / "work")
+        results.append(result)
+        after = result.get("after")
+        print(f"    {'error: ' + result['error'] if after is None else ', '.join(f'{k}={after[k]:.4g}' for k in ('kl', 'top1', 'recovery', 'direct_nmse'))}",
+              flush=True)
+
+    payload = {"preset": args.preset, "settings": preset, "environment": environment(torch.device("cpu"),
+                                                                                     torch.float32),
+               "teacher": str(teacher), "results": results}
+    write_json(folder / "results.json", payload)
+    plot(results, folder)
+    rows = [{"config": r["name"], "layers": ",".join(map(str, r["layers"])),
+             **({"kl0": r["before"]["kl"], "kl": r["after"]["kl"], "top1": r["after"]["top1"],
+                 "ppl_base": r["after"]["ppl_base"], "ppl_npt": r["after"]["ppl_npt"],
+                 "ppl_drop": r["after"]["ppl_drop"], "R": r["after"]["recovery"],
+                 "nmse": r["after"]["direct_nmse"], "var_s": r["after"]["s_var"]} if "after" in r else
+                {"kl0": r["before"]["kl"], "kl": r["error"]})} for r in results]
+    columns = [("config", "config"), ("layers", "layers"), ("kl0", "KL@0"), ("kl", "KL"), ("top1", "top1"),
+               ("ppl_base", "PPL base"), ("ppl_npt", "PPL npt"), ("ppl_drop", "PPL drop"), ("R", "R"),
+               ("nmse", "NMSE"), ("var_s", "Var(s)")]
+    print(format_table(rows, columns))
+    print(f"wrote {folder / 'results.json'}, {folder / 'ablation.png'}, {folder / 'curves.png'}")
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,266 @@
+"""NPT losses (training/npt.py): each against a hand-computed value, the seed's bugs reproduced behind their flags,
+schedules, adaptive weighting and masking."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_models.npt import NPTForCausalLM
+from training.npt import (
+    AttentionEncodingLoss,
+    CurriculumMask,
+    DecomposedTargetLoss,
+    DirectMLPLoss,
+    FidelityLoss,
+    GradNormWeighting,
+    InformationBottleneckLoss,
+    InverseGradNormWeighting,
+    ModulationGuidanceLoss,
+    NPTLossModule,
+    NPTLossOptions,
+    OrthogonalityLoss,
+    ProjectionConsistencyLoss,
+    RegularizationLoss,
+    SeedAdaptiveWeighting,
+    StageSchedule,
+    UncertaintyWeighting,
+    capture_teacher,
+)
+
+ONE = torch.ones(1, 1, dtype=torch.bool)
+
+
+def tok(*values: float) -> torch.Tensor:
+    """One token: shape (1, 1, n)."""
+    return torch.tensor(values).view(1, 1, -1)
+
+
+def test_direct_loss_values():
+    y, target = tok(1.0, 0.0), tok(0.0, 1.0)
+    assert math.isclose(float(DirectMLPLoss("nmse")(y, target, ONE)), 2.0, abs_tol=1e-6)
+    assert math.isclose(float(DirectMLPLoss("repo")(y, target, ONE)), 1.414212, abs_tol=1e-6)
+
+
+def test_attention_encoding_values():
+    assert math.isclose(float(AttentionEncodingLoss()(tok(0.0, 1.0), tok(1.0, 0.0), ONE)), 1.914212, abs_tol=1e-6)
+    assert float(AttentionEncodingLoss()(tok(1.0, 0.0), tok(1.0, 0.0), ONE)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_regularisation_values():
+    sq_a, sq_b = torch.tensor([[[5.0]]]), torch.tensor([[[9.0]]])  # v_a = [1, 2], v_b = [0, 0, 3]
+    m = tok(0.0, 0.0, 6.0)
+    assert float(RegularizationLoss("element")(sq_a, sq_b, 2, 3, m, ONE)) == pytest.approx(5.5)
+    assert float(RegularizationLoss("token")(sq_a, sq_b, 2, 3, m, ONE)) == pytest.approx(14.0)
+    assert float(RegularizationLoss("delta_norm")(sq_a, sq_b, 2, 3, m, ONE)) == pytest.approx(3 * math.sqrt(5))
+    assert float(RegularizationLoss("modulation")(sq_a, sq_b, 2, 3, m, ONE)) == pytest.approx(36.0)
+
+
+def test_exact_modulation_guidance_value():
+    # q = [1, 0], v_a = [2, 0] → s = 2; v_b = [1, 1, 0] → m = [2, 2, 0]; Δg* = [0, 0, 2]: ‖m - Δ‖² / ‖Δ‖² = 12 / 4
+    m = tok(2.0, 2.0, 0.0)
+    assert float(ModulationGuidanceLoss("exact")(m, tok(0.0, 0.0, 2.0), ONE)) == pytest.approx(3.0)
+    hinge = ModulationGuidanceLoss("exact", min_std=1.0)(m, tok(0.0, 0.0, 2.0), torch.ones(1, 2, dtype=torch.bool),
+                                                          torch.zeros(1, 2, 1))
+    assert float(hinge) == pytest.approx(3.0 + 1.0)  # constant scalars: std 0 → hinge 1
+
+
+def test_seed_modulation_guidance_value_and_unboundedness():
+    h = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    v_a = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    a = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
+    assert float(ModulationGuidanceLoss.seed(v_a, h, a)) == pytest.approx(0.0725032 - 0.05, abs=1e-6)
+    assert float(ModulationGuidanceLoss.seed(1000 * v_a, h, a)) < -1000  # −Var(s) rewards blowing s up
+
+
+def test_seed_modulation_guidance_rank_k_broadcasts_seq_against_k():
+    v_a = torch.randn(1, 3, 4, 8)  # (batch, seq, k, d) with k=4 != seq=3
+    with pytest.raises(RuntimeError):
+        ModulationGuidanceLoss.seed(v_a, torch.randn(1, 3, 8), torch.randn(1, 3, 8))
+
+
+def test_kl_fidelity_value_and_chunking():
+    student, teacher = torch.tensor([[[0.0, math.log(3.0)]]]), torch.tensor([[[0.0, 0.0]]])
+    assert float(FidelityLoss("kl")(student, teacher, ONE)) == pytest.approx(0.143841, abs=1e-6)
+    s, t = torch.randn(2, 9, 7), torch.randn(2, 9, 7)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    assert float(FidelityLoss("kl", chunk_size=2)(s, t, mask)) == pytest.approx(float(FidelityLoss("kl")(s, t, mask)))
+
+
+def test_seed_decomposed_target_has_an_identically_zero_mlp_part():
+    y, a, mlp = torch.randn(2, 3, 8, requires_grad=True), torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    loss, attn_part, mlp_part = DecomposedTargetLoss.seed_parts(y, a, mlp)
+    assert torch.equal(attn_part, y) and torch.equal(mlp_part, torch.zeros_like(y))
+    loss.backward()
+    torch.testing.assert_close(y.grad, 0.5 * 2 * (y - a).detach() / y.numel())  # trains y ≈ a only
+
+
+def test_delta_decomposition_supervises_what_the_modulation_adds():
+    base, target = tok(1.0, 1.0), tok(1.0, 3.0)
+    assert float(DecomposedTargetLoss()(tok(1.0, 2.0), target, base, ONE)) == pytest.approx(1.0 / 4.0)
+
+
+def test_information_bottleneck_rate_is_nonnegative_and_seed_is_negative():
+    z = tok(3.0, 4.0)
+    assert float(InformationBottleneckLoss()(z, ONE)) == pytest.approx(12.5)
+    v_a, a, h = tok(1.0, 0.0), tok(1.0, 0.0), tok(0.0, 1.0)
+    assert float(InformationBottleneckLoss.seed(v_a, a, h)) == pytest.approx(-1.0)
+
+
+def test_projection_consistency_is_sign_aware():
+    target = tok(1.0, 2.0, 0.0)
+    assert float(ProjectionConsistencyLoss()(-target, target, ONE)) == pytest.approx(2.0)
+    assert float(ProjectionConsistencyLoss()(3 * target, target, ONE)) == pytest.approx(0.0, abs=1e-6)
+    v_b = torch.randn(1, 4, 6)
+    seed = ProjectionConsistencyLoss.seed(v_b, torch.randn(6, 5), torch.randn(1, 4, 5))
+    assert float(ProjectionConsistencyLoss.seed(-v_b, torch.randn(6, 5), torch.randn(1, 4, 5))) != float(seed)
+
+
+def test_seed_orthogonality_raises_unless_width_is_ten_and_pca_version_works():
+    with pytest.raises(RuntimeError):
+        OrthogonalityLoss.seed(torch.randn(2, 12, 16), torch.randn(2, 12, 16))
+    torch.manual_seed(0)
+    x = torch.randn(64, 8) * torch.tensor([10.0, 1, 1, 1, 1, 1, 1, 1])
+    loss = OrthogonalityLoss(components=1)
+    mask = torch.ones(1, 64, dtype=torch.bool)
+    along = loss(torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 0]).expand(1, 64, 8), x[None], mask)
+    across = loss(torch.tensor([0.0, 1, 0, 0, 0, 0, 0, 0]).expand(1, 64, 8), x[None], mask)
+    assert float(along) > 0.9 and float(across) < 0.1
+
+
+def test_curriculum_quantile_over_valid_tokens_only():
+    a = torch.tensor([[1.0, 2.0, 3.0, 4.0, 100.0, 100.0]]).unsqueeze(-1)
+    mask = torch.tensor([[True, True, True, True, False, False]])
+    valid = CurriculumMask("valid", quantiles=(0.5, 0.9), steps=(10, 20))
+    seed = CurriculumMask("seed", quantiles=(0.5, 0.9), steps=(10, 20))
+    assert valid(a, mask, 0).tolist() == [[True, True, False, False, False, False]]
+    assert seed(a, mask, 0).tolist() == [[True, True, True, False, False, False]]  # pads move the threshold
+    assert torch.equal(valid(a, mask, 25), mask)
+    assert valid(a.bfloat16(), mask, 0).tolist() == [[True, True, False, False, False, False]]
+
+
+def test_repo_and_smooth_stage_schedules():
+    repo = StageSchedule("repo", stage1_steps=1000)
+    names = ("direct", "attention", "fidelity", "regularization")
+    for step, expected, stage in ((0, (0.1, 0.8, 0.1, 0.01), 1), (2000, (0.3, 0.55, 0.2, 0.01), 2),
+                                  (3000, (10.0, 1.0, 1.0, 0.01), 3)):
+        weights, got_stage = repo(step)
+        assert tuple(round(weights[n], 6) for n in names) == expected and got_stage == stage
+    assert repo(2999)[0]["direct"] == pytest.approx(0.5, abs=1e-3)  # then the 20x jump at 3S
+    smooth = StageSchedule("smooth", stage1_steps=1000)
+    assert smooth(2999)[0]["direct"] == pytest.approx(10.0, abs=0.01)
+    assert StageSchedule("none", static={"direct": 2.0})(5000) == ({"direct": 2.0}, 1)
+
+
+def test_inverse_grad_norm_balancing_value():
+    theta = torch.tensor(1.0, requires_grad=True)
+    losses = {"a": theta ** 2, "b": 4 * theta ** 2}
+    weights = InverseGradNormWeighting(every=1)(losses, {"a": 1.0, "b": 1.0}, [theta], step=0)
+    assert weights["a"] == pytest.approx(1.6) and weights["b"] == pytest.approx(0.4)
+    assert weights["a"] * 2.0 == pytest.approx(3.2) and weights["b"] * 8.0 == pytest.approx(3.2)
+
+
+def test_gradnorm_moves_weight_towards_the_loss_with_smaller_gradients():
+    theta = torch.tensor(1.0, requires_grad=True)
+    gradnorm = GradNormWeighting(["a", "b"], lr=0.05)
+    for step in range(20):
+        weights = gradnorm({"a": theta ** 2, "b": 4 * theta ** 2}, {"a": 1.0, "b": 1.0}, [theta], step)
+    assert weights["a"] > 1.0 > weights["b"]
+    assert weights["a"] + weights["b"] == pytest.approx(2.0, abs=1e-5)
+
+
+def test_uncertainty_weighting_values():
+    weighting = UncertaintyWeighting(["x"])
+    loss = {"x": torch.tensor(2.0)}
+    assert float(weighting.combine(loss, {"x": 1.0}).detach()) == pytest.approx(1.0)
+    with torch.no_grad():
+        weighting.log_vars.fill_(math.log(2.0))
+    assert float(weighting.combine(loss, {"x": 1.0}).detach()) == pytest.approx(0.846574, abs=1e-6)
+    optimizer = torch.optim.SGD([weighting.log_vars], lr=0.5)
+    with torch.no_grad():
+        weighting.log_vars.zero_()
+    for _ in range(200):
+        optimizer.zero_grad()
+        weighting.combine(loss, {"x": 1.0}).backward()
+        optimizer.step()
+    assert float(weighting.log_vars.detach()) == pytest.approx(math.log(2.0), abs=1e-3)
+
+
+def test_seed_adaptive_weighting_is_always_uniform():
+    theta = torch.tensor(3.0, requires_grad=True)
+    weights = SeedAdaptiveWeighting(3).update_weights([theta, 100 * theta ** 2, 1e-3 * theta])
+    torch.testing.assert_close(weights, torch.full((3,), 1 / 3))
+
+
+def test_options_reject_unknown_values():
+    with pytest.raises(ValueError, match="losses"):
+        NPTLossOptions(losses="direct+magic")
+    with pytest.raises(ValueError, match="mg_impl"):
+        NPTLossOptions(mg_impl="exactish")
+    with pytest.raises(ValueError, match="unknown NPT objective"):
+        NPTLossOptions.from_args({"lr": 1})
+    with pytest.raises(ValueError, match="uncertainty"):
+        NPTLossOptions(losses="direct+mg", mg_impl="seed", adaptive="uncertainty")
+
+
+# ------------------------------------------------------------------------------------- the loss module end to end
+def tiny_npt(**fields) -> NPTForCausalLM:
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager"))
+    return NPTForCausalLM.from_llama(llama, **fields).eval()
+
+
+SOUND = "direct+attention+fidelity+regularization+mg+decomposed+ib+projection+orthogonality"
+
+
+def loss_values(model, input_ids, attention_mask, options):
+    module = NPTLossModule(options)
+    teacher = capture_teacher(model, input_ids, attention_mask)
+    out = model(input_ids, attention_mask=attention_mask, output_npt=True)
+    result = module(model, out.npt, teacher, out.logits, attention_mask.bool(), step=0)
+    return {name: float(value.detach()) for name, value in result.components.items()}, result
+
+
+@pytest.mark.parametrize("residual", ["replace", "keep"])
+def test_appending_pad_tokens_changes_no_loss(residual):
+    model = tiny_npt(npt_layers=[1], np_modulation="gate_up_down", np_residual_mode=residual)
+    input_ids = torch.randint(2, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(input_ids)
+    padded_ids = torch.cat([input_ids, torch.zeros(2, 5, dtype=torch.long)], dim=1)
+    padded_mask = torch.cat([mask, torch.zeros(2, 5, dtype=torch.long)], dim=1)
+    options = NPTLossOptions(losses=SOUND, curriculum="valid", reg_kind="delta_norm")
+    plain, _ = loss_values(model, input_ids, mask, options)
+    padded, _ = loss_values(model, padded_ids, padded_mask, options)
+    assert plain.keys() == set(SOUND.split("+"))
+    for name, value in plain.items():
+        assert padded[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+
+
+def test_exact_targets_make_the_keep_mode_layer_exact():
+    """Keep mode, gate_up: the modulation that equals Δ*_gate and Δ*_up makes MLP'(LN2(h)) = MLP(LN2(h + a))."""
+    model = tiny_npt(npt_layers=[1], np_modulation="gate_up", np_residual_mode="keep")
+    input_ids = torch.randint(2, 64, (1, 8), generator=torch.Generator().manual_seed(1))
+    teacher = capture_teacher(model, input_ids)
+    with torch.no_grad():
+        record = model(input_ids, output_npt=True).npt[1]
+    targets = NPTLossModule.exact_modulation_targets(model.model.layers[1], record, teacher.layers[1])
+    mlp = model.model.layers[1].mlp
+    x = record.mlp_input
+    y = mlp.down_proj(mlp.act_fn(mlp.gate_proj(x) + targets["gate"]) * (mlp.up_proj(x) + targets["up"]))
+    torch.testing.assert_close(y, teacher.layers[1].mlp_output, rtol=1e-5, atol=1e-6)
+
+
+def test_seed_options_run_and_stage_is_reported():
+    model = tiny_npt(npt_layers=[1])
+    input_ids = torch.randint(2, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    options = NPTLossOptions(losses="direct+attention+fidelity+regularization+mg+decomposed+ib+projection",
+                             mg_impl="seed", decomposed_impl="seed", ib_impl="seed", projection_impl="seed",
+                             direct_impl="repo", fidelity_impl="mse", schedule="repo", adaptive="seed")
+    values, result = loss_values(model, input_ids, torch.ones_like(input_ids), options)
+    assert values["ib"] < 0
+    assert all(w == pytest.approx(1 / 8) for w in result.weights.values())  # the seed's uniform weights
+    assert result.metrics["stage"] == 1.0
