@@ -229,9 +229,9 @@ def test_generate_passes_the_head_schedule_to_every_cached_step(monkeypatch):
     seen = []
     original = ToeplitzMixer._mix_history
 
-    def spy(self, kernel, history, num_new, parallel):
+    def spy(self, kernel, history, num_new, parallel, **kwargs):
         seen.append(parallel)
-        return original(self, kernel, history, num_new, parallel)
+        return original(self, kernel, history, num_new, parallel, **kwargs)
 
     monkeypatch.setattr(ToeplitzMixer, "_mix_history", spy)
     model = tiny_model()
@@ -250,13 +250,103 @@ def test_cache_is_a_preallocated_history_written_in_place():
         cache = output.cache
         assert isinstance(cache, ToeplitzMixerCache)
         history = cache.get_state(1, "history")
-        assert history.shape == (2, config.num_heads, config.head_dim, config.max_position_embeddings)
+        assert history.shape == (2, config.num_heads, config.max_position_embeddings, config.head_dim)
         pointers = [cache.get_state(i, "history").data_ptr() for i in range(config.num_hidden_layers)]
         for step in range(4):
             model(ids(2, 1, seed=step), cache=cache, use_cache=True)
         assert cache.get_seq_length() == 9
         assert [cache.get_state(i, "history").data_ptr() for i in range(config.num_hidden_layers)] == pointers
-        assert history[..., :9].abs().sum() > 0 and history[..., 9:].abs().sum() == 0
+        assert history[:, :, :9].abs().sum() > 0 and history[:, :, 9:].abs().sum() == 0
+
+
+def _decode_logits(model, input_ids, mask, prompt, step=None):
+    """Prefill `prompt` tokens, then feed the rest one token at a time (through `step` if given, with the one-column
+    mask `generate` passes); the logits of every decoded position, `(B, T - prompt, V)`."""
+    step = step or (lambda x, m, cache: model(x, attention_mask=m, cache=cache, use_cache=True).logits)
+    with torch.no_grad():
+        cache = model(input_ids[:, :prompt], attention_mask=mask[:, :prompt], use_cache=True).cache
+        logits = [step(input_ids[:, t:t + 1], mask[:, t:t + 1], cache)[:, -1]
+                  for t in range(prompt, input_ids.shape[1])]
+    return torch.stack(logits, dim=1), cache
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_static_decode_step_equals_dynamic_step_and_full_forward(variant):
+    """The shape-static step (whole buffer, weights gathered by a tensor position) gives the dynamic step's logits,
+    for both head schedules, a batch of 3 and a left-padded batch."""
+    model = tiny_model(kernel_param="identity", **VARIANTS[variant])
+    input_ids, mask = _left_padded([ids(1, 13, seed=2)[0], ids(1, 9, seed=3)[0], ids(1, 11, seed=4)[0]])
+    with torch.no_grad():
+        full = model(input_ids, attention_mask=mask).logits[:, 4:]
+    for parallel in (True, False):
+        model.config.parallel_heads = parallel
+        results = {}
+        for mode in ("dynamic", "static"):
+            model.config.decode_step = mode
+            results[mode], cache = _decode_logits(model, input_ids, mask, prompt=4)
+            torch.testing.assert_close(results[mode], full, rtol=1e-5, atol=1e-5)
+            assert cache.get_seq_length() == input_ids.shape[1] == int(cache.cache_position)
+            assert cache.get_state(0, "row_positions").tolist() == mask.sum(-1).tolist()
+        torch.testing.assert_close(results["static"], results["dynamic"], rtol=1e-5, atol=1e-6)
+
+
+def test_static_step_reads_only_the_filled_slots_and_writes_in_place():
+    """The static step reads the whole buffer but weighs the slots after t by exactly 0, and writes slot t in place:
+    garbage after t does not change the output."""
+    model = tiny_model(decode_step="static")
+    input_ids = ids(2, 8)
+    with torch.no_grad():
+        expected = model(input_ids).logits[:, -1]
+        cache = model(input_ids[:, :7], use_cache=True).cache
+        pointers = [cache.get_state(i, "history").data_ptr() for i in range(2)]
+        for i in range(2):
+            cache.get_state(i, "history")[:, :, 8:] = 1e6
+        logits = model(input_ids[:, 7:], cache=cache, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert [cache.get_state(i, "history").data_ptr() for i in range(2)] == pointers
+
+
+def test_static_decode_step_compiles_to_one_graph_without_breaks():
+    """Under `torch.compile(fullgraph=True)` (which raises on a graph break) the default `decode_step="auto"` takes the
+    static step: every decode step reuses one graph (no shape, and no Python int, depends on the position), the
+    logits equal the uncached forward, and the Python token count catches up eagerly afterwards."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = tiny_model()
+    input_ids, mask = _left_padded([ids(1, 12, seed=5)[0], ids(1, 8, seed=6)[0]])
+    with torch.no_grad():
+        full = model(input_ids, attention_mask=mask).logits[:, 3:]
+    counter = CompileCounter()
+    compiled = torch.compile(lambda x, m, cache: model(x, attention_mask=m, cache=cache, use_cache=True).logits,
+                             backend=counter, fullgraph=True)
+    logits, cache = _decode_logits(model, input_ids, mask, prompt=3, step=compiled)
+    torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 1, counter.frame_count
+    assert cache.get_seq_length() == input_ids.shape[1]
+    torch._dynamo.reset()
+
+
+def test_generate_with_compile_config_uses_the_compiled_static_step():
+    """`generate(compile_config=...)` makes the model create its cache before the prefill, so `generate` runs the
+    decode steps through `torch.compile`; tokens and scores equal eager decoding, and the context limit still
+    raises before the step that would cross it."""
+    from transformers import CompileConfig
+
+    torch._dynamo.reset()
+    model = tiny_model()
+    config = CompileConfig(fullgraph=True, dynamic=False, backend="eager")
+    config._compile_all_devices = True  # the library compiles only on accelerators unless told otherwise
+    input_ids, mask = _left_padded([ids(1, 6, seed=7)[0], ids(1, 4, seed=8)[0]])
+    eager = _greedy(model, input_ids, mask)
+    compiled = _greedy(model, input_ids, mask, compile_config=config)
+    assert hasattr(model, "_compiled_call")
+    assert torch.equal(compiled.sequences, eager.sequences)
+    for step_compiled, step_eager in zip(compiled.scores, eager.scores):
+        torch.testing.assert_close(step_compiled, step_eager, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="max_position_embeddings=16"):
+        _greedy(model, input_ids, mask, new_tokens=12, compile_config=config)
+    torch._dynamo.reset()
 
 
 class ElementCounter(TorchDispatchMode):
@@ -299,8 +389,9 @@ def test_context_overflow_error_is_clear_and_early():
         _greedy(model, ids(1, 12), new_tokens=6, use_cache=False)
 
 
-def test_sliding_recompute_cached_equals_uncached_past_the_context():
-    model = tiny_model(context_overflow="sliding_recompute")
+@pytest.mark.parametrize("decode_step", ["dynamic", "static"])
+def test_sliding_recompute_cached_equals_uncached_past_the_context(decode_step):
+    model = tiny_model(context_overflow="sliding_recompute", decode_step=decode_step)
     input_ids, mask = _left_padded([ids(1, 12, seed=5)[0], ids(1, 9, seed=6)[0]])
     cached = _greedy(model, input_ids, mask, new_tokens=10)
     uncached = _greedy(model, input_ids, mask, new_tokens=10, use_cache=False)
@@ -357,7 +448,8 @@ def test_loss_is_the_shifted_cross_entropy_with_ignored_labels():
     "overrides,field",
     [({"hidden_size": 18, "num_heads": 4}, "hidden_size"), ({"num_heads": 0}, "num_heads"),
      ({"mixer_impl": "winograd"}, "mixer_impl"), ({"max_position_embeddings": -1}, "max_position_embeddings"),
-     ({"kernel_param": "exp"}, "kernel_param")],
+     ({"kernel_param": "exp"}, "kernel_param"), ({"decode_step": "jit"}, "decode_step"),
+     ({"decode_step": True}, "decode_step")],
 )
 def test_bad_configs_raise_naming_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):

@@ -55,6 +55,7 @@ SPEC = register(
             ({"dropout": 1.5}, "dropout"),
             ({"toep_norm_eps": -1.0}, "toep_norm_eps"),
             ({"parallel_heads": "yes"}, "parallel_heads"),
+            ({"decode_step": "jit"}, "decode_step"),
         ),
         benchmark_modes={"parallel": {"parallel_heads": True}, "sequential": {"parallel_heads": False}},
         lora_target_modules=("fc1", "fc2"),

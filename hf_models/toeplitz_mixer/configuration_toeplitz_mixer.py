@@ -9,6 +9,7 @@ from ..configuration_zoo_common import ZooConfig, check_choice, check_positive
 KERNEL_PARAMETRISATIONS = ("identity", "softplus")
 MIXER_IMPLEMENTATIONS = ("dense", "fft", "auto")
 CONTEXT_OVERFLOW_POLICIES = ("error", "sliding_recompute")
+DECODE_STEPS = ("auto", "dynamic", "static")
 ACTIVATIONS = ("gelu_pytorch_tanh", "gelu", "relu", "silu")
 
 
@@ -49,6 +50,18 @@ class ToeplitzMixerConfig(ZooConfig):
             `generate` fails loudly instead of drifting). `"sliding_recompute"`: the model reads only the last
             `max_position_embeddings` tokens, positions restarting at 0 (an uncached forward crops its input; the
             cache keeps the token ids and re-fills itself from the window once full, so cached equals uncached).
+        decode_step (`str`, *optional*, defaults to `"auto"`): how a cached one-token step reads the history.
+            `"dynamic"`: it reads the filled slots `[:t + 1]` only, O(E·t) per layer, but its tensor shapes change
+            with t (the fastest eager step on a CPU). `"static"`: it writes the new slot at a tensor position
+            (`index_copy_`) and reads the whole `(B, H, max_position_embeddings, D)` buffer with the kernel weights
+            gathered by position (`weights[h, s] = k[h, t − s]` for s ≤ t, else 0) and tensor-valued positions for
+            the normaliser and bias: every shape is independent of t and nothing branches on t, so the step runs
+            under `torch.compile(fullgraph=True)` without recompiling and is built for CUDA graphs (O(E·S) per
+            layer, fused by the compiler). `"auto"`: static while `torch.compile` traces the model, dynamic in
+            eager mode (eagerly the dynamic step is the faster one: it reads t slots instead of S). Same numbers
+            either way; a runtime switch, no parameters involved. Under `context_overflow="sliding_recompute"` a
+            compiled step still reads the Python token count (to re-read the window once full), so it is
+            specialised on it.
         initializer_range (`float`, *optional*, defaults to 0.2): std of the `Linear` and `Embedding` weights (the
             seed's 0.2, ten times the usual 0.02).
         toeplitz_init_std (`float`, *optional*, defaults to 0.2): std of the raw kernel parameters.
@@ -79,6 +92,7 @@ class ToeplitzMixerConfig(ZooConfig):
         mixer_impl: str = "dense",
         fft_min_length: int = 2048,
         context_overflow: str = "error",
+        decode_step: str = "auto",
         initializer_range: float = 0.2,
         toeplitz_init_std: float = 0.2,
         rms_norm_eps: float | None = None,
@@ -106,6 +120,7 @@ class ToeplitzMixerConfig(ZooConfig):
         check_choice("kernel_param", kernel_param, KERNEL_PARAMETRISATIONS)
         check_choice("mixer_impl", mixer_impl, MIXER_IMPLEMENTATIONS)
         check_choice("context_overflow", context_overflow, CONTEXT_OVERFLOW_POLICIES)
+        check_choice("decode_step", decode_step, DECODE_STEPS)
         check_positive("toep_norm_eps", toep_norm_eps, allow_zero=True, integer=False)
         check_positive("initializer_range", initializer_range, allow_zero=True, integer=False)
         check_positive("toeplitz_init_std", toeplitz_init_std, allow_zero=True, integer=False)
@@ -128,6 +143,7 @@ class ToeplitzMixerConfig(ZooConfig):
         self.mixer_impl = mixer_impl
         self.fft_min_length = fft_min_length
         self.context_overflow = context_overflow
+        self.decode_step = decode_step
         self.initializer_range = initializer_range
         self.toeplitz_init_std = toeplitz_init_std
         self.rms_norm_eps = rms_norm_eps

@@ -25,8 +25,13 @@ or as an FFT convolution in float32 (`"fft"`). Heads run in one batched product 
 after another (`False`); the two schedules give the same numbers.
 
 Cached decoding is exact: the only state a block needs is the history of its mixer inputs p (after the input
-projection), kept in a preallocated buffer `(B, H, D, S)` per layer; a new token at position t costs one dot
+projection), kept in a preallocated buffer `(B, H, S, D)` per layer; a new token at position t costs one dot
 product over the t + 1 stored inputs per channel, O(E·t) per layer, plus the O(E² + E·F) of the projections.
+Two decode steps compute the same numbers (`config.decode_step`): the dynamic step reads the filled slots
+`[:t + 1]` (fastest eagerly, but its shapes change with t); the shape-static step writes slot t with `index_copy_`
+at the tensor `cache.cache_position`, reads the whole buffer with the kernel gathered by position (exactly 0 after
+t) and takes positions from tensors, so `torch.compile(fullgraph=True)` / CUDA graphs capture one graph for every
+step. `generate(..., compile_config=CompileConfig(...))` uses it (see `ToeplitzMixerForCausalLM`).
 
 Left padding is exact: padded positions of p are zeroed in every layer and c, β are indexed with per-row positions
 (`position_ids`, from the attention mask); the convolution is shift-invariant, so a padded row equals the row alone.
@@ -92,10 +97,13 @@ def fft_causal_conv(kernel: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 class ToeplitzMixerCache(ZooStateCache):
     """Exact decoding state of a [`ToeplitzMixerModel`]: each layer's mixer inputs, in a preallocated buffer.
 
-    Layer `l` holds `history` of shape `(batch, num_heads, head_dim, max_position_embeddings)`, whose slot `t` is the
-    mixer input p of position t (zero at padded positions); layer 0 also holds `token_ids` `(batch, max_position_embeddings)`,
-    which the `"sliding_recompute"` overflow policy re-reads. Writing a token is an indexed copy into the buffers,
-    never a concatenation, so a decode step has static tensor shapes except for the `[:t + 1]` view it reads.
+    Layer `l` holds `history` of shape `(batch, num_heads, max_position_embeddings, head_dim)`, whose slot `t` is the
+    mixer input p of position t (zero at padded positions); layer 0 also holds `token_ids` `(batch,
+    max_position_embeddings)`, which the `"sliding_recompute"` overflow policy re-reads, and `row_positions` `(batch,)`,
+    the number of real (unpadded) tokens of each row so far, i.e. the position of the row's next token. Besides the
+    Python count `seen_tokens`, `cache_position` `(1,)` holds the next slot as a tensor, advanced in place, which the
+    shape-static decode step (`config.decode_step`) indexes with, so a compiled step never depends on a Python int.
+    Writing a token is an indexed copy into the buffers, never a concatenation.
 
     Args:
         config: the model's config.
@@ -111,31 +119,96 @@ class ToeplitzMixerCache(ZooStateCache):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__(config.num_hidden_layers, max_length=config.max_position_embeddings)
-        shape = (batch_size, config.num_heads, config.head_dim, config.max_position_embeddings)
+        shape = (batch_size, config.num_heads, config.max_position_embeddings, config.head_dim)
         for layer_idx in range(config.num_hidden_layers):
             self.set_state(layer_idx, "history", torch.zeros(shape, device=device, dtype=dtype))
         self.set_state(0, "token_ids", torch.zeros(batch_size, config.max_position_embeddings, dtype=torch.long,
                                                    device=device))
+        self.set_state(0, "row_positions", torch.zeros(batch_size, dtype=torch.long, device=device))
+        self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
+        self.layer_tables: dict[int, dict[str, torch.Tensor]] = {}  # kernel-derived tensors, see ToeplitzMixer._tables
+        self.slots = torch.arange(config.max_position_embeddings, device=device)
+        if not torch.compiler.is_compiling():
+            # fixed addresses, as transformers' StaticCache does, so CUDA graphs can capture the in-place writes
+            for layer in self.layers:
+                for tensor in layer.states.values():
+                    torch._dynamo.mark_static_address(tensor)
+            torch._dynamo.mark_static_address(self.cache_position)
         self.knows_token_ids = True
+
+    @property
+    def seen_tokens(self) -> int:
+        """Tokens cached so far (a Python int). Compiled static steps count in `cache_position` only; the int
+        catches up here, eagerly, from that tensor."""
+        if self._count_pending:
+            self._seen_tokens = int(self.cache_position.item())
+            self._count_pending = False
+        return self._seen_tokens
+
+    @seen_tokens.setter
+    def seen_tokens(self, value: int) -> None:
+        self._seen_tokens = value
+        self._count_pending = False
 
     def write_history(self, layer_idx: int, p: torch.Tensor) -> torch.Tensor:
         """Store the mixer inputs `p` `(B, T, H, D)` of the tokens after the `seen_tokens` cached ones.
 
         Returns:
-            The filled part of the history, `(B, H, D, seen_tokens + T)` (a view).
+            The filled part of the history, `(B, H, seen_tokens + T, D)` (a view).
         """
         history = self.get_state(layer_idx, "history")
         start, end = self.seen_tokens, self.seen_tokens + p.shape[1]
-        history[..., start:end] = p.permute(0, 2, 3, 1)
-        return history[..., :end]
+        history[:, :, start:end] = p.transpose(1, 2)
+        return history[:, :, :end]
 
-    def advance(self, input_ids: torch.Tensor | None, num_tokens: int) -> None:
-        """Record `num_tokens` new tokens (after every layer has written its history)."""
+    def write_history_static(self, layer_idx: int, p: torch.Tensor) -> torch.Tensor:
+        """Store the mixer input `p` `(B, 1, H, D)` of one new token in slot `cache_position` (a tensor index).
+
+        Returns:
+            The whole history buffer `(B, H, max_position_embeddings, D)`; slots after the new one are zero.
+        """
+        history = self.get_state(layer_idx, "history")
+        history.index_copy_(2, self.cache_position, p.transpose(1, 2))
+        return history
+
+    def next_positions(self, token_mask: torch.Tensor | None, num_tokens: int) -> torch.Tensor:
+        """Positions `(B, num_tokens)` of the next tokens of each row, counted over real tokens only (a padded token
+        gets its row's previous position, clamped at 0; it is excluded from the mixing anyway)."""
+        start = self.get_state(0, "row_positions")[:, None]
+        if token_mask is None:
+            return start + torch.arange(num_tokens, device=start.device)
+        return (start + token_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def advance(
+        self,
+        input_ids: torch.Tensor | None,
+        num_tokens: int,
+        token_mask: torch.Tensor | None = None,
+        static: bool = False,
+        count_in_python: bool = True,
+    ) -> None:
+        """Record `num_tokens` new tokens (after every layer has written its history).
+
+        Args:
+            input_ids: their ids `(B, num_tokens)` (`None` for `inputs_embeds`).
+            token_mask: `(B, num_tokens)`, 0 at padded tokens (`None`: all real).
+            static: write the ids at the tensor position `cache_position` (one token, no Python-int slicing).
+            count_in_python: also advance the Python count now; `False` (a compiled static step) only marks it
+                stale, so the compiled graph neither reads nor depends on it.
+        """
         if input_ids is None:
             self.knows_token_ids = False
+        elif static:
+            self.get_state(0, "token_ids").index_copy_(1, self.cache_position, input_ids)
         else:
             self.get_state(0, "token_ids")[:, self.seen_tokens:self.seen_tokens + num_tokens] = input_ids
-        self.seen_tokens += num_tokens
+        real = num_tokens if token_mask is None else token_mask.sum(-1)
+        self.get_state(0, "row_positions").add_(real)
+        self.cache_position.add_(num_tokens)
+        if count_in_python:
+            self.seen_tokens += num_tokens
+        else:
+            self._count_pending = True
 
     def cached_token_ids(self) -> torch.Tensor:
         """The token ids of the cached positions, `(B, seen_tokens)`.
@@ -150,6 +223,8 @@ class ToeplitzMixerCache(ZooStateCache):
 
     def reset(self) -> None:
         super().reset()
+        self.cache_position.zero_()
+        self.layer_tables.clear()
         self.knows_token_ids = True
 
 
@@ -202,23 +277,65 @@ class ToeplitzMixer(nn.Module):
             outputs.append((matrix[h] @ columns).view(length, batch, dim).transpose(0, 1))
         return torch.stack(outputs, dim=2)
 
-    def _mix_history(self, kernel: torch.Tensor, history: torch.Tensor, num_new: int, parallel: bool) -> torch.Tensor:
-        """Outputs of the last `num_new` positions against the stored inputs `history` `(B, H, D, t)`:
-        `(B, num_new, H, D)`. One decode step reads the t stored inputs once: O(E·t)."""
-        filled = history.shape[-1]
-        if num_new == 1:  # a decode step: a weighted sum over the history (a batched GEMV is far slower on CPU)
-            weights = kernel[:, :filled].flip(-1).to(history.dtype)  # weights[h, s] = k[h, t - s]
-            if parallel:
-                y = (history * weights[None, :, None, :]).sum(-1)  # (B, H, D)
-            else:
-                y = torch.stack([(history[:, h] * weights[h]).sum(-1) for h in range(self.num_heads)], dim=1)
-            return y[:, None]
+    def _tables(self, cache: ToeplitzMixerCache | None) -> dict[str, torch.Tensor]:
+        """The kernel-derived tensors of this layer: `kernel` k `(H, S)`, `normaliser_t` c transposed `(S, H)` (with
+        `do_toep_mean`), `bias_t` β transposed `(S, H)` and, when decoding, `flipped` (k reversed along S).
+
+        During eager inference with a cache they are computed once per cache (at its first call) and reused by every
+        decode step, which saves the softplus, cumsum and flip of each step; a cache already belongs to the weights
+        that filled it (its history is their output). With gradients enabled, without a cache, or while compiling
+        they are computed afresh (the compiler fuses them into the step)."""
+        memoise = cache is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if memoise and self.layer_idx in cache.layer_tables:
+            return cache.layer_tables[self.layer_idx]
+        kernel = self.kernel()
+        tables = {"kernel": kernel, "bias_t": self.position_bias.t()}
+        if self.config.do_toep_mean:
+            tables["normaliser_t"] = self.normaliser(kernel).t()
+        if memoise:
+            tables["flipped"] = kernel.flip(-1)
+            cache.layer_tables[self.layer_idx] = tables
+        return tables
+
+    def _weighted_sum(self, history: torch.Tensor, weights: torch.Tensor, parallel: bool) -> torch.Tensor:
+        """`y[b, h, d] = Σ_s weights[h, s] · history[b, h, s, d]` for one new token: `(B, 1, H, D)`. A product and a
+        sum (measured faster on a CPU than a batched GEMV, eagerly and compiled, where it fuses into one loop
+        vectorised over the channels)."""
+        if parallel:
+            y = (history * weights[None, :, :, None]).sum(2)  # (B, H, D)
+        else:
+            y = torch.stack([(history[:, h] * weights[h, :, None]).sum(1) for h in range(self.num_heads)], dim=1)
+        return y[:, None]
+
+    def _mix_history(
+        self, kernel: torch.Tensor, history: torch.Tensor, num_new: int, parallel: bool,
+        flipped: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Outputs of the last `num_new` positions against the stored inputs `history` `(B, H, t, D)`:
+        `(B, num_new, H, D)`. One decode step reads the t stored inputs once: O(E·t). `flipped` is `kernel`
+        reversed (optional; its last t entries are the step's weights, a view)."""
+        filled = history.shape[2]
+        if num_new == 1:  # a decode step: a weighted sum over the history
+            # weights[h, s] = k[h, t - s]
+            weights = flipped[:, flipped.shape[1] - filled:] if flipped is not None else kernel[:, :filled].flip(-1)
+            weights = weights.to(history.dtype)
+            return self._weighted_sum(history, weights, parallel)
         rows = toeplitz_matrix(kernel, filled - num_new, num_new, filled).to(history.dtype)  # (H, num_new, t)
         if parallel:
-            y = torch.matmul(history, rows.transpose(1, 2))  # (B, H, D, num_new)
+            y = torch.matmul(rows, history)  # (B, H, num_new, D)
         else:
-            y = torch.stack([history[:, h] @ rows[h].T for h in range(self.num_heads)], dim=1)
-        return y.permute(0, 3, 1, 2)
+            y = torch.stack([rows[h] @ history[:, h] for h in range(self.num_heads)], dim=1)
+        return y.transpose(1, 2)
+
+    def _mix_static_step(
+        self, kernel: torch.Tensor, history: torch.Tensor, slot: torch.Tensor, slots: torch.Tensor, parallel: bool
+    ) -> torch.Tensor:
+        """Output of one new token in slot `slot` (a `(1,)` tensor) against the whole history buffer `(B, H, S, D)`:
+        `(B, 1, H, D)`. The weights are gathered by position, `weights[h, s] = k[h, t − s]` for `s ≤ t` and exactly
+        0 after t, so no shape depends on t (`slots` is `arange(S)`)."""
+        lag = slot - slots  # (S,): t - s
+        weights = torch.where(lag >= 0, kernel.index_select(1, lag.clamp(min=0)), 0.0).to(history.dtype)  # (H, S)
+        return self._weighted_sum(history, weights, parallel)
 
     def forward(
         self,
@@ -227,6 +344,7 @@ class ToeplitzMixer(nn.Module):
         token_mask: torch.Tensor | None = None,
         cache: ToeplitzMixerCache | None = None,
         parallel: bool = True,
+        static_step: bool = False,
     ) -> torch.Tensor:
         """Mix `hidden_states` `(B, T, E)` (already normalised) along the sequence.
 
@@ -235,23 +353,30 @@ class ToeplitzMixer(nn.Module):
             token_mask: `(B, T)`, 0 at padded tokens, whose mixer inputs are zeroed.
             cache: the decoding state; the inputs are appended to this layer's history and mixed against it.
             parallel: head schedule (batched over heads, or a loop over heads).
+            static_step: one new token written and read at the tensor position `cache.cache_position` (the
+                shape-static step, see `ToeplitzMixerConfig.decode_step`); needs `cache` and T = 1.
         """
         batch, length, _ = hidden_states.shape
         p = self.inp_proj(hidden_states) if self.config.do_toep_proj else hidden_states
         if token_mask is not None:
             p = p * token_mask[..., None].to(p.dtype)
         p = p.view(batch, length, self.num_heads, self.head_dim)
-        kernel = self.kernel()
-        past = cache.get_seq_length() if cache is not None else 0
-        if cache is not None:
-            history = cache.write_history(self.layer_idx, p)
-        if past == 0:
-            y = self._mix_sequence(kernel, p, parallel)
+        tables = self._tables(cache)
+        kernel = tables["kernel"]
+        if static_step:
+            history = cache.write_history_static(self.layer_idx, p)
+            y = self._mix_static_step(kernel, history, cache.cache_position, cache.slots, parallel)
         else:
-            y = self._mix_history(kernel, history, length, parallel)
+            past = cache.get_seq_length() if cache is not None else 0
+            if cache is not None:
+                history = cache.write_history(self.layer_idx, p)
+            if past == 0:
+                y = self._mix_sequence(kernel, p, parallel)
+            else:
+                y = self._mix_history(kernel, history, length, parallel, flipped=tables.get("flipped"))
         if self.config.do_toep_mean:
-            y = y / self.normaliser(kernel)[:, positions].permute(1, 2, 0)[..., None]
-        y = y + self.position_bias[:, positions].permute(1, 2, 0)[..., None]
+            y = y / tables["normaliser_t"][positions][..., None]  # c[h, position], (B, T, H, 1)
+        y = y + tables["bias_t"][positions][..., None]
         y = y.reshape(batch, length, -1)
         return self.out_proj(y) if self.config.do_toep_proj else y
 
@@ -287,9 +412,10 @@ class ToeplitzMixerBlock(GradientCheckpointingLayer):
         token_mask: torch.Tensor | None = None,
         cache: ToeplitzMixerCache | None = None,
         parallel: bool = True,
+        static_step: bool = False,
     ) -> torch.Tensor:
         hidden_states = hidden_states + self.mixer(self.mixer_norm(hidden_states), positions, token_mask,
-                                                   cache=cache, parallel=parallel)
+                                                   cache=cache, parallel=parallel, static_step=static_step)
         return hidden_states + self.mlp(self.mlp_norm(hidden_states))
 
 
@@ -330,6 +456,20 @@ class ToeplitzMixerModel(ToeplitzMixerPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    def check_context(self, total: int) -> None:
+        """Raise under `context_overflow="error"` when a sequence of `total` tokens exceeds the kernels' length.
+
+        Raises:
+            ValueError: naming `max_position_embeddings`.
+        """
+        limit = self.config.max_position_embeddings
+        if total > limit and self.config.context_overflow == "error":
+            raise ValueError(
+                f"the sequence reaches {total} tokens but the Toeplitz kernels cover max_position_embeddings="
+                f"{limit} positions (the model's hard context); shorten the input or max_new_tokens, or set "
+                f"context_overflow='sliding_recompute' to read only the last {limit} tokens"
+            )
+
     def _overflow_window(
         self,
         input_ids: torch.Tensor | None,
@@ -340,19 +480,22 @@ class ToeplitzMixerModel(ToeplitzMixerPreTrainedModel):
         """Apply `context_overflow` to a call that would reach `total > max_position_embeddings` tokens: raise, or
         return the window of the last S token ids (and its mask) to recompute from position 0."""
         limit = self.config.max_position_embeddings
-        if self.config.context_overflow == "error":
-            raise ValueError(
-                f"the sequence reaches {total} tokens but the Toeplitz kernels cover max_position_embeddings="
-                f"{limit} positions (the model's hard context); shorten the input or max_new_tokens, or set "
-                f"context_overflow='sliding_recompute' to read only the last {limit} tokens"
-            )
+        self.check_context(total)
         if input_ids is None:
             raise ValueError("context_overflow='sliding_recompute' needs `input_ids`, not `inputs_embeds`")
+        if attention_mask is not None and attention_mask.shape[1] < total:
+            raise ValueError(f"context_overflow='sliding_recompute' needs the whole `attention_mask` ({total} "
+                             f"columns: cached plus new tokens) to re-read the window, got {attention_mask.shape[1]}")
         if cache is not None and cache.get_seq_length() > 0:
             input_ids = torch.cat([cache.cached_token_ids(), input_ids], dim=1)
             cache.reset()
         window_mask = attention_mask[:, -limit:] if attention_mask is not None else None
         return input_ids[:, -limit:], window_mask
+
+    def _static_decode(self) -> bool:
+        """Whether a one-token cached step takes the shape-static path (`config.decode_step`)."""
+        mode = self.config.decode_step
+        return mode == "static" or (mode == "auto" and torch.compiler.is_compiling())
 
     @can_return_tuple
     def forward(
@@ -372,7 +515,8 @@ class ToeplitzMixerModel(ToeplitzMixerPreTrainedModel):
             attention_mask (`torch.Tensor` of shape `(batch, past + seq)` or `(batch, seq)`, *optional*): 1 for
                 real tokens, 0 for (left) padding; padded tokens are excluded from the mixing exactly.
             position_ids (`torch.LongTensor` of shape `(batch or 1, seq)`, *optional*): position of each token in
-                its row (default: from `attention_mask`, else continuing after the cached tokens).
+                its row (default: the number of real tokens before it, continuing the cache's per-row count; only
+                the last `seq` columns of `attention_mask` are read).
             cache ([`ToeplitzMixerCache`], *optional*): the decoding state of the previous tokens.
             inputs_embeds (`torch.Tensor` of shape `(batch, seq, hidden)`, *optional*): instead of `input_ids`.
             use_cache (`bool`, *optional*): create (if missing) and return the cache.
@@ -396,36 +540,54 @@ class ToeplitzMixerModel(ToeplitzMixerPreTrainedModel):
             cache = None
 
         batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        past = cache.get_seq_length() if cache is not None else 0
+        # the shape-static step: one token into a given cache, indexed by the tensor `cache.cache_position`
+        static_step = cache is not None and length == 1 and self._static_decode()
+        # A compiled static step never reads the Python count `seen_tokens` (a per-step value: reading it would
+        # specialise or symbolise the graph on it); the context limit is then checked eagerly by `generate`
+        # (`prepare_inputs_for_generation`) and, in any case, by the out-of-range write.
+        count_in_python = not (static_step and torch.compiler.is_compiling()
+                               and self.config.context_overflow == "error")
         num_outputs = length
-        if past + length > self.config.max_position_embeddings:
-            input_ids, attention_mask = self._overflow_window(input_ids, attention_mask, cache, past + length)
-            num_outputs = min(length, input_ids.shape[1])
-            length, past, position_ids = input_ids.shape[1], 0, None
+        if count_in_python:
+            past = cache.get_seq_length() if cache is not None else 0
+            if past + length > self.config.max_position_embeddings:
+                input_ids, attention_mask = self._overflow_window(input_ids, attention_mask, cache, past + length)
+                num_outputs = min(length, input_ids.shape[1])
+                length, position_ids, static_step = input_ids.shape[1], None, False
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
             cache = ToeplitzMixerCache(self.config, batch, device=inputs_embeds.device, dtype=inputs_embeds.dtype)
 
-        token_mask = None
-        if attention_mask is not None:
-            token_mask = attention_mask[:, -length:]
-            if position_ids is None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
-        if position_ids is None:
-            position_ids = torch.arange(past, past + length, device=inputs_embeds.device)[None]
+        token_mask = attention_mask[:, -length:] if attention_mask is not None else None
+        if position_ids is None:  # positions count real tokens: the cache knows each row's count so far
+            if cache is not None:
+                position_ids = cache.next_positions(token_mask, length)
+            elif token_mask is not None:
+                position_ids = (token_mask.long().cumsum(-1) - 1).clamp(min=0)
+            else:
+                position_ids = torch.arange(length, device=inputs_embeds.device)[None]
 
         hidden_states = inputs_embeds
         for layer in self.layers:
-            hidden_states = layer(hidden_states, position_ids, token_mask, cache=cache, parallel=parallel)
+            hidden_states = layer(hidden_states, position_ids, token_mask, cache=cache, parallel=parallel,
+                                  static_step=static_step)
         if cache is not None:
-            cache.advance(input_ids, length)
+            cache.advance(input_ids, length, token_mask, static=static_step, count_in_python=count_in_python)
         hidden_states = self.norm(hidden_states[:, -num_outputs:])
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
 
 
 class ToeplitzMixerForCausalLM(ToeplitzMixerPreTrainedModel, GenerationMixin):
-    """The Toeplitz mixer with its (untied by default) LM head; `labels` give the shifted cross-entropy loss."""
+    """The Toeplitz mixer with its (untied by default) LM head; `labels` give the shifted cross-entropy loss.
+
+    Compiled decoding: `generate(..., compile_config=CompileConfig(fullgraph=True, dynamic=False))` creates the
+    cache before the prefill, so `generate` runs the decode steps through `torch.compile`, where the default
+    `decode_step="auto"` takes the shape-static step (one graph per batch size; on CUDA the library's default
+    `mode="reduce-overhead"` adds CUDA graphs). On a CPU the library compiles only when told to, with
+    `compile_config._compile_all_devices = True`. A compiled step of your own works the same way:
+    `torch.compile(model, fullgraph=True)` called with one token, a `(batch, 1)` mask and a cache.
+    """
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -436,10 +598,53 @@ class ToeplitzMixerForCausalLM(ToeplitzMixerPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor | None:
+    def create_masks_for_generate(
+        self,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor | None:
         """`generate` would build a 4-D attention mask for a compileable cache; the mixer reads the 2-D padding
-        mask itself."""
+        mask itself, and once the cache holds tokens only its last `seq` columns (the cache counts each row's real
+        tokens), so a decode step gets a `(batch, 1)` mask whose shape does not grow: a compiled step sees static
+        shapes. The whole mask is kept when this call may cross the context under `"sliding_recompute"`, which
+        re-reads the window's padding."""
+        if attention_mask is None or not isinstance(cache, ToeplitzMixerCache) or inputs_embeds is None:
+            return attention_mask
+        length = inputs_embeds.shape[1]
+        past = cache.get_seq_length()
+        if past > 0 and past + length <= self.config.max_position_embeddings:
+            return attention_mask[:, -length:]
         return attention_mask
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        cache: Cache | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """The library's inputs, after checking the context limit eagerly: a compiled static decode step does not
+        read the Python token count, so `generate` checks it here, before each step."""
+        if isinstance(cache, ToeplitzMixerCache) and next_sequence_length is not None:
+            self.model.check_context(cache.get_seq_length() + next_sequence_length)
+        return super().prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length,
+                                                     cache=cache, **kwargs)
+
+    def _prepare_cache_for_generation(
+        self, generation_config: Any, model_kwargs: dict[str, Any], generation_mode: Any, batch_size: int,
+        max_cache_length: int,
+    ) -> None:
+        """With a `compile_config`, create the [`ToeplitzMixerCache`] before the prefill, so that `generate` sees a
+        compileable cache and runs the decode steps through `torch.compile` (the shape-static step, see
+        `decode_step`); otherwise the model creates its cache on the first forward pass (eager decoding)."""
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
+                                              max_cache_length)
+        if (model_kwargs.get("cache") is None and generation_config.use_cache is not False
+                and generation_config.compile_config is not None):
+            rows = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1) * batch_size
+            model_kwargs["cache"] = ToeplitzMixerCache(self.config, rows, device=self.device, dtype=self.dtype)
 
     @can_return_tuple
     def forward(
