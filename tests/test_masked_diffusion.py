@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForMaskedLM, TrainerCallback, TrainingArguments
 
-from benchmarks import sampler_coherence
+from benchmarks import diffusion_plateau, sampler_coherence
 from hf_models.masked_diffusion import MaskedDiffusionConfig, MaskedDiffusionForMaskedLM, MaskedDiffusionLMOutput
 from hf_models.masked_diffusion.modeling_masked_diffusion import _TokenSampler, filled_neighbour, wavefront_fill
 from training import train
+from training.common import UsageError
 from training.diffusion import (
     DiffusionObjective,
     DiffusionTrainer,
@@ -225,6 +226,43 @@ def test_elbo_weighting_divides_by_the_rate_and_mean_does_not():
     torch.testing.assert_close(diffusion_loss(logits, labels, masked, rates, "mean"), torch.tensor(ce))
 
 
+def test_main_loss_scores_only_masked_positions_against_the_clean_tokens():
+    model = make_model(add_sampler_head=False, add_critic_head=False).train()
+    x = ids(2, 24)
+    generator = torch.Generator().manual_seed(3)
+    _, parts, outputs = diffusion_losses(model, x, None, step=0, objective=DiffusionObjective(),
+                                             generator=torch.Generator().manual_seed(3))
+    rates = sample_mask_rates(2, 1e-3, device=x.device, generator=generator)
+    _, masked = mask_tokens(x, x, rates, MASK, generator)
+    assert masked.any() and (~masked).any()
+    assert not (x == MASK).any()  # the clean tokens are the targets: the mask token never is one
+    logits = outputs.logits.detach().requires_grad_(True)
+    diffusion_loss(logits, x, masked, rates, "elbo").backward()
+    assert logits.grad[~masked].abs().max() == 0 and logits.grad[masked].abs().sum() > 0
+    # the value is the 1/t-weighted CE against the clean token, normalised by every scored position
+    ce = F.cross_entropy(outputs.logits[masked], x[masked], reduction="none")
+    weights = (1 / rates)[:, None].expand_as(x)[masked]
+    torch.testing.assert_close(parts["main"], (ce * weights).sum() / x.numel())
+
+
+def test_masked_objective_learns_from_bidirectional_context_on_a_toy_task():
+    """Regression guard for "the trunk cannot use its context": rows whose tokens all equal the row's first token
+    are solved by copying any visible token (left or right). Trained at a fixed 30 % mask rate, the loss at the
+    masked positions must fall far below the unigram entropy (log 61) within 150 steps."""
+    torch.manual_seed(0)
+    model = make_model(add_sampler_head=False, add_critic_head=False).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        x = torch.randint(3, 64, (16, 1), generator=generator).expand(16, 16)
+        noisy, masked = mask_tokens(x, x, torch.full((16,), 0.3), MASK, generator)
+        loss = diffusion_loss(model(input_ids=noisy).logits, x, masked, torch.full((16,), 0.3), "mean")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.5 * math.log(61), loss.item()
+
+
 def test_objective_arguments_are_validated():
     assert DiffusionObjective.from_args({"loss_weighting": "mean"}).loss_weighting == "mean"
     with pytest.raises(ValueError, match="unknown objective argument"):
@@ -233,6 +271,35 @@ def test_objective_arguments_are_validated():
         DiffusionObjective.from_args({"loss_weighting": "sum"})
     with pytest.raises(ValueError, match="min_mask_rate"):
         DiffusionObjective.from_args({"min_mask_rate": 0})
+    assert DiffusionObjective().mask_warmup_steps == 0  # the warm-up is off unless asked for (the spec's objective)
+    for bad in ({"mask_warmup_steps": -1}, {"mask_warmup_steps": 1.5}, {"mask_warmup_block": True},
+                {"mask_warmup_rate": 0}, {"mask_warmup_rate": 1.5}, {"mask_warmup_rate": "0.15"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            DiffusionObjective.from_args(bad)
+
+
+def test_mask_warmup_uses_a_fixed_rate_mean_loss_on_sub_blocks_then_the_diffusion_loss():
+    model = make_model(add_sampler_head=False, add_critic_head=False)
+    x = ids(2, 32)
+    objective = DiffusionObjective(mask_warmup_steps=3, mask_warmup_rate=0.25, mask_warmup_block=8)
+    assert [objective.in_warmup(step) for step in (0, 2, 3)] == [True, True, False]
+    _, parts, outputs = diffusion_losses(model, x, None, step=2, objective=objective,
+                                         generator=torch.Generator().manual_seed(5))
+    assert outputs.logits.shape[:2] == (8, 8)  # two rows of 32 re-cut into eight rows of 8
+    generator = torch.Generator().manual_seed(5)
+    rows = x.reshape(8, 8)
+    noisy, masked = mask_tokens(rows, rows, torch.full((8,), 0.25), MASK, generator)
+    torch.testing.assert_close(outputs.logits, model(input_ids=noisy).logits)
+    torch.testing.assert_close(parts["main"], F.cross_entropy(outputs.logits[masked], rows[masked]))
+    # after the warm-up: stratified rates, whole rows, the ELBO weighting
+    _, parts, outputs = diffusion_losses(model, x, None, step=3, objective=objective,
+                                         generator=torch.Generator().manual_seed(5))
+    _, reference, _ = diffusion_losses(model, x, None, step=3, objective=DiffusionObjective(),
+                                       generator=torch.Generator().manual_seed(5))
+    assert outputs.logits.shape[:2] == (2, 32)
+    torch.testing.assert_close(parts["main"], reference["main"])
+    with pytest.raises(ValueError, match="mask_warmup_block"):
+        diffusion_losses(model, ids(2, 30), None, step=0, objective=objective)
 
 
 @pytest.fixture(scope="module")
@@ -290,6 +357,23 @@ def test_unknown_objective_argument_is_a_usage_error(corpus_blocks, tmp_path):
         DiffusionTrainer.from_cli(model=make_model(vocab_size=len(bpe)), args=args, tokenizer=bpe,
                                   train_dataset=blocks["train"], eval_dataset=blocks["validation"],
                                   objective_args={"temperature": 1}, train_texts=documents["train"])
+
+
+def test_trainer_runs_and_logs_the_mask_warmup(corpus_blocks, tmp_path):
+    bpe, documents, blocks = corpus_blocks
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
+                             per_device_eval_batch_size=8, learning_rate=3e-3, logging_steps=1, save_strategy="no",
+                             report_to="none", use_cpu=True, seed=0, disable_tqdm=True)
+    common = dict(model=make_model(vocab_size=len(bpe), mask_token_id=bpe.mask_token_id, add_sampler_head=False,
+                                   add_critic_head=False), args=args, tokenizer=bpe,
+                  train_dataset=blocks["train"], eval_dataset=blocks["validation"].select(range(8)),
+                  train_texts=documents["train"])
+    with pytest.raises(ValueError, match="mask_warmup_block=5"):  # the blocks hold 32 tokens
+        DiffusionTrainer.from_cli(objective_args={"mask_warmup_steps": 2, "mask_warmup_block": 5}, **common)
+    trainer = DiffusionTrainer.from_cli(objective_args={"mask_warmup_steps": 2, "mask_warmup_block": 16}, **common)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["mask_warmup"] for entry in logs] == [1.0, 1.0, 0.0, 0.0]
 
 
 # --- generation -------------------------------------------------------------------------------------------------
@@ -473,7 +557,7 @@ def test_coherence_experiment_cli_writes_its_report(tmp_path):
         "--max_train_documents", "300", "--vocab_size", "300", "--block_size", "24", "--hidden_size", "32",
         "--num_hidden_layers", "1", "--batch_size", "4", "--max_steps", "4", "--reference_max_steps", "2",
         "--start_sampler_step", "1", "--start_critic_step", "2", "--end_critic_step", "3", "--max_eval_blocks", "4",
-        "--num_prompts", "3",
+        "--num_prompts", "3", "--mask_warmup_steps", "2", "--mask_warmup_block", "12",
         "--prompt_tokens", "4", "--new_tokens", "6", "--step_counts", "2,6", "--output_dir", str(tmp_path),
     ])
     saved = json.loads((tmp_path / "sampler_coherence.json").read_text())
@@ -483,6 +567,23 @@ def test_coherence_experiment_cli_writes_its_report(tmp_path):
     for row in saved["rows"]:
         assert 0 <= row["unseen_bigram_rate"] <= 1 and row["reference_perplexity"] > 1 and row["tokens_per_second"] > 0
     assert saved["training"]["diffusion_eval_nll_bound"] > 0 and "verdict" in saved and report["verdict"]
+    assert saved["settings"]["mask_warmup_steps"] == 2
+    assert [entry["mask_warmup"] for entry in saved["training"]["diffusion_log"]] == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_plateau_diagnostic_cli_writes_its_curve(tmp_path):
+    report = diffusion_plateau.main([
+        "--mode", "elbo", "--steps", "3", "--eval_every", "2", "--batch", "2", "--eval_blocks", "2",
+        "--mask_warmup_steps", "1", "--mask_warmup_block", "32", "--max_train_documents", "300", "--vocab_size",
+        "300", "--output_dir", str(tmp_path),
+    ])
+    saved = json.loads((tmp_path / "diffusion_plateau.json").read_text())
+    assert (tmp_path / "diffusion_plateau.png").stat().st_size > 0
+    assert [point["step"] for point in saved["curve"]] == [0, 2, 3] and saved["curve"][-1]["elbo_bound"] > 0
+    assert set(saved["curve"][0]["fixed_rate_loss"]) == {"0.15", "0.5", "0.9"}
+    assert "warm-up for 1 steps" in report["settings"]["objective"]
+    with pytest.raises(UsageError, match="mask_warmup_rate"):
+        diffusion_plateau.main(["--mode", "elbo", "--mask_warmup_rate", "0", "--output_dir", str(tmp_path)])
 
 
 def test_coherence_metrics_on_hand_made_tokens():

@@ -23,11 +23,20 @@ Neither auxiliary loss sends a gradient into the trunk or the LM head (their inp
 trains exactly as without them. The steps are the Trainer's optimizer steps (`state.global_step`, from 0). Each
 part is logged (`loss_main`, `loss_sampler`, `loss_critic` beside the total `loss`).
 
-Objective arguments (`--objective_args`): `loss_weighting=elbo|mean`, `min_mask_rate=EPS` (default 1e-3).
+Objective arguments (`--objective_args`): `loss_weighting=elbo|mean`, `min_mask_rate=EPS` (default 1e-3), and an
+optional BERT-style warm-up, off by default (the spec's objective from step 0):
+`mask_warmup_steps=N` (default 0), `mask_warmup_rate=R` (default 0.15), `mask_warmup_block=L` (default 0: whole rows).
+For the first N optimizer steps the main loss masks every row at the fixed rate R and takes the plain mean CE over
+the masked tokens, on rows re-cut into sub-blocks of L tokens (each attends only within itself; the row length must
+be a multiple of L); the sampler and critic losses of active stages see the same warm-up rows. A small masked LM sits
+on a unigram plateau until attention learns to find a [MASK] position's neighbours, and a low fixed rate on short
+blocks gets it there far sooner than the ELBO objective (measured: `benchmarks/diffusion_plateau.py`; the smoke
+preset of `benchmarks/sampler_coherence.py` uses it). Evaluation is unaffected (always the ELBO on whole rows).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -38,6 +47,8 @@ from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments, default_data_collator
 
 from .trainer import ZooTrainer
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 WEIGHTINGS = ("elbo", "mean")
@@ -50,10 +61,16 @@ class DiffusionObjective:
     Attributes:
         loss_weighting: `"elbo"` (CE / t, the NLL bound) or `"mean"` (plain mean CE over masked tokens).
         min_mask_rate: eps, the smallest masking rate drawn (keeps 1/t finite).
+        mask_warmup_steps: optimizer steps of the BERT-style warm-up before the diffusion loss (0: none).
+        mask_warmup_rate: the fixed masking rate of the warm-up.
+        mask_warmup_block: sub-block length the rows are re-cut into during the warm-up (0: whole rows).
     """
 
     loss_weighting: str = "elbo"
     min_mask_rate: float = 1e-3
+    mask_warmup_steps: int = 0
+    mask_warmup_rate: float = 0.15
+    mask_warmup_block: int = 0
 
     def __post_init__(self) -> None:
         if self.loss_weighting not in WEIGHTINGS:
@@ -61,6 +78,26 @@ class DiffusionObjective:
         if isinstance(self.min_mask_rate, bool) or not isinstance(self.min_mask_rate, (int, float)) \
                 or not 0 < self.min_mask_rate < 1:
             raise ValueError(f"min_mask_rate must lie in (0, 1), got {self.min_mask_rate!r}")
+        for name in ("mask_warmup_steps", "mask_warmup_block"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        rate = self.mask_warmup_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
+            raise ValueError(f"mask_warmup_rate must lie in (0, 1], got {rate!r}")
+
+    def in_warmup(self, step: int) -> bool:
+        """Whether optimizer step `step` (from 0) uses the fixed-rate warm-up loss."""
+        return step < self.mask_warmup_steps
+
+    def describe(self) -> str:
+        """One line for the training log."""
+        text = f"loss_weighting={self.loss_weighting}, min_mask_rate={self.min_mask_rate}"
+        if self.mask_warmup_steps:
+            block = self.mask_warmup_block or "whole rows"
+            text += (f"; BERT-style warm-up for {self.mask_warmup_steps} steps: mask rate {self.mask_warmup_rate}, "
+                     f"mean CE, blocks of {block}")
+        return text
 
     @classmethod
     def from_args(cls, objective_args: Mapping[str, Any]) -> DiffusionObjective:
@@ -161,21 +198,36 @@ def diffusion_losses(
     Args:
         model: the (unwrapped) `MaskedDiffusionForMaskedLM`.
         input_ids / labels: the clean rows `(batch, seq)`; `labels` default to `input_ids`.
-        step: the optimizer step, which decides the active stages.
+        step: the optimizer step, which decides the active stages (and the warm-up, see `DiffusionObjective`).
         objective: the main loss options.
         generator: random generator for masking rates, masks and critic samples (default: torch's global one).
         auxiliary: add the sampler and critic losses of the active stages (off: the main loss only).
         forward: callable used for the main forward pass (e.g. the Trainer's wrapped model); default `model`.
 
     Returns:
-        The total loss, the parts by name (`main`, and `sampler` / `critic` when active) and the main outputs.
+        The total loss, the parts by name (`main`, and `sampler` / `critic` when active) and the main outputs
+        (during a warm-up with `mask_warmup_block`, of the re-cut rows).
+
+    Raises:
+        ValueError: `mask_warmup_block` does not divide the row length (during the warm-up).
     """
     config = model.config
     labels = input_ids if labels is None else labels
-    rates = sample_mask_rates(input_ids.shape[0], objective.min_mask_rate, device=input_ids.device, generator=generator)
+    weighting = objective.loss_weighting
+    if objective.in_warmup(step):
+        block = objective.mask_warmup_block
+        if block:
+            if input_ids.shape[1] % block:
+                raise ValueError(f"mask_warmup_block={block} does not divide the row length {input_ids.shape[1]}")
+            input_ids, labels = input_ids.reshape(-1, block), labels.reshape(-1, block)
+        rates = torch.full((input_ids.shape[0],), float(objective.mask_warmup_rate), device=input_ids.device)
+        weighting = "mean"
+    else:
+        rates = sample_mask_rates(input_ids.shape[0], objective.min_mask_rate, device=input_ids.device,
+                                  generator=generator)
     noisy, masked = mask_tokens(input_ids, labels, rates, config.mask_token_id, generator)
     outputs = (forward or model)(input_ids=noisy)
-    parts = {"main": diffusion_loss(outputs.logits, labels, masked, rates, objective.loss_weighting)}
+    parts = {"main": diffusion_loss(outputs.logits, labels, masked, rates, weighting)}
     total = parts["main"]
     if auxiliary and model.sampler_head is not None and step >= config.start_sampler_step:
         parts["sampler"] = sampler_loss(model, noisy, outputs.last_hidden_state, labels, masked)
@@ -197,6 +249,7 @@ class DiffusionTrainer(ZooTrainer):
         super().__init__(*args, **kwargs)
         self.objective = objective or DiffusionObjective()
         self._eval_generator: torch.Generator | None = None
+        logger.info("masked diffusion objective: %s", self.objective.describe())
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         unwrapped = self.accelerator.unwrap_model(model)
@@ -205,6 +258,9 @@ class DiffusionTrainer(ZooTrainer):
                 unwrapped, inputs["input_ids"], inputs.get("labels"), step=self.state.global_step,
                 objective=self.objective, forward=model,
             )
+            step = self.state.global_step
+            if self.objective.mask_warmup_steps and step == self.objective.mask_warmup_steps:
+                logger.info("masked diffusion objective: warm-up over at step %d, diffusion loss from now on", step)
             self.record_loss_components(**parts)
         else:
             if self._eval_generator is None:
@@ -216,6 +272,12 @@ class DiffusionTrainer(ZooTrainer):
             )
         outputs.loss = total
         return (total, outputs) if return_outputs else total
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self.objective.mask_warmup_steps:
+            # 1.0 while the logged steps were warm-up steps (a log at step s covers steps up to s - 1)
+            logs["mask_warmup"] = float(self.objective.in_warmup(self.state.global_step - 1))
+        super().log(logs, start_time)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         self._eval_generator = None  # every evaluation draws the same masks
@@ -233,7 +295,8 @@ class DiffusionTrainer(ZooTrainer):
         objective_args: Mapping[str, Any],
         train_texts: Dataset,
     ) -> DiffusionTrainer:
-        """Build the trainer the training CLI runs; `objective_args`: `loss_weighting`, `min_mask_rate`.
+        """Build the trainer the training CLI runs; `objective_args`: `loss_weighting`, `min_mask_rate`,
+        `mask_warmup_steps`, `mask_warmup_rate`, `mask_warmup_block` (see `DiffusionObjective`).
 
         Raises:
             ValueError: an unknown objective argument or value, or a model without a mask token.
@@ -241,6 +304,11 @@ class DiffusionTrainer(ZooTrainer):
         objective = DiffusionObjective.from_args(objective_args)
         if getattr(model.config, "mask_token_id", None) is None:
             raise ValueError("the masked diffusion objective needs config.mask_token_id")
+        if objective.mask_warmup_steps and objective.mask_warmup_block and len(train_dataset):
+            row_length = len(train_dataset[0]["input_ids"])
+            if row_length % objective.mask_warmup_block:
+                raise ValueError(f"mask_warmup_block={objective.mask_warmup_block} must divide the block size "
+                                 f"{row_length}")
         return cls(
             model=model,
             args=args,
