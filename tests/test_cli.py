@@ -97,16 +97,22 @@ def test_resume_from_checkpoint_reaches_the_same_weights(stories_file, tmp_path)
         ({"--train_file": "missing.txt"}, "data file not found"),
         ({"--train_file": "EMPTY"}, "holds no text"),
         ({"--block_size": "100000"}, "--block_size"),
+        ({"--train_file": "SHORT"}, "fewer than one block of --block_size 64"),
+        ({"--train_file": "BAD.jsonl"}, "line 2 is not valid JSON"),
         ({"--model_name_or_path": "NOWEIGHTS"}, "has no weights"),
+        ({"--resume_from_checkpoint": "missing_checkpoint"}, "no such checkpoint folder"),
         ({"--objective_args": "alpha"}, "objective argument"),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_no_output_folder(change, expected, stories_file, tmp_path, capsys):
     args = cli_args(stories_file, tmp_path / "out")
     (tmp_path / "EMPTY").write_text("\n\n")
+    (tmp_path / "SHORT").write_text("Once upon a time there was a cat.\n\nThe end.\n")
+    (tmp_path / "BAD.jsonl").write_text('{"text": "A story."}\n{"text": "broken\n')
     (tmp_path / "NOWEIGHTS").mkdir()
     for flag, value in change.items():
-        value = str(tmp_path / value) if value in ("EMPTY", "NOWEIGHTS", "missing.txt") else value
+        local = ("EMPTY", "SHORT", "BAD.jsonl", "NOWEIGHTS", "missing.txt", "missing_checkpoint")
+        value = str(tmp_path / value) if value in local else value
         if flag in args:
             args[args.index(flag) + 1] = value
         else:
@@ -114,10 +120,31 @@ def test_bad_input_is_one_line_and_leaves_no_output_folder(change, expected, sto
     with pytest.raises(SystemExit) as exit_info:
         run_cli(train.main, args)
     assert exit_info.value.code == 2
-    stderr = capsys.readouterr().err.strip().splitlines()
+    err = capsys.readouterr().err
+    stderr = [line for line in err.strip().splitlines() if not line.startswith("Tokenizing")]  # progress bars
     assert len(stderr) == 1 and stderr[0].startswith("error: "), stderr
     assert expected in stderr[0], stderr[0]
+    assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_non_empty_output_folder_is_refused_unless_overwritten(stories_file, tmp_path, capsys):
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "benchmark.json").write_text("{}")  # e.g. the figures of an earlier model
+    with pytest.raises(SystemExit):
+        run_cli(train.main, cli_args(stories_file, output_dir))
+    assert "is not empty" in capsys.readouterr().err
+    train.main(cli_args(stories_file, output_dir, "--max_steps", "2", "--overwrite_output_dir"))
+    assert (output_dir / "model.safetensors").is_file()
+    assert not (output_dir / "benchmark.json").exists()  # the new card cannot show the old model's figures
+
+
+def test_help_prints_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    assert "--overwrite_output_dir" in capsys.readouterr().out
 
 
 def test_entry_point_without_data_offline_names_train_file(tmp_path):

@@ -125,10 +125,27 @@ def _read_file_documents(path: str, data_args: DataArguments) -> list[str]:
     return documents
 
 
+def _json_records(file: Path, lines: list[str]) -> list[dict]:
+    """The records of a JSON file (an array, one object, or JSON Lines) or a JSON Lines file."""
+    if file.suffix == ".json":
+        try:
+            records = json.loads("\n".join(lines))
+            return [records] if isinstance(records, dict) else records
+        except json.JSONDecodeError:
+            pass  # JSON Lines in a .json file, as the `datasets` json loader accepts
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise UsageError(f"{file}: line {number} is not valid JSON ({error.msg})") from None
+    return records
+
+
 def _json_texts(file: Path, text_column: str | None) -> Iterator[str]:
     lines = file.read_text(encoding="utf-8", errors="replace").splitlines()
-    records = json.loads("\n".join(lines)) if file.suffix == ".json" else [json.loads(line) for line in lines if line.strip()]
-    for record in records:
+    for record in _json_records(file, lines):
         column = text_column or next((name for name in _TEXT_COLUMNS if name in record), None)
         if column is None or column not in record:
             raise UsageError(f"{file}: record without a text field (set --text_column); fields: {sorted(record)}")

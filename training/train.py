@@ -30,7 +30,7 @@ from transformers import (
 
 import hf_models
 from hf_models.registry import ArchitectureSpec, get_spec, parse_config_overrides
-from model_cards import LOSS_CURVE_FILE, plot_loss_curve, write_model_card
+from model_cards import BENCHMARK_FILE, LOSS_CURVE_FILE, plot_loss_curve, write_model_card
 
 from .common import UsageError, run_cli
 from .data import DataArguments, PackedSplit, load_documents, tokenize_and_pack
@@ -68,12 +68,17 @@ class ModelArguments:
     )
     sample_prompt: str = field(default="Once upon a time", metadata={"help": "Prompt of the sample at the end."})
     sample_max_new_tokens: int = field(default=64, metadata={"help": "Length of the sample at the end."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train into a non-empty --output_dir (refused otherwise, unless resuming from a checkpoint)."},
+    )
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     """Parse the command line; `--output_dir` is required."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not any(arg == "--output_dir" or arg.startswith("--output_dir=") for arg in argv):
+    asks_help = any(arg in ("-h", "--help") for arg in argv)
+    if not asks_help and not any(arg == "--output_dir" or arg.startswith("--output_dir=") for arg in argv):
         raise UsageError("--output_dir is required: the folder that receives the trained model")
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     # The Trainer's defaults suit fine-tuning (5e-5, a log every 500 steps); these suit the small models trained
@@ -83,10 +88,22 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ModelArguments, DataArgument
     return model_args, data_args, training_args
 
 
-def _check_checkpoint(path: str) -> None:
+def _check_checkpoint(path: str, flag: str = "--model_name_or_path") -> None:
+    """A local checkpoint folder must hold weights; with `--resume_from_checkpoint` it must exist (no Hub ids)."""
     folder = Path(path)
+    if flag == "--resume_from_checkpoint" and not folder.is_dir():
+        raise UsageError(f"{flag} {path}: no such checkpoint folder")
     if folder.exists() and not any((folder / name).exists() for name in WEIGHT_FILES):
         raise UsageError(f"checkpoint folder {path} has no weights ({' or '.join(WEIGHT_FILES)})")
+
+
+def _check_output_dir(model_args: ModelArguments, training_args: TrainingArguments) -> None:
+    """Refuse to mix a new run into a folder that already holds files (an old card, benchmark or checkpoints)."""
+    folder = Path(training_args.output_dir)
+    if folder.is_dir() and any(folder.iterdir()) and not model_args.overwrite_output_dir \
+            and training_args.resume_from_checkpoint is None:
+        raise UsageError(f"--output_dir {folder} is not empty: pass --overwrite_output_dir to train into it, or "
+                         "--resume_from_checkpoint to continue a run")
 
 
 def _resolve_spec(model_args: ModelArguments) -> ArchitectureSpec:
@@ -161,7 +178,7 @@ def build_model(
             model = spec.load_pretrained(model_args.model_name_or_path, overrides, model_args.trust_remote_code)
         else:
             model = spec.model_class(config_for_tokenizer(spec, tokenizer, overrides))
-    except ValueError as error:
+    except (OSError, ValueError) as error:
         raise UsageError(" ".join(str(error).split())) from None
     config = model.config
     if config.vocab_size < len(tokenizer):
@@ -202,8 +219,11 @@ def main(argv: Sequence[str] | None = None) -> ZooTrainer:
     model_args, data_args, training_args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _check_output_dir(model_args, training_args)
     if model_args.model_name_or_path:
         _check_checkpoint(model_args.model_name_or_path)
+    if training_args.resume_from_checkpoint:
+        _check_checkpoint(training_args.resume_from_checkpoint, "--resume_from_checkpoint")
     spec = _resolve_spec(model_args)
     try:
         objective_args = parse_config_overrides(model_args.objective_args)
@@ -238,6 +258,9 @@ def main(argv: Sequence[str] | None = None) -> ZooTrainer:
     print(f"\n=== sample ===\n{sample}\n==============")
     output_dir = Path(training_args.output_dir)
     trainer.save_model(str(output_dir))
+    # The card is filled from this run's files only: a benchmark of earlier weights no longer applies.
+    for stale in (BENCHMARK_FILE, LOSS_CURVE_FILE):
+        (output_dir / stale).unlink(missing_ok=True)
     # The Trainer pickles its arguments beside the weights; the folder keeps them as JSON instead (no pickles).
     (output_dir / "training_args.bin").unlink(missing_ok=True)
     (output_dir / "training_args.json").write_text(training_args.to_json_string(), encoding="utf-8")
