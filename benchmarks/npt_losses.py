@@ -95,7 +95,7 @@ def train_teacher(folder: Path, data_file: Path, preset: dict[str, Any]) -> Path
             "--max_steps", str(preset["teacher_steps"]), "--learning_rate", str(preset["teacher_lr"]),
             "--per_device_train_batch_size", "16", "--output_dir", str(folder), "--report_to", "none",
             "--save_strategy", "no", "--logging_steps", "50", "--seed", "0", "--sample_max_new_tokens", "32",
-            "--disable_tqdm", "true"]
+            "--disable_tqdm", "true", "--overwrite_output_dir"]  # an interrupted earlier teacher is retrained
     if preset["max_documents"]:
         argv += ["--max_train_documents", str(preset["max_documents"])]
     train_main(argv)

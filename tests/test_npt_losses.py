@@ -131,6 +131,20 @@ def test_seed_orthogonality_raises_unless_width_is_ten_and_pca_version_works():
     assert float(along) > 0.9 and float(across) < 0.1
 
 
+def test_orthogonality_basis_is_kept_per_layer_between_refreshes():
+    torch.manual_seed(0)
+    loss = OrthogonalityLoss(components=1, refresh=3)
+    mask = torch.ones(1, 32, dtype=torch.bool)
+    first = torch.randn(1, 32, 4) * torch.tensor([10.0, 1, 1, 1])  # principal direction e0
+    second = torch.randn(1, 32, 4) * torch.tensor([1.0, 10, 1, 1])  # principal direction e1
+    e0 = torch.tensor([1.0, 0, 0, 0]).expand(1, 32, 4)
+    for key in (2, 5):  # two NPT layers, neither of them layer 0
+        assert float(loss(e0, first, mask, key=key)) > 0.9
+        assert float(loss(e0, second, mask, key=key)) > 0.9  # within the refresh period: the old basis
+        assert float(loss(e0, second, mask, key=key)) > 0.9
+        assert float(loss(e0, second, mask, key=key)) < 0.1  # the 4th call recomputes it from `second`
+
+
 def test_curriculum_quantile_over_valid_tokens_only():
     a = torch.tensor([[1.0, 2.0, 3.0, 4.0, 100.0, 100.0]]).unsqueeze(-1)
     mask = torch.tensor([[True, True, True, True, False, False]])
@@ -247,11 +261,29 @@ def test_exact_targets_make_the_keep_mode_layer_exact():
     teacher = capture_teacher(model, input_ids)
     with torch.no_grad():
         record = model(input_ids, output_npt=True).npt[1]
-    targets = NPTLossModule.exact_modulation_targets(model.model.layers[1], record, teacher.layers[1])
+    target = NPTLossModule.direct_target(model, teacher.layers[1])
+    targets = NPTLossModule.exact_modulation_targets(model.model.layers[1], record, teacher.layers[1], target)
     mlp = model.model.layers[1].mlp
     x = record.mlp_input
     y = mlp.down_proj(mlp.act_fn(mlp.gate_proj(x) + targets["gate"]) * (mlp.up_proj(x) + targets["up"]))
     torch.testing.assert_close(y, teacher.layers[1].mlp_output, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["replace", "keep"])
+def test_exact_down_target_makes_the_layer_output_the_teachers(mode):
+    """gate_up_down: adding Δ*_down to the down projection of the student's intermediate gives y = τ, the direct
+    target (`a + MLP(LN2(h+a))` in replace mode, where the layer output is h + y)."""
+    model = tiny_npt(npt_layers=[1], np_modulation="gate_up_down", np_residual_mode=mode)
+    input_ids = torch.randint(2, 64, (1, 8), generator=torch.Generator().manual_seed(2))
+    teacher = capture_teacher(model, input_ids)
+    with torch.no_grad():
+        record = model(input_ids, output_npt=True).npt[1]
+    layer_teacher = teacher.layers[1]
+    target = NPTLossModule.direct_target(model, layer_teacher)
+    targets = NPTLossModule.exact_modulation_targets(model.model.layers[1], record, layer_teacher, target)
+    y = model.model.layers[1].mlp.down_proj(record.projections["down"].q) + targets["down"]
+    expected = layer_teacher.mlp_output + (layer_teacher.attn_output if mode == "replace" else 0)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_seed_options_run_and_stage_is_reported():

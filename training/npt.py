@@ -255,17 +255,17 @@ class OrthogonalityLoss(nn.Module):
         super().__init__()
         self.components, self.refresh = components, refresh
         self._basis: dict[int, torch.Tensor] = {}
-        self._calls = 0
+        self._calls: dict[int, int] = {}  # per key (layer): calls since that basis was computed
 
     def forward(self, v_a: torch.Tensor, inputs: torch.Tensor, mask: torch.Tensor, key: int = 0) -> torch.Tensor:
-        if key not in self._basis or self._calls % self.refresh == 0:
+        calls = self._calls.get(key, 0)
+        if key not in self._basis or calls % self.refresh == 0:
             with torch.no_grad():
                 x = inputs.detach().float()[mask.bool()]
                 x = x - x.mean(0)
                 q = min(self.components, x.shape[0] - 1, x.shape[1])  # centring removes one dimension
                 self._basis[key] = torch.linalg.svd(x, full_matrices=False).Vh[:q].T
-        if key == 0:
-            self._calls += 1
+        self._calls[key] = calls + 1
         projection = F.normalize(v_a.float(), dim=-1) @ self._basis[key]
         return masked_mean(projection.pow(2).sum(-1), mask)
 
@@ -635,15 +635,19 @@ class NPTLossModule(nn.Module):
 
     @staticmethod
     @torch.no_grad()
-    def exact_modulation_targets(layer: nn.Module, record: NPTLayerRecord, teacher: TeacherLayer
-                                 ) -> dict[str, torch.Tensor]:
+    def exact_modulation_targets(layer: nn.Module, record: NPTLayerRecord, teacher: TeacherLayer,
+                                 target: torch.Tensor) -> dict[str, torch.Tensor]:
         """Δ* per modulated projection: `W_g(LN2(h+a) - x)`, `W_u(LN2(h+a) - x)` and, for down,
-        `MLP(LN2(h+a)) - W_d i` with `i` the student's modulated intermediate."""
+        `τ - W_d i` with `τ` the direct target (`direct_target`: `a + MLP(LN2(h+a))` in replace mode) and `i` the
+        student's modulated intermediate.
+
+        Gate and up targets make the MLP output `MLP(LN2(h+a))`: the whole target in keep mode; in replace mode the
+        `+a` term is left to the down modulation (`gate_up_down`), since no gate/up modulation can add it exactly."""
         difference = (teacher.mlp_input - record.mlp_input).float()
         targets = {}
         for name, proj in record.projections.items():
             if name == "down":
-                targets[name] = (teacher.mlp_output.float() - layer.mlp.down_proj(proj.q).float())
+                targets[name] = (target.float() - layer.mlp.down_proj(proj.q).float())
             else:
                 targets[name] = F.linear(difference, getattr(layer.mlp, f"{name}_proj").weight.float())
         return targets
@@ -694,7 +698,7 @@ class NPTLossModule(nn.Module):
             exact = None
             if ("mg" in chosen and options.mg_impl == "exact") or (
                     "projection" in chosen and options.projection_impl == "direction"):
-                exact = self.exact_modulation_targets(layer, record, tea)
+                exact = self.exact_modulation_targets(layer, record, tea, target)
             if "mg" in chosen:
                 if options.mg_impl == "seed":
                     parts["mg"] = self.mg.seed(v_a, tea.hidden_in.float(), tea.attn_output.float())
@@ -839,13 +843,16 @@ class NPTTrainer(ZooTrainer):
         loss_module: the `NPTLossModule` (default options when omitted).
     """
 
+    loss_is_scaled_for_ga = False  # compute_loss returns per-batch means; the Trainer divides by accumulation
+
     def __init__(self, *args: Any, loss_module: NPTLossModule | None = None, **kwargs: Any) -> None:
         model = kwargs.get("model") if "model" in kwargs else (args[0] if args else None)
         if not isinstance(model, NPTForCausalLM):
             raise ValueError(f"NPTTrainer trains an NPTForCausalLM, got {type(model).__name__}")
         freeze_base(model)
         super().__init__(*args, **kwargs)
-        self.loss_module = loss_module or NPTLossModule()
+        # its adaptive weights (GradNorm, uncertainty log-variances) live beside the model's parameters
+        self.loss_module = (loss_module or NPTLossModule()).to(self.args.device)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)

@@ -494,7 +494,8 @@ class NPTForCausalLM(NPTPreTrainedModel, LlamaForCausalLM):
     def from_llama(cls, llama: LlamaForCausalLM | str | os.PathLike, **npt_fields: Any) -> NPTForCausalLM:
         """Convert a base Llama (a model, or a folder / Hub id of one) into an NPT model.
 
-        The base weights are shared with `llama` (no copy) and the NP components are initialised by `np_init`.
+        The base weights are copied (folding an update into this model never edits `llama`) and the NP components
+        are initialised by `np_init`.
 
         Raises:
             ValueError: the checkpoint is not a Llama (checked on its config, before any weight is read), an NPT
@@ -510,8 +511,8 @@ class NPTForCausalLM(NPTPreTrainedModel, LlamaForCausalLM):
             raise ValueError(f"NPT converts a plain LlamaForCausalLM; got {type(llama).__name__}.")
         config = NPTConfig.from_llama_config(llama.config, **npt_fields)
         config._attn_implementation = llama.config._attn_implementation
-        model = cls(config)
-        result = model.load_state_dict(llama.state_dict(), strict=False, assign=True)
+        model = cls(config).to(device=llama.device, dtype=llama.dtype)
+        result = model.load_state_dict(llama.state_dict(), strict=False)
         np_keys = {name for name in model.state_dict() if ".np_component." in name}
         if set(result.missing_keys) != np_keys or result.unexpected_keys:
             raise ValueError(f"the base state dict does not match: missing {sorted(set(result.missing_keys) - np_keys)}"
