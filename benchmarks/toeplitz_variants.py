@@ -160,6 +160,9 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("batch_size", "new_tokens", "prompt_lengths", "runs", "threads"):
         if getattr(args, f"bench_{key}") is not None:
             bench[key] = getattr(args, f"bench_{key}")
+    for key in ("batch_size", "new_tokens", "runs", "threads"):
+        if bench.get(key) is not None and bench[key] < 1:
+            raise UsageError(f"--bench_{key} must be >= 1, got {bench[key]}")
     context = model.get("max_position_embeddings", 512)
     bench["prompt_lengths"] = [p for p in bench["prompt_lengths"] if p + bench["new_tokens"] <= context]
     if not bench["prompt_lengths"]:

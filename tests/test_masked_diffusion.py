@@ -245,6 +245,26 @@ def test_main_loss_scores_only_masked_positions_against_the_clean_tokens():
     torch.testing.assert_close(parts["main"], (ce * weights).sum() / x.numel())
 
 
+def test_padding_is_invisible_to_every_training_loss():
+    """Padded rows (attention_mask 0, label -100): the pad ids change no loss part, so pads are neither attended to
+    nor used as sampler neighbours, in the main, sampler and critic passes."""
+    model = make_model(start_sampler_step=0, start_critic_step=0).train()
+    x = ids(2, 16)
+    attention_mask = torch.ones_like(x)
+    attention_mask[0, :5] = 0  # left padding
+    attention_mask[1, 12:] = 0  # right padding
+    labels = x.masked_fill(attention_mask == 0, -100)
+    results = []
+    for pad_id in (0, 7):
+        rows = x.masked_fill(attention_mask == 0, pad_id)
+        _, parts, _ = diffusion_losses(model, rows, labels, step=10, objective=DiffusionObjective(),
+                                       generator=torch.Generator().manual_seed(4), attention_mask=attention_mask)
+        results.append(parts)
+    assert set(results[0]) == {"main", "sampler", "critic"}
+    for name in results[0]:
+        torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-5, atol=1e-6)
+
+
 def test_masked_objective_learns_from_bidirectional_context_on_a_toy_task():
     """Regression guard for "the trunk cannot use its context": rows whose tokens all equal the row's first token
     are solved by copying any visible token (left or right). Trained at a fixed 30 % mask rate, the loss at the

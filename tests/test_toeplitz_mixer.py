@@ -144,8 +144,14 @@ def test_dense_equals_fft_in_fp32_and_fft_stays_fp32_under_bf16_autocast():
     assert (fft - dense).norm() / dense.norm() <= 1e-4
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under_autocast = fft_causal_conv(kernel, p)
+        from_bf16 = fft_causal_conv(kernel.bfloat16(), p.bfloat16())
     assert under_autocast.dtype == torch.float32
     assert torch.equal(under_autocast, fft)
+    # bf16 inputs: the transform runs in float32 and only the result is rounded to bf16 (a bf16 FFT of length 128
+    # would lose far more than the one rounding)
+    assert from_bf16.dtype == torch.bfloat16
+    expected = fft_causal_conv(kernel.bfloat16().float(), p.bfloat16().float()).bfloat16()
+    assert torch.equal(from_bf16, expected)
     for variant in VARIANTS.values():
         dense_model, fft_model = tiny_model(**variant), tiny_model(mixer_impl="fft", **variant)
         with torch.no_grad():
@@ -219,9 +225,12 @@ def test_cached_logits_match_the_full_forward_step_by_step():
         output = model(sequence[:, :4], use_cache=True)
         torch.testing.assert_close(output.logits, full[:, :4], rtol=1e-5, atol=1e-5)
         cache = output.cache
-        for t in range(4, 12, 2):  # chunks of two tokens, then the single-token steps of decoding
+        for t in range(4, 8, 2):  # chunks of two tokens
             step = model(sequence[:, t:t + 2], cache=cache, use_cache=True)
             torch.testing.assert_close(step.logits, full[:, t:t + 2], rtol=1e-5, atol=1e-5)
+        for t in range(8, 12):  # then the single-token steps of decoding
+            step = model(sequence[:, t:t + 1], cache=cache, use_cache=True)
+            torch.testing.assert_close(step.logits, full[:, t:t + 1], rtol=1e-5, atol=1e-5)
 
 
 def test_generate_passes_the_head_schedule_to_every_cached_step(monkeypatch):
@@ -383,10 +392,14 @@ def test_context_overflow_error_is_clear_and_early():
     model = tiny_model()
     with pytest.raises(ValueError, match="max_position_embeddings=16"):
         model(ids(1, 17))
-    with pytest.raises(ValueError, match="max_position_embeddings=16"):
-        _greedy(model, ids(1, 12), new_tokens=6)  # the prompt fits, the 17th position does not
-    with pytest.raises(ValueError, match="max_position_embeddings=16"):
-        _greedy(model, ids(1, 12), new_tokens=6, use_cache=False)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    for use_cache in (True, False):  # the prompt fits, the 17th position does not: refused before any forward
+        with pytest.raises(ValueError, match="max_position_embeddings=16"):
+            _greedy(model, ids(1, 12), new_tokens=6, use_cache=use_cache)
+    assert calls == []
+    _greedy(model, ids(1, 12), new_tokens=5)  # 16 positions read: fits
+    hook.remove()
 
 
 @pytest.mark.parametrize("decode_step", ["dynamic", "static"])
@@ -454,6 +467,16 @@ def test_loss_is_the_shifted_cross_entropy_with_ignored_labels():
 def test_bad_configs_raise_naming_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         tiny_config(**overrides)
+
+
+@pytest.mark.parametrize("flag", ["--bench_new_tokens", "--bench_runs", "--bench_batch_size"])
+def test_experiment_rejects_bad_benchmark_settings_before_training(flag):
+    from benchmarks import toeplitz_variants
+    from training.common import UsageError
+
+    args = toeplitz_variants.build_parser().parse_args(["--preset", "smoke", flag, "0"])
+    with pytest.raises(UsageError, match=flag):
+        toeplitz_variants.resolve_settings(args)
 
 
 def test_experiment_cli_micro_run(tmp_path, stories_file):

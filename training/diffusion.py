@@ -151,9 +151,11 @@ def diffusion_loss(
 
 
 def sampler_loss(model: PreTrainedModel, noisy_ids: torch.LongTensor, hidden_states: torch.Tensor,
-                 labels: torch.LongTensor, masked: torch.BoolTensor) -> torch.Tensor:
-    """Mean CE of the sampler head at the masked positions, its inputs built from the noisy rows (detached)."""
-    inputs = model.sampler_inputs(noisy_ids, hidden_states)[masked]
+                 labels: torch.LongTensor, masked: torch.BoolTensor,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean CE of the sampler head at the masked positions, its inputs built from the noisy rows (detached; padding
+    neighbours count as missing)."""
+    inputs = model.sampler_inputs(noisy_ids, hidden_states, attention_mask)[masked]
     logits = model.sampler_logits(inputs)
     return F.cross_entropy(logits, labels[masked], reduction="sum") / masked.sum().clamp(min=1)
 
@@ -164,10 +166,12 @@ def critic_targets(filled_ids: torch.LongTensor, labels: torch.LongTensor) -> to
 
 
 def critic_loss(model: PreTrainedModel, noisy_ids: torch.LongTensor, logits: torch.Tensor, labels: torch.LongTensor,
-                masked: torch.BoolTensor, generator: torch.Generator | None = None) -> torch.Tensor:
+                masked: torch.BoolTensor, generator: torch.Generator | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """BCE of the critic head at the masked positions after filling them with samples of the main model.
 
-    The samples and the trunk pass on the filled rows carry no gradient; the critic reads detached hidden states.
+    The samples and the trunk pass on the filled rows (with the rows' `attention_mask`) carry no gradient; the
+    critic reads detached hidden states.
     """
     with torch.no_grad():
         probabilities = logits.detach().float().softmax(dim=-1)
@@ -175,7 +179,7 @@ def critic_loss(model: PreTrainedModel, noisy_ids: torch.LongTensor, logits: tor
         flat = probabilities.reshape(-1, probabilities.shape[-1])
         samples = torch.multinomial(flat, 1, generator=generator).view(labels.shape)
         filled = torch.where(masked, samples, noisy_ids)
-        hidden_states = model.model(input_ids=filled).last_hidden_state
+        hidden_states = model.model(input_ids=filled, attention_mask=attention_mask).last_hidden_state
     critic = model.critic_logits(hidden_states)
     targets = critic_targets(filled, labels)
     loss = F.binary_cross_entropy_with_logits(critic[masked], targets[masked], reduction="sum")
@@ -192,6 +196,7 @@ def diffusion_losses(
     generator: torch.Generator | None = None,
     auxiliary: bool = True,
     forward: Callable[..., Any] | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any]:
     """All active loss parts at optimizer step `step`.
 
@@ -203,6 +208,8 @@ def diffusion_losses(
         generator: random generator for masking rates, masks and critic samples (default: torch's global one).
         auxiliary: add the sampler and critic losses of the active stages (off: the main loss only).
         forward: callable used for the main forward pass (e.g. the Trainer's wrapped model); default `model`.
+        attention_mask: `(batch, seq)`, 0 at padding (padded rows: no attention to pads; pads carry label -100 and
+            are never masked or scored); `None` for packed rows.
 
     Returns:
         The total loss, the parts by name (`main`, and `sampler` / `critic` when active) and the main outputs
@@ -220,20 +227,22 @@ def diffusion_losses(
             if input_ids.shape[1] % block:
                 raise ValueError(f"mask_warmup_block={block} does not divide the row length {input_ids.shape[1]}")
             input_ids, labels = input_ids.reshape(-1, block), labels.reshape(-1, block)
+            if attention_mask is not None:
+                attention_mask = attention_mask.reshape(-1, block)
         rates = torch.full((input_ids.shape[0],), float(objective.mask_warmup_rate), device=input_ids.device)
         weighting = "mean"
     else:
         rates = sample_mask_rates(input_ids.shape[0], objective.min_mask_rate, device=input_ids.device,
                                   generator=generator)
     noisy, masked = mask_tokens(input_ids, labels, rates, config.mask_token_id, generator)
-    outputs = (forward or model)(input_ids=noisy)
+    outputs = (forward or model)(input_ids=noisy, attention_mask=attention_mask)
     parts = {"main": diffusion_loss(outputs.logits, labels, masked, rates, weighting)}
     total = parts["main"]
     if auxiliary and model.sampler_head is not None and step >= config.start_sampler_step:
-        parts["sampler"] = sampler_loss(model, noisy, outputs.last_hidden_state, labels, masked)
+        parts["sampler"] = sampler_loss(model, noisy, outputs.last_hidden_state, labels, masked, attention_mask)
         total = total + parts["sampler"]
     if auxiliary and model.critic_head is not None and step >= config.start_critic_step:
-        parts["critic"] = critic_loss(model, noisy, outputs.logits, labels, masked, generator)
+        parts["critic"] = critic_loss(model, noisy, outputs.logits, labels, masked, generator, attention_mask)
         total = total + config.critic_weight(step) * parts["critic"]
     return total, parts, outputs
 
@@ -258,7 +267,7 @@ class DiffusionTrainer(ZooTrainer):
         if model.training:
             total, parts, outputs = diffusion_losses(
                 unwrapped, inputs["input_ids"], inputs.get("labels"), step=self.state.global_step,
-                objective=self.objective, forward=model,
+                objective=self.objective, forward=model, attention_mask=inputs.get("attention_mask"),
             )
             step = self.state.global_step
             if self.objective.mask_warmup_steps and step == self.objective.mask_warmup_steps:
@@ -270,7 +279,7 @@ class DiffusionTrainer(ZooTrainer):
             total, _, outputs = diffusion_losses(
                 unwrapped, inputs["input_ids"], inputs.get("labels"), step=self.state.global_step,
                 objective=DiffusionObjective("elbo", self.objective.min_mask_rate), generator=self._eval_generator,
-                auxiliary=False, forward=model,
+                auxiliary=False, forward=model, attention_mask=inputs.get("attention_mask"),
             )
         outputs.loss = total
         return (total, outputs) if return_outputs else total

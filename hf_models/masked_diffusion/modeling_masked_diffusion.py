@@ -397,6 +397,7 @@ class MaskedDiffusionForMaskedLM(MaskedDiffusionPreTrainedModel):
     def diffusion_generate(
         self,
         input_ids: torch.LongTensor,
+        *,
         attention_mask: torch.Tensor | None = None,
         max_new_tokens: int = 64,
         steps: int | None = None,

@@ -638,7 +638,11 @@ class ToeplitzMixerForCausalLM(ToeplitzMixerPreTrainedModel, GenerationMixin):
     ) -> None:
         """With a `compile_config`, create the [`ToeplitzMixerCache`] before the prefill, so that `generate` sees a
         compileable cache and runs the decode steps through `torch.compile` (the shape-static step, see
-        `decode_step`); otherwise the model creates its cache on the first forward pass (eager decoding)."""
+        `decode_step`); otherwise the model creates its cache on the first forward pass (eager decoding).
+
+        Under `context_overflow="error"` a call whose longest input (`max_cache_length`: prompt + max_new_tokens - 1
+        tokens) exceeds `max_position_embeddings` fails here, before the prefill, cached or not."""
+        self.model.check_context(max_cache_length)
         super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
                                               max_cache_length)
         if (model_kwargs.get("cache") is None and generation_config.use_cache is not False
