@@ -171,6 +171,19 @@ def test_cached_steps_equal_the_full_forward(overrides):
     torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_a_cutoff_change_mid_generation_rebuilds_the_cached_kernels():
+    model = scramble(tiny(num_hidden_layers=1))  # one layer: its cached inputs do not depend on the cutoff
+    ids = byte_ids(2, 16)
+    with torch.no_grad():
+        cache = model(ids[:, :10], use_cache=True).cache
+        model.set_cutoff(4)
+        step = model(ids[:, 10:11], cache=cache, use_cache=True).logits
+        full = model(ids[:, :11], use_cache=False).logits[:, -1:]
+    torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
+    cache.reset()
+    assert cache.kernels == {}
+
+
 def test_cache_state_does_not_grow_with_the_position():
     model = tiny()
     with torch.no_grad():
@@ -302,6 +315,17 @@ def test_alignment_of_multi_byte_characters():
     assert targets[:2] == [token_id("Ã©")] * 2
     byte_symbols = TEACHER.convert_ids_to_tokens(TEACHER("😀日")["input_ids"])
     assert targets[2:] == [token_id(symbol) for symbol in byte_symbols] and len(byte_symbols) == 7
+
+
+def test_alignment_of_a_multi_byte_character_merged_with_the_space_before_it():
+    # " 😀" -> "ĠðŁ" (the space and 2 of the emoji's 4 bytes, character span (0, 2)), "ĺ", "Ģ" (span (1, 2) each):
+    # the overlapping spans form one group of 5 bytes, each token taking the bytes it holds.
+    teacher = byte_level_teacher([("Ġ", "ð"), ("Ġð", "Ł")])
+    tokens = teacher.convert_ids_to_tokens(teacher(" 😀")["input_ids"])
+    assert tokens == ["ĠðŁ", "ĺ", "Ģ"]
+    ids = [teacher.convert_tokens_to_ids(token) for token in tokens]
+    assert byte_token_targets(" 😀!", teacher) == [ids[0]] * 3 + [ids[1], ids[2]] + \
+        teacher.convert_tokens_to_ids(["!"])
 
 
 def test_alignment_of_invalid_utf8_and_uncovered_bytes():

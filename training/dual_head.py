@@ -9,10 +9,10 @@ cross-entropy, and the frequency-cutoff curriculum.
 1. The teacher tokenizes the whole document (so a token cut by a training window's edge keeps its id in both
    windows); its character offsets (`return_offsets_mapping`, fast tokenizers only) become byte offsets through the
    UTF-8 length of every character.
-2. A token's bytes get its id. Consecutive tokens with the *same* character span (a byte-level BPE splitting a
-   multi-byte character, e.g. an emoji into 4 byte tokens) share the span's bytes in order, each taking as many bytes
-   as its token string has characters when those add up to the span (exact for byte-level BPEs such as GPT-2's),
-   else an even split. Where spans overlap, the first token keeps the byte.
+2. A token's bytes get its id. Consecutive tokens whose character spans overlap (a byte-level BPE splitting a
+   multi-byte character, e.g. an emoji into 4 byte tokens, or " 😀" into "Ġð", "Ł", "ĺ", "Ģ" whose first span also
+   covers the space) share the bytes of their spans' union in order, each taking as many bytes as its token string
+   has characters when those add up to the union (exact for byte-level BPEs such as GPT-2's), else an even split.
 3. Bytes no token covers (a normaliser that drops whitespace, say) get -100, the ignore index: no teacher signal.
    (The original used `ignore_index=0`, which silently dropped GPT-2's token 0, "!".)
 4. The document's end-of-text byte gets the teacher's EOS id (-100 if it has none).
@@ -111,10 +111,13 @@ def _fill_targets(targets: list[int], ids: Sequence[int], tokens: Sequence[str],
                   spans: Sequence[tuple[int, int]], byte_offsets: Sequence[int]) -> None:
     index = 0
     while index < len(ids):
-        end = index + 1
-        while end < len(ids) and tuple(spans[end]) == tuple(spans[index]):
+        # a group: consecutive tokens whose character spans overlap (a byte-level BPE splitting a multi-byte
+        # character: "é" as two tokens with the same span, or " 😀" as "Ġð" (0, 2), "Ł" (1, 2), ...)
+        end, stop_char = index + 1, spans[index][1]
+        while end < len(ids) and spans[end][0] < stop_char:
+            stop_char = max(stop_char, spans[end][1])
             end += 1
-        start_byte, stop_byte = byte_offsets[spans[index][0]], byte_offsets[spans[index][1]]
+        start_byte, stop_byte = byte_offsets[spans[index][0]], byte_offsets[stop_char]
         group = range(index, end)
         width = stop_byte - start_byte
         if width > 0:

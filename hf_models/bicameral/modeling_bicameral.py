@@ -104,7 +104,7 @@ class BicameralCache(ZooStateCache):
     time_kernel_size) - 1` normalised, masked block inputs (position `p` in slot `p % history`); `context_sum`
     `(batch, hidden)` and `context_count` `(batch, 1)`, the running sum and number of real bytes behind the causal
     context mean. The size does not grow with the sequence. The effective kernels (which depend only on the weights
-    and the cutoff) are computed once per generation and kept in `kernels`.
+    and the cutoff) are computed once per generation and kept in `kernels`, with the cutoff they were built for.
 
     Args:
         config: the model's configuration.
@@ -115,7 +115,7 @@ class BicameralCache(ZooStateCache):
     def __init__(self, config: BicameralConfig, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__(config.num_hidden_layers)
         self.history = max(config.kernel_len, config.time_kernel_size) - 1
-        self.kernels: dict[int, torch.Tensor] = {}
+        self.kernels: dict[int, tuple[int | None, torch.Tensor]] = {}  # layer -> (the cutoff it was built for, kernel)
         for layer_idx in range(config.num_hidden_layers):
             self.set_state(layer_idx, "inputs",
                            torch.zeros(batch_size, self.history, config.hidden_size, device=device, dtype=dtype))
@@ -123,6 +123,10 @@ class BicameralCache(ZooStateCache):
                                                                  dtype=_work_dtype(dtype)))
             self.set_state(layer_idx, "context_count", torch.zeros(batch_size, 1, device=device,
                                                                    dtype=_work_dtype(dtype)))
+
+    def reset(self) -> None:
+        super().reset()
+        self.kernels.clear()
 
     @property
     def is_compileable(self) -> bool:
@@ -279,9 +283,11 @@ class BicameralBlock(nn.Module):
     def _kernel(self, cache: BicameralCache | None) -> torch.Tensor:
         if cache is None:
             return self.effective_kernel()
-        if self.layer_idx not in cache.kernels:
-            cache.kernels[self.layer_idx] = self.effective_kernel()
-        return cache.kernels[self.layer_idx]
+        cutoff, kernel = cache.kernels.get(self.layer_idx, (None, None))
+        if kernel is None or cutoff != self.config.cutoff:  # a cutoff change (`set_cutoff`) changes the kernel
+            kernel = self.effective_kernel()
+            cache.kernels[self.layer_idx] = (self.config.cutoff, kernel)
+        return kernel
 
 
 @dataclass
