@@ -340,6 +340,30 @@ def test_attention_backend_rules(implementation, head_dim, expected):
     assert modeling_nanohead.attention_backend(implementation, head_dim) == expected
 
 
+@pytest.mark.parametrize("nanohead_dim", [2, 3, 5])
+def test_tiny_heads_padded_for_sdpa_give_the_same_outputs(monkeypatch, nanohead_dim):
+    """On CUDA, SDPA gets tiny heads zero-padded to a multiple of 8 (its fused kernels' requirement); forced on the
+    CPU here: the nanoheads reach SDPA with 8 channels, the normal heads unpadded, and the outputs are unchanged."""
+    model = make_model(hidden_size=64, nanohead_dim=nanohead_dim, nanohead_proportion=0.5)
+    split = model.config.nanohead_split
+    input_ids = ids(2, 6)
+    with torch.no_grad():
+        expected_logits = model(input_ids).logits
+    expected = greedy(model, input_ids, use_cache=True)
+    monkeypatch.setitem(modeling_nanohead.SDPA_PAD_MULTIPLE, "cpu", 8)
+    seen = []
+    sdpa = modeling_nanohead.ALL_ATTENTION_FUNCTIONS["sdpa"]
+    def recording_sdpa(module, query, *args, **kwargs):
+        seen.append(query.shape[-1])
+        return sdpa(module, query, *args, **kwargs)
+
+    monkeypatch.setitem(modeling_nanohead.ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", recording_sdpa)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids).logits, expected_logits, rtol=1e-5, atol=1e-5)
+    assert set(seen) == {-(-split.head_dim // 8) * 8, 8}
+    assert_same_generation(greedy(model, input_ids, use_cache=True), expected)
+
+
 def test_forced_fallback_runs_nanoheads_on_eager_and_matches(monkeypatch):
     """Pretend SDPA rejects head dims that are not multiples of 8 (as flash kernels do): the normal heads (dim 8)
     stay on SDPA, the nanoheads (dim 4) fall back to eager attention, and every output is unchanged."""

@@ -64,6 +64,11 @@ HEAD_DIM_SUPPORT: dict[str, Callable[[int], bool]] = {
     "flex_attention": lambda dim: dim >= 16,
 }
 FALLBACK_BACKENDS = ("sdpa", "eager")
+# SDPA's fused CUDA kernels need a head dimension that is a multiple of 8 (flash; memory-efficient in half
+# precision); below that it silently runs its math kernel, which materialises every (q_len, kv_len) score matrix.
+# Heads of such a dimension are zero-padded to the multiple on these devices: padded query/key channels add 0 to
+# every dot product and padded value channels are sliced off, so the result is unchanged (the scale stays d^-0.5).
+SDPA_PAD_MULTIPLE: dict[str, int] = {"cuda": 8}
 
 
 def _accepts(implementation: str, head_dim: int) -> bool:
@@ -80,6 +85,13 @@ def attention_backend(implementation: str | None, head_dim: int) -> str:
     if _accepts(implementation, head_dim):
         return implementation
     return next((name for name in FALLBACK_BACKENDS if _accepts(name, head_dim)), "eager")
+
+
+def padded_head_dim(backend: str, device: torch.device, head_dim: int) -> int:
+    """The head dimension `_attend` hands to `backend` on `device`: `head_dim`, or for SDPA on a device of
+    `SDPA_PAD_MULTIPLE` the next multiple of its entry."""
+    multiple = SDPA_PAD_MULTIPLE.get(device.type) if backend == "sdpa" else None
+    return -(-head_dim // multiple) * multiple if multiple else head_dim
 
 
 def eager_attention_forward(
@@ -185,6 +197,9 @@ class NanoheadAttention(nn.Module):
         `(batch, kv_len, kv_heads, dim)`; returns `(batch, seq, heads * dim)`."""
         backend = attention_backend(self.config._attn_implementation, head_dim)
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(backend, eager_attention_forward)
+        width = padded_head_dim(backend, query.device, head_dim)
+        if width != head_dim:
+            query, key, value = (F.pad(tensor, (0, width - head_dim)) for tensor in (query, key, value))
         output, _ = interface(
             self,
             query.transpose(1, 2),
@@ -195,7 +210,7 @@ class NanoheadAttention(nn.Module):
             scaling=head_dim**-0.5,
             **kwargs,
         )
-        return output.reshape(*output.shape[:2], -1)
+        return output[..., :head_dim].reshape(*output.shape[:2], -1)
 
     def forward(
         self,
