@@ -1,5 +1,4 @@
-"""The training CLI under `torchrun` and `accelerate launch`: two CPU processes (gloo) train in data parallel and end
-identical."""
+"""The training CLI under `torchrun`: two CPU processes (gloo) train in data parallel and end identical."""
 
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -18,19 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=4,num_key_value_heads=2"
 
 
-LAUNCHERS = {
-    "torchrun": [*(shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run").split(),
-                 "--nproc_per_node", "2", "--master_port", "29517"],
-    "accelerate": [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--cpu", "--num_processes", "2",
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", "29518"],
-}
-
-
-@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
-def test_two_gloo_processes_end_with_identical_weights_and_a_falling_loss(launcher, stories_file, tmp_path):
+def test_two_gloo_processes_end_with_identical_weights_and_a_falling_loss(stories_file, tmp_path):
+    torchrun = shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run"
     command = [
-        *LAUNCHERS[launcher], str(ROOT / "tests" / "distributed_worker.py"),
+        *torchrun.split(), "--nproc_per_node", "2", "--master_port", "29517", str(ROOT / "tests" / "distributed_worker.py"),
         "--model_type", "llama", "--config_overrides", TINY, "--train_file", str(stories_file),
         "--max_train_documents", "400", "--vocab_size", "300", "--block_size", "64",
         "--output_dir", str(tmp_path / "out"), "--max_steps", "12", "--per_device_train_batch_size", "4",
