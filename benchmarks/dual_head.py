@@ -7,7 +7,9 @@ For every corpus and seed, the same backbone (same initial weights, same data or
 cutoff curriculum rule) is trained twice: as the single-head byte model (no token head) and with the token head at
 `token_loss_weight` (0.5, the seed's). Both arms supervise the next byte at *every* position (the original compared a
 16-position chunk loss with an all-position token loss, which confounds the comparison). The teacher is a byte-level
-BPE fitted offline on the training documents (GPT-2's is not reachable here).
+BPE of `token_vocab_size` tokens fitted offline on the training documents, or, with `--teacher_tokenizer`, any
+fast tokenizer (a folder, or a Hub id such as `gpt2` where the Hub is reachable: the seed's teacher), whose
+vocabulary then sizes the token head.
 
 Reported per arm: steps until the training byte loss (trailing mean over `smooth` steps) first reaches each
 threshold, held-out bits per byte at the end, median wall-clock per optimizer step, the cutoff changes, and the
@@ -35,8 +37,9 @@ from hf_models.bicameral.modeling_bicameral import estimate_flops_per_byte, para
 from hf_models.registry import parse_config_overrides
 from training.common import UsageError, run_cli
 from training.data import DataArguments, default_data_dir, load_documents, tokenize_and_pack
-from training.dual_head import CutoffCurriculum, DualHeadTrainer, add_token_labels, curriculum_stages, \
-    fit_teacher_tokenizer
+from training.dual_head import CutoffCurriculum, DualHeadTrainer, add_token_labels, check_teacher, \
+    curriculum_stages, fit_teacher_tokenizer
+from training.tokenization import load_tokenizer
 from training.train import language_model_metrics
 
 from .harness import environment, format_table, resolve_device, write_json
@@ -87,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data_dir", default=None, help="Folder of the corpora (default: $HF_ZOO_DATA).")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output_dir", default=None, help="Default: results/dual_head-<preset>-<timestamp>.")
+    parser.add_argument("--teacher_tokenizer", default=None,
+                        help="Teacher: a fast tokenizer folder or Hub id (e.g. gpt2); default: a BPE fitted per corpus.")
     return parser
 
 
@@ -114,13 +119,14 @@ def steps_to_thresholds(losses: Sequence[float], thresholds: Sequence[float], sm
     return result
 
 
-def prepare_corpus(path: Path, settings: dict[str, Any], byte_tokenizer) -> dict[str, Any]:
-    """Documents, packed byte blocks with teacher-token labels, held-out blocks and the teacher."""
+def prepare_corpus(path: Path, settings: dict[str, Any], byte_tokenizer, teacher=None) -> dict[str, Any]:
+    """Documents, packed byte blocks with teacher-token labels, held-out blocks and the teacher (`teacher`, or a
+    BPE fitted on the training documents)."""
     documents = load_documents(DataArguments(train_file=str(path), max_train_documents=settings["max_train_documents"]))
     train = tokenize_and_pack(documents["train"], byte_tokenizer, settings["block_size"], split_name="train")
     validation = tokenize_and_pack(documents["validation"], byte_tokenizer, settings["block_size"],
                                    split_name="validation")
-    teacher = fit_teacher_tokenizer(documents["train"]["text"], settings["token_vocab_size"])
+    teacher = teacher or fit_teacher_tokenizer(documents["train"]["text"], settings["token_vocab_size"])
     blocks = add_token_labels(train.blocks, documents["train"], teacher, byte_tokenizer)
     held_out = validation.blocks.select(range(min(settings["max_eval_blocks"], len(validation.blocks))))
     return {"train": blocks, "validation": held_out, "validation_split": validation, "teacher": teacher,
@@ -254,6 +260,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     device = resolve_device(args.device)
     output_dir = Path(args.output_dir or f"results/dual_head-{args.preset}-{datetime.now():%Y-%m-%d_%H-%M-%S}")
     byte_tokenizer = hf_models.ByteTokenizer()
+    teacher = None
+    if args.teacher_tokenizer:
+        teacher = load_tokenizer(args.teacher_tokenizer)
+        try:
+            check_teacher(teacher)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        settings.update(teacher_tokenizer=args.teacher_tokenizer, token_vocab_size=len(teacher))
     config_fields = {name: settings[name] for name in CONFIG_FIELDS}
 
     runs = []
@@ -264,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if not path.is_file():
             raise UsageError(f"corpus {path} not found (see --data_dir)")
         if corpus_name not in corpora:
-            corpora[corpus_name] = prepare_corpus(path, settings, byte_tokenizer)
+            corpora[corpus_name] = prepare_corpus(path, settings, byte_tokenizer, teacher)
         corpus = corpora[corpus_name]
         dual_config = BicameralConfig(**config_fields)
         torch.manual_seed(seed)
@@ -298,7 +312,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "experiment": "dual_head",
         "preset": args.preset,
         "settings": settings,
-        "teacher": {name: {"type": type(c["teacher"]).__name__, "vocab_size": len(c["teacher"])}
+        "teacher": {name: {"type": type(c["teacher"]).__name__, "vocab_size": len(c["teacher"]),
+                           "source": args.teacher_tokenizer or "BPE fitted on the corpus"}
                     for name, c in corpora.items()},
         "environment": environment(device, torch.float32),
         "runs": runs,

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, TrainingArguments
+from transformers import AutoTokenizer, PreTrainedTokenizerFast, TrainingArguments
 
 import hf_models
 from hf_models.bicameral import BicameralConfig, BicameralForCausalLM
@@ -22,6 +22,7 @@ from hf_models.bicameral.modeling_bicameral import (
     parameter_breakdown,
 )
 from hf_models.registry import get_spec
+from training.common import UsageError
 from training.data import tokenize_and_pack
 from training.dual_head import (
     IGNORE_INDEX,
@@ -487,6 +488,27 @@ def test_experiment_cli_runs_both_arms_from_the_same_weights(tmp_path, data_dir)
     assert [(c["step"], c["cutoff_to"]) for c in dual["cutoff_changes"]] == [(2, 8), (4, None)]
     assert report["token_head_cost"]["seed_sizes_gpt2_head"]["parameters"]["token_head"] == 512 * 50257 + 50257
     assert len(report["verdict"]) == 1
+
+
+def test_experiment_takes_a_given_teacher_and_sizes_the_token_head_by_it(tmp_path, data_dir):
+    from benchmarks import dual_head
+
+    teacher_dir = tmp_path / "teacher"
+    byte_level_teacher([("T", "h"), ("Th", "e")]).save_pretrained(teacher_dir)
+    report = dual_head.main([
+        "--preset", "smoke", "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "out"),
+        "--teacher_tokenizer", str(teacher_dir),
+        "--override", "max_steps=2,hidden_size=16,num_hidden_layers=1,block_size=32,max_position_embeddings=32,"
+                      "kernel_len=8,cutoff=4,cutoff_schedule=[8],transition_bins=2,max_train_documents=20,"
+                      "seeds=[0],corpora=[tinyshakespeare.txt]"])
+    vocab = len(AutoTokenizer.from_pretrained(teacher_dir))
+    teacher = report["teacher"]["tinyshakespeare.txt"]
+    assert (teacher["vocab_size"], teacher["source"]) == (vocab, str(teacher_dir))
+    assert report["runs"][1]["parameters"]["token_head"] == 16 * vocab + vocab
+    with pytest.raises(UsageError, match="not a fast tokenizer"):
+        hf_models.ByteTokenizer().save_pretrained(tmp_path / "slow")
+        dual_head.main(["--preset", "smoke", "--data_dir", str(data_dir), "--teacher_tokenizer",
+                        str(tmp_path / "slow"), "--output_dir", str(tmp_path / "out2")])
 
 
 def test_crossover_benchmark_runs_and_finds_the_first_length_that_stays_faster(tmp_path):
