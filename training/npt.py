@@ -340,7 +340,8 @@ class StageSchedule:
 # ------------------------------------------------------------------------------------------ adaptive weighting
 def _grad_norm(loss: torch.Tensor, parameters: Sequence[nn.Parameter]) -> torch.Tensor:
     grads = torch.autograd.grad(loss, parameters, retain_graph=True, allow_unused=True)
-    return torch.sqrt(sum((g.float().pow(2).sum() for g in grads if g is not None), torch.zeros(())))
+    zero = torch.zeros((), device=parameters[0].device if parameters else None)
+    return torch.sqrt(sum((g.float().pow(2).sum() for g in grads if g is not None), zero))
 
 
 class InverseGradNormWeighting(nn.Module):
@@ -387,7 +388,7 @@ class GradNormWeighting(nn.Module):
             index = [self.names.index(n) for n in names]
             norms = torch.stack([_grad_norm(priors[n] * losses[n], parameters) for n in names])
             weighted = self.weights[index] * norms
-            ratios = torch.tensor([float(losses[n].detach()) / self.initial[n] for n in names])
+            ratios = torch.tensor([float(losses[n].detach()) / self.initial[n] for n in names], device=norms.device)
             ratios = ratios / ratios.mean()
             target = (weighted.mean() * ratios.pow(self.alpha)).detach()
             self.optimizer.zero_grad()
