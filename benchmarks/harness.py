@@ -100,6 +100,16 @@ def time_runs(fn: Callable[[], Any], *, device: torch.device, warmup: int = 1, r
     return Timing(seconds)
 
 
+def measure_memory_bandwidth(device: torch.device, megabytes: int = 256, runs: int = 5) -> float:
+    """Achievable memory bandwidth of `device` in GB/s: bytes read plus written by copying a `megabytes` float32
+    buffer into another (median of `runs`), with the current torch threads. The reference for "fraction of the
+    memory-bandwidth floor" figures; a vendor's peak is higher."""
+    source = torch.ones(megabytes * 2**20 // 4, device=device)
+    target = torch.empty_like(source)
+    timing = time_runs(lambda: target.copy_(source), device=device, warmup=1, runs=max(runs, MIN_RUNS))
+    return 2 * source.numel() * source.element_size() / timing.median / 1e9
+
+
 def git_revision() -> str | None:
     try:
         return subprocess.run(
