@@ -185,6 +185,13 @@ def test_a_cutoff_change_mid_generation_rebuilds_the_cached_kernels():
     assert cache.kernels == {}
 
 
+def test_labels_with_logits_to_keep_is_a_clear_error():
+    model = tiny()
+    ids = byte_ids(1, 8)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(ids, labels=ids, logits_to_keep=1)
+
+
 def test_cache_state_does_not_grow_with_the_position():
     model = tiny()
     with torch.no_grad():

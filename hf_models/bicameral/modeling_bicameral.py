@@ -479,6 +479,8 @@ class BicameralForCausalLM(BicameralPreTrainedModel, GenerationMixin):
             logits_to_keep: score only the last `logits_to_keep` positions (0: all).
             Other arguments: see [`BicameralModel.forward`].
         """
+        if logits_to_keep and (labels is not None or token_labels is not None):
+            raise ValueError("`labels` / `token_labels` score every position: pass them without `logits_to_keep`")
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
                              inputs_embeds=inputs_embeds, use_cache=use_cache,
                              output_hidden_states=output_hidden_states)
