@@ -94,6 +94,7 @@ def test_resume_from_checkpoint_reaches_the_same_weights(stories_file, tmp_path)
         ({"--model_type": "transformer_xxl"}, "unknown model_type 'transformer_xxl'"),
         ({"--config_overrides": "hidden_size=abc"}, "hidden_size"),
         ({"--config_overrides": "no_such_field=1"}, "unknown config field"),
+        ({"--config_overrides": "no_such_field=1", "--train_file": "missing.txt"}, "unknown config field"),  # first
         ({"--train_file": "missing.txt"}, "data file not found"),
         ({"--train_file": "EMPTY"}, "holds no text"),
         ({"--block_size": "100000"}, "--block_size"),

@@ -229,6 +229,11 @@ def main(argv: Sequence[str] | None = None) -> ZooTrainer:
         objective_args = parse_config_overrides(model_args.objective_args)
     except ValueError as error:
         raise UsageError(str(error).replace("config override", "objective argument")) from None
+    if not model_args.model_name_or_path:  # a bad override fails now, not after the corpus and tokenizer
+        try:
+            spec.make_config(parse_config_overrides(model_args.config_overrides))
+        except ValueError as error:
+            raise UsageError(" ".join(str(error).split())) from None
 
     documents = load_documents(data_args, seed=training_args.seed)
     tokenizer = resolve_tokenizer(spec, model_args, training_args, documents["train"])
