@@ -3,6 +3,7 @@ teacher capture, gradient isolation and bad input, on a tiny random Llama (d=64,
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -13,7 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Tr
 
 import hf_models
 from hf_models.npt import NPModulator, NPTConfig, NPTForCausalLM, load_npt_or_convert_llama, resolve_npt_layers
-from training.npt import NPTLossModule, NPTLossOptions, NPTTrainer, capture_teacher
+from training.npt import LOSS_WEIGHTING_FILE, NPTLossModule, NPTLossOptions, NPTTrainer, capture_teacher
 
 VOCAB = 256
 
@@ -438,6 +439,29 @@ def test_gradient_accumulation_equals_one_larger_batch(llama, tmp_path):
     assert math.isclose(loss_full, loss_accumulated, rel_tol=1e-4)
     for name, parameter in full.items():
         torch.testing.assert_close(accumulated[name], parameter, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("adaptive", ["uncertainty", "gradnorm", "invgrad"])
+def test_checkpoints_keep_the_adaptive_loss_weights_and_resuming_restores_them(llama, tmp_path, adaptive):
+    data = Dataset.from_dict({"input_ids": ids(8, 16).tolist(), "labels": ids(8, 16).tolist()})
+    options = NPTLossOptions(losses="direct+fidelity+mg", adaptive=adaptive, adaptive_every=1)
+
+    def trainer(name):
+        args = TrainingArguments(output_dir=str(tmp_path / name), max_steps=2, per_device_train_batch_size=2,
+                                 learning_rate=1e-2, save_strategy="steps", save_steps=2, report_to="none",
+                                 use_cpu=True, dataloader_pin_memory=False, disable_tqdm=True)
+        return NPTTrainer(model=npt_from(llama, npt_layers=[2]).train(), args=args, train_dataset=data,
+                          loss_module=NPTLossModule(options))
+
+    first = trainer("first")
+    first.train()
+    learned = first.loss_module.weighting_state()
+    checkpoint = tmp_path / "first" / "checkpoint-2"
+    assert json.loads((checkpoint / LOSS_WEIGHTING_FILE).read_text()) == learned
+    resumed = trainer("resumed")
+    assert resumed.loss_module.weighting_state() != learned  # a fresh module starts from its initial weights
+    resumed._load_from_checkpoint(str(checkpoint))  # what `train(resume_from_checkpoint=...)` calls first
+    assert resumed.loss_module.weighting_state() == learned
 
 
 def test_trainer_rejects_other_models():

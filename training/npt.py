@@ -34,9 +34,11 @@ weighting: `invgrad` (inverse gradient-norm balancing on the NP parameters), `gr
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,6 +56,7 @@ LOSS_NAMES = ("direct", "attention", "fidelity", "regularization", "mg", "decomp
               "orthogonality")
 # Losses that can be negative (the seed's versions) or that must not be balanced (the regulariser) keep their weight.
 _NEVER_BALANCED = ("regularization",)
+LOSS_WEIGHTING_FILE = "npt_loss_weighting.json"  # beside a checkpoint's weights: the adaptive weights' state
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -627,6 +630,31 @@ class NPTLossModule(nn.Module):
         """Parameters the model's optimizer must also train (the uncertainty log-variances)."""
         return [self.uncertainty.log_vars] if self.uncertainty is not None else []
 
+    def weighting_state(self) -> dict[str, Any]:
+        """The adaptive weighting's learned state (JSON-serialisable; empty for static weights), which a resumed run
+        must get back: uncertainty log-variances, GradNorm weights and initial losses, inverse-gradient EMAs.
+        (GradNorm's own Adam moments are not kept: they restart on resume.)"""
+        state: dict[str, Any] = {}
+        if self.uncertainty is not None:
+            state["uncertainty_log_vars"] = self.uncertainty.log_vars.detach().cpu().tolist()
+        if self.gradnorm is not None:
+            state["gradnorm_weights"] = self.gradnorm.weights.detach().cpu().tolist()
+            state["gradnorm_initial"] = dict(self.gradnorm.initial)
+        if self.invgrad is not None:
+            state["invgrad_ema"], state["invgrad_factors"] = dict(self.invgrad.ema), dict(self.invgrad.factors)
+        return state
+
+    @torch.no_grad()
+    def load_weighting_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what `weighting_state` returned."""
+        if self.uncertainty is not None and "uncertainty_log_vars" in state:
+            self.uncertainty.log_vars.copy_(torch.tensor(state["uncertainty_log_vars"]))
+        if self.gradnorm is not None and "gradnorm_weights" in state:
+            self.gradnorm.weights.copy_(torch.tensor(state["gradnorm_weights"]))
+            self.gradnorm.initial = dict(state["gradnorm_initial"])
+        if self.invgrad is not None and "invgrad_ema" in state:
+            self.invgrad.ema, self.invgrad.factors = dict(state["invgrad_ema"]), dict(state["invgrad_factors"])
+
     @staticmethod
     def direct_target(model: NPTForCausalLM, teacher: TeacherLayer) -> torch.Tensor:
         """τ: what `y` (the NPT layer's MLP output) must equal for the layer output to match the teacher's."""
@@ -854,6 +882,19 @@ class NPTTrainer(ZooTrainer):
         super().__init__(*args, **kwargs)
         # its adaptive weights (GradNorm, uncertainty log-variances) live beside the model's parameters
         self.loss_module = (loss_module or NPTLossModule()).to(self.args.device)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        state = self.loss_module.weighting_state()
+        if state:
+            path = Path(output_dir or self.args.output_dir) / LOSS_WEIGHTING_FILE
+            path.write_text(json.dumps(state), encoding="utf-8")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint) / LOSS_WEIGHTING_FILE
+        if path.is_file():
+            self.loss_module.load_weighting_state(json.loads(path.read_text(encoding="utf-8")))
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model)
