@@ -77,7 +77,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "seed": {
         "model": dict(hidden_size=512, num_hidden_layers=10, num_heads=4, intermediate_size=512,
                       max_position_embeddings=512, dropout=0.1, kernel_param="identity"),
-        "data": dict(dataset_name="SimpleStories/SimpleStories", block_size=512, vocab_size=4096),
+        # the published run's data and tokenizer (a lower-casing WordPiece of 4,096 tokens), both from the Hub
+        "data": dict(dataset_name="SimpleStories/SimpleStories", tokenizer_name="SimpleStories/SimpleStories-1.25M",
+                     block_size=512, vocab_size=4096),
         "training": dict(num_train_epochs=2, per_device_train_batch_size=64, per_device_eval_batch_size=64,
                          learning_rate=5e-4, warmup_steps=500, lr_scheduler_type="cosine", eval_strategy="steps",
                          eval_steps=2000, save_strategy="steps", save_steps=4000, save_total_limit=2,
@@ -110,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--validation_file", default=None)
     parser.add_argument("--dataset_name", default=None, help="Hub dataset when no --train_file (seed presets).")
     parser.add_argument("--tokenizer_name", default=None,
-                        help="Tokenizer folder / Hub id (e.g. SimpleStories/SimpleStories-1.25M); default: a BPE "
-                             "trained on the training documents.")
+                        help="Tokenizer folder / Hub id; default: the seed presets' published "
+                             "SimpleStories/SimpleStories-1.25M with their Hub data, else (smoke, or any --train_file) "
+                             "a BPE trained on the training documents.")
     parser.add_argument("--vocab_size", type=int, default=None, help="BPE vocabulary (default: the preset's 4096).")
     parser.add_argument("--block_size", type=int, default=None)
     parser.add_argument("--max_train_documents", type=int, default=None)
@@ -140,8 +143,9 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.kernel_param:
         model["kernel_param"] = args.kernel_param
     data = dict(preset["data"])
-    if args.train_file:
+    if args.train_file:  # a local corpus: the preset's Hub data and Hub tokenizer give way (a BPE is trained)
         data.pop("dataset_name", None)
+        data.pop("tokenizer_name", None)
         data["train_file"] = args.train_file
     elif "train_file" in data:
         data["train_file"] = str(default_data_dir() / data["train_file"])

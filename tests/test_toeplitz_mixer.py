@@ -499,6 +499,17 @@ def test_decode_benchmark_reports_decode_steps_against_the_floor(tmp_path):
         assert row["decode_step_ms"] > 0 and 0 < row["fraction_of_floor"] < 1
 
 
+def test_seed_preset_uses_the_published_tokenizer_with_the_hub_data_only():
+    from benchmarks import toeplitz_variants
+
+    parse = toeplitz_variants.build_parser().parse_args
+    hub = toeplitz_variants.resolve_settings(parse(["--preset", "seed", "--device", "cpu"]))["data"]
+    assert (hub["dataset_name"], hub["tokenizer_name"]) == ("SimpleStories/SimpleStories",
+                                                            "SimpleStories/SimpleStories-1.25M")
+    local = toeplitz_variants.resolve_settings(parse(["--preset", "seed", "--device", "cpu", "--train_file", "a.txt"]))
+    assert "tokenizer_name" not in local["data"] and local["data"]["train_file"] == "a.txt"
+
+
 @pytest.mark.parametrize("flag", ["--bench_new_tokens", "--bench_runs", "--bench_batch_size"])
 def test_experiment_rejects_bad_benchmark_settings_before_training(flag):
     from benchmarks import toeplitz_variants
