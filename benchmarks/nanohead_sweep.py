@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import TrainingArguments, set_seed
 
@@ -35,7 +36,7 @@ from hf_models.nanohead import NanoheadConfig, NanoheadForCausalLM, calculate_na
 from hf_models.registry import get_spec
 from training.common import UsageError, run_cli
 from training.data import DataArguments, default_data_dir, load_documents, tokenize_and_pack
-from training.tokenization import train_bpe_tokenizer
+from training.tokenization import token_byte_lengths, train_bpe_tokenizer
 from training.trainer import resolve_trainer
 
 from .harness import environment, format_table, resolve_device, write_json
@@ -120,24 +121,26 @@ def estimate_config(
 
 
 @torch.no_grad()
-def bits_per_byte(model: torch.nn.Module, blocks: Sequence[dict[str, list[int]]], *, tokens_per_byte: float,
+def bits_per_byte(model: torch.nn.Module, blocks: Sequence[dict[str, list[int]]], *, token_bytes: torch.Tensor,
                   batch_size: int) -> float:
-    """Validation bits per byte: the mean next-token loss (nats) over `blocks` × tokens per UTF-8 byte / ln 2.
-
-    Every block has the same length, so the mean over batches weighted by their number of blocks is the mean
-    over all predicted tokens; `tokens_per_byte` comes from the tokenized split, so the figure does not depend
-    on the tokenizer.
+    """Validation bits per byte, as nanochat reports it: the summed next-token losses (nats) of the predicted tokens
+    over ln 2 × the UTF-8 bytes those tokens stand for (`token_bytes`, see `training.tokenization.
+    token_byte_lengths`); special tokens (the EOS) count no bytes and their losses are left out. Tokenizer-independent.
     """
     model.eval()
     device = next(iter(model.parameters()), torch.empty(0)).device
-    total, count = 0.0, 0
+    token_bytes = token_bytes.to(device)
+    nats, num_bytes = 0.0, 0
     for start in range(0, len(blocks), batch_size):
         batch = [blocks[i] for i in range(start, min(start + batch_size, len(blocks)))]
         input_ids = torch.tensor([row["input_ids"] for row in batch], device=device)
-        labels = torch.tensor([row["labels"] for row in batch], device=device)
-        total += model(input_ids=input_ids, labels=labels).loss.float().item() * len(batch)
-        count += len(batch)
-    return total / count * tokens_per_byte / math.log(2)
+        targets = torch.tensor([row["labels"] for row in batch], device=device)[:, 1:]
+        logits = model(input_ids=input_ids).logits[:, :-1].float()
+        losses = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
+        weights = torch.where(targets >= 0, token_bytes[targets.clamp(min=0)], 0)
+        nats += float((losses * (weights > 0)).sum())
+        num_bytes += int(weights.sum())
+    return nats / (math.log(2) * num_bytes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                               max_train_documents=settings["max_train_documents"])
     documents = load_documents(data_args, seed=0)
     tokenizer = train_bpe_tokenizer(documents["train"]["text"], vocab_size=settings["vocab_size"])
+    token_bytes = token_byte_lengths(tokenizer)
     train = tokenize_and_pack(documents["train"], tokenizer, settings["block_size"], split_name="train")
     validation = tokenize_and_pack(documents["validation"], tokenizer, settings["block_size"], split_name="validation")
     eval_blocks = validation.blocks.select(range(min(len(validation.blocks), settings["max_eval_blocks"])))
@@ -307,8 +311,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         result = trainer.train()
         seconds = time.perf_counter() - start
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            bpb = bits_per_byte(trainer.model, eval_blocks, tokens_per_byte=validation.tokens_per_byte,
-                                batch_size=settings["batch_size"])
+            bpb = bits_per_byte(trainer.model, eval_blocks, token_bytes=token_bytes, batch_size=settings["batch_size"])
         split = config.nanohead_split
         runs.append({
             "proportion": proportion, "seed": seed, "achieved_proportion": split.proportion,

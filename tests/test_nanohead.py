@@ -16,6 +16,7 @@ import hf_models
 from benchmarks import nanohead_sweep
 from hf_models.nanohead import NanoheadConfig, NanoheadForCausalLM, calculate_nanohead_split
 from hf_models.nanohead import modeling_nanohead
+from training.tokenization import token_byte_lengths, train_bpe_tokenizer
 
 TINY = dict(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, nanohead_dim=3, max_position_embeddings=64)
@@ -422,19 +423,31 @@ def test_parameter_estimator_hits_its_target(target):
 
 
 def test_bits_per_byte_on_a_hand_made_example():
-    """A model with uniform logits over 8 tokens costs ln 8 nats per token, i.e. 3 bits per token; with the byte
-    tokenizer each document of n bytes has n + 1 tokens (the EOS) and n + 1 counted bytes, so 3 bits per byte."""
+    """Uniform logits over 8 tokens cost ln 8 nats = 3 bits per predicted token. Targets 2, 3, 4, 5 of a block stand
+    for 1, 2, 0 (a special token: its loss is left out) and 3 bytes: 3 scored tokens x 3 bits / 6 bytes = 1.5."""
 
     class Uniform(torch.nn.Module):
-        def forward(self, input_ids, labels=None):
-            logits = torch.zeros(*input_ids.shape, 8)
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, 8), labels[:, 1:].reshape(-1))
-            return type("Output", (), {"loss": loss})()
+        def forward(self, input_ids):
+            return type("Output", (), {"logits": torch.zeros(*input_ids.shape, 8)})()
 
+    token_bytes = torch.tensor([1, 1, 1, 2, 0, 3, 1, 1])
     blocks = [{"input_ids": [1, 2, 3, 4, 5], "labels": [1, 2, 3, 4, 5]}] * 3
-    # 3 blocks × 4 predicted tokens × ln 8 nats, over (tokens predicted) × (bytes per token = 0.5)
-    bpb = nanohead_sweep.bits_per_byte(Uniform(), blocks, tokens_per_byte=0.5, batch_size=2)
-    assert bpb == pytest.approx(3 * 0.5)
+    bpb = nanohead_sweep.bits_per_byte(Uniform(), blocks, token_bytes=token_bytes, batch_size=2)
+    assert bpb == pytest.approx(3 * 3 / 6)
+    padded = [{"input_ids": [1, 2, 3, 4, 5], "labels": [1, 2, 3, -100, -100]}]  # ignored targets count nothing
+    assert nanohead_sweep.bits_per_byte(Uniform(), padded, token_bytes=token_bytes, batch_size=1) == \
+        pytest.approx(2 * 3 / 3)
+
+
+def test_token_byte_lengths_count_the_bytes_each_token_holds():
+    bpe = train_bpe_tokenizer(["the cat sat on the mat, naïve 😀"] * 20, vocab_size=300)
+    lengths = token_byte_lengths(bpe)
+    for text in ("the cat", " naïve", " 😀"):
+        ids = bpe(text)["input_ids"]
+        assert int(lengths[ids].sum()) == len(text.encode("utf-8")), text
+    assert lengths[bpe.eos_token_id] == 0
+    byte_lengths = token_byte_lengths(hf_models.ByteTokenizer())
+    assert byte_lengths[:256].tolist() == [1] * 256 and byte_lengths[256:].tolist() == [0, 0, 0]
 
 
 def test_sweep_cli_micro_run(tmp_path, stories_file):

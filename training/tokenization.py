@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -62,3 +63,19 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
+
+def token_byte_lengths(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """The number of UTF-8 bytes each token id stands for, `(len(tokenizer),)` int64: 0 for special tokens; for a
+    byte-level tokenizer (a `ByteLevel` decoder, or the zoo's byte tokenizer) one byte per symbol of the token, so a
+    token holding part of a multi-byte character counts the bytes it holds; otherwise the bytes of its decoded text.
+    The denominator of an exact bits-per-byte."""
+    special = set(tokenizer.all_special_ids)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    byte_level = isinstance(getattr(backend, "decoder", None), decoders.ByteLevel) or \
+        type(tokenizer).__name__ == "ByteTokenizer"
+    ids = list(range(len(tokenizer)))
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    lengths = [0 if i in special or token is None else
+               len(token) if byte_level else len(tokenizer.decode([i]).encode("utf-8"))
+               for i, token in zip(ids, tokens)]
+    return torch.tensor(lengths, dtype=torch.long)
