@@ -254,8 +254,6 @@ class DiffusionTrainer(ZooTrainer):
     re-seeded (`args.seed`) at every evaluation, so `eval_loss` is a reproducible NLL bound.
     """
 
-    loss_is_scaled_for_ga = False  # compute_loss returns per-batch means; the Trainer divides by accumulation
-
     def __init__(self, *args: Any, objective: DiffusionObjective | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.objective = objective or DiffusionObjective()

@@ -350,8 +350,6 @@ class DualHeadTrainer(ZooTrainer):
         Other arguments: those of `Trainer`.
     """
 
-    loss_is_scaled_for_ga = False  # compute_loss returns per-batch means; the Trainer divides by accumulation
-
     def __init__(self, *args: Any, char_supervision: str = "all", curriculum: CutoffCurriculum | None = None,
                  **kwargs: Any) -> None:
         if curriculum is not None:

@@ -872,8 +872,6 @@ class NPTTrainer(ZooTrainer):
         loss_module: the `NPTLossModule` (default options when omitted).
     """
 
-    loss_is_scaled_for_ga = False  # compute_loss returns per-batch means; the Trainer divides by accumulation
-
     def __init__(self, *args: Any, loss_module: NPTLossModule | None = None, **kwargs: Any) -> None:
         model = kwargs.get("model") if "model" in kwargs else (args[0] if args else None)
         if not isinstance(model, NPTForCausalLM):

@@ -88,11 +88,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ModelArguments, DataArgument
     return model_args, data_args, training_args
 
 
-def _check_checkpoint(path: str, flag: str = "--model_name_or_path") -> None:
-    """A local checkpoint folder must hold weights; with `--resume_from_checkpoint` it must exist (no Hub ids)."""
+def _check_checkpoint(path: str) -> None:
+    """A local checkpoint folder must hold weights."""
     folder = Path(path)
-    if flag == "--resume_from_checkpoint" and not folder.is_dir():
-        raise UsageError(f"{flag} {path}: no such checkpoint folder")
     if folder.exists() and not any((folder / name).exists() for name in WEIGHT_FILES):
         raise UsageError(f"checkpoint folder {path} has no weights ({' or '.join(WEIGHT_FILES)})")
 
@@ -222,8 +220,10 @@ def main(argv: Sequence[str] | None = None) -> ZooTrainer:
     _check_output_dir(model_args, training_args)
     if model_args.model_name_or_path:
         _check_checkpoint(model_args.model_name_or_path)
-    if training_args.resume_from_checkpoint:
-        _check_checkpoint(training_args.resume_from_checkpoint, "--resume_from_checkpoint")
+    if training_args.resume_from_checkpoint:  # a local folder, never a Hub id
+        if not Path(training_args.resume_from_checkpoint).is_dir():
+            raise UsageError(f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no such checkpoint folder")
+        _check_checkpoint(training_args.resume_from_checkpoint)
     spec = _resolve_spec(model_args)
     try:
         objective_args = parse_config_overrides(model_args.objective_args)

@@ -19,9 +19,16 @@ class ZooTrainer(Trainer):
 
     Subclasses that implement another objective override `compute_loss` and call
     `record_loss_components(name=tensor, ...)` for each part of the loss; the parts are averaged over the
-    optimizer steps since the last log and appear in the Trainer's logs as `loss_<name>` beside `loss`.
+    optimizer steps since the last log and appear in the Trainer's logs as `loss_<name>` beside `loss`. Such a
+    `compute_loss` returns a per-batch mean, so the Trainer divides it by the gradient-accumulation steps
+    (`loss_is_scaled_for_ga = False`, set for every subclass that overrides `compute_loss` unless it says otherwise).
     Subclasses that need their own collator, callbacks or options override `from_cli`.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "compute_loss" in vars(cls) and "loss_is_scaled_for_ga" not in vars(cls):
+            cls.loss_is_scaled_for_ga = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
