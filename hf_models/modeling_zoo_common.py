@@ -1,4 +1,5 @@
-"""Shared modeling machinery of the zoo: the pre-trained-model base and the base of non-key/value caches.
+"""Shared modeling machinery of the zoo: the pre-trained-model base, the base of non-key/value caches (built on
+transformers' linear-attention cache layers), the rotary embedding and the FFT causal convolution.
 
 Like `configuration_zoo_common.py`, this file is copied next to saved weights for remote code, so it depends
 only on `torch`, `transformers` and sibling modules.
@@ -10,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, LinearAttentionLayer
+from transformers.models.llama.modeling_llama import rotate_half
 
 from .configuration_zoo_common import bundle_remote_code
 
@@ -28,44 +31,137 @@ class ZooPreTrainedModel(PreTrainedModel):
             self.push_to_hub(repo_id or Path(save_directory).name, token=kwargs.get("token"), **hub_kwargs)
 
 
-class ZooStateLayer:
-    """One layer's slice of a `ZooStateCache`: named, batch-first state tensors.
+class ZooRotaryEmbedding(nn.Module):
+    """Rotary embedding (Llama's, with a plain `theta`): `cos`/`sin` tables `(batch, seq, head_dim)` for given
+    positions; rotate with [`apply_rotary`]."""
 
-    Unlike a key/value layer, what a state layer holds is architecture-specific (an input history, a ring
-    buffer, running sums); every tensor has the batch on dimension 0, which is all that beam search and batch
-    selection need to know.
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+        self.inv_freq = nn.Buffer(self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self) -> torch.Tensor:
+        return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_dim: int) -> torch.Tensor:
+    """Rotate `x` (heads on dimension `heads_dim`: 1 for `(batch, heads, seq, dim)`, 2 for `(batch, seq, heads,
+    dim)`) by the angles of `cos`/`sin` `(batch, seq, dim)`, with transformers' `rotate_half`."""
+    cos, sin = cos.unsqueeze(heads_dim), sin.unsqueeze(heads_dim)
+    return x * cos + rotate_half(x) * sin
+
+
+def fft_causal_conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """`y[:, t] = sum_{j <= t} kernel[..., j] * x[:, t - j]` (zero before the start) by zero-padded real FFTs.
+
+    Computed in float32 (float64 for float64 inputs) whatever the autocast or input dtype; causal up to the FFT's
+    rounding (~1e-7 relative in float32). The FFT length is a power of two `>= seq + taps - 1` (taps beyond `seq`
+    never reach an output and are dropped), so the circular convolution equals the linear one: no input after `t`
+    reaches output `t`.
+
+    Args:
+        x: `(batch, seq, *channels)`.
+        kernel: `(*kernel_channels, taps)`, broadcast against the leading channel dimensions of `x`: `(taps,)` is
+            shared by every channel; `(heads, taps)` with `x` `(batch, seq, heads, head_dim)` is one kernel per head.
+
+    Returns:
+        `y` with the shape and dtype of `x`.
+    """
+    length = x.shape[1]
+    kernel = kernel[..., :length]
+    size = 1 << (length + kernel.shape[-1] - 2).bit_length()  # a power of two >= length + taps - 1
+    work = torch.promote_types(x.dtype, torch.float32)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x_freq = torch.fft.rfft(x.to(work), n=size, dim=1)
+        k_freq = torch.fft.rfft(kernel.to(work), n=size, dim=-1).movedim(-1, 0)  # (bins, *kernel_channels)
+        k_freq = k_freq.reshape(1, *k_freq.shape, *([1] * (x.dim() - 2 - (kernel.dim() - 1))))
+        y = torch.fft.irfft(x_freq * k_freq, n=size, dim=1)[:, :length]
+    return y.to(x.dtype)
+
+
+class ZooStateLayer(LinearAttentionLayer):
+    """One layer of a `ZooStateCache`: transformers' linear-attention cache layer holding named, batch-first tensors.
+
+    Each state is a convolution state (a history of inputs: `kind="conv"`, kept in `conv_states`) or a recurrent
+    state (running sums or counts: `kind="recurrent"`, in `recurrent_states`), indexed in the order they were first
+    set, so transformers' cache utilities (`Cache.get_conv_state` / `get_recurrent_state` / `has_previous_state`,
+    `reorder_cache` for beam search, `reset`, `is_linear`, `is_compileable`) read them. Unlike Mamba's conv state,
+    the layout of each tensor is the architecture's (documented by its cache); only dimension 0 (the batch) is
+    shared, which is all that beam search and batch selection need. A recurrent state makes the layer uncroppable:
+    the past cannot be rolled back, so assisted and speculative decoding are refused.
     """
 
-    is_compileable = True
-    is_croppable = False
     is_sliding = False
-    supports_early_init = False
 
     def __init__(self) -> None:
-        self.states: dict[str, torch.Tensor] = {}
+        super().__init__(number_of_states=0)
+        self.state_slots: dict[str, tuple[str, int]] = {}  # name -> (kind, state_idx)
 
     def __repr__(self) -> str:
         shapes = {name: tuple(tensor.shape) for name, tensor in self.states.items()}
         return f"{self.__class__.__name__}({shapes})"
 
     @property
-    def batch_size(self) -> int:
-        return next(iter(self.states.values())).shape[0] if self.states else -1
+    def states(self) -> dict[str, torch.Tensor]:
+        """The state tensors by name."""
+        return {name: self.get_state(name) for name in self.state_slots}
 
-    def reset(self) -> None:
-        for tensor in self.states.values():
-            tensor.zero_()
+    def get_state(self, name: str) -> torch.Tensor | None:
+        if name not in self.state_slots:
+            return None
+        kind, index = self.state_slots[name]
+        return (self.conv_states if kind == "conv" else self.recurrent_states)[index]
+
+    def set_state(self, name: str, tensor: torch.Tensor, kind: str | None = None) -> None:
+        """Store (or replace) the state `name`; a new name needs its `kind` (`"conv"` or `"recurrent"`)."""
+        if name not in self.state_slots:
+            if kind not in ("conv", "recurrent"):
+                raise ValueError(f"a new state needs kind='conv' or kind='recurrent', got {kind!r}")
+            index = sum(slot_kind == kind for slot_kind, _ in self.state_slots.values())
+            if index == self.number_of_states:
+                self.number_of_states += 1
+                for table, value in ((self.conv_states, None), (self.recurrent_states, None),
+                                     (self.is_conv_states_initialized, False),
+                                     (self.is_recurrent_states_initialized, False),
+                                     (self.has_previous_state, False), (self.conv_kernel_size, None)):
+                    table[index] = value
+            self.state_slots[name] = (kind, index)
+            self.device, self.dtype = tensor.device, tensor.dtype
+        kind, index = self.state_slots[name]
+        if kind == "conv":
+            self.conv_states[index] = tensor
+            self.is_conv_states_initialized[index] = True
+        else:
+            self.recurrent_states[index] = tensor
+            self.is_recurrent_states_initialized[index] = True
+
+    def mark_filled(self, filled: bool) -> None:
+        """Record whether the states hold a past (transformers' `has_previous_state`)."""
+        for index in range(self.number_of_states):
+            self.has_previous_state[index] = filled
+
+    @property
+    def batch_size(self) -> int:
+        return next(iter(self.states.values())).shape[0] if self.state_slots else -1
+
+    def _replace_all(self, transform) -> None:
+        for name, tensor in self.states.items():
+            self.set_state(name, transform(tensor))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        for name, tensor in self.states.items():
-            self.states[name] = tensor[indices.to(tensor.device)]
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.batch_select_indices(beam_idx)
+        self._replace_all(lambda tensor: tensor[indices.to(tensor.device)])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        for name, tensor in self.states.items():
-            self.states[name] = tensor.repeat_interleave(repeats, dim=0)
+        self._replace_all(lambda tensor: tensor.repeat_interleave(repeats, dim=0))
+
+    def activate_past_recording(self) -> None:
+        self.crop(0)
 
     def crop(self, tokens_to_remove: int) -> None:
         raise ValueError(
@@ -73,20 +169,15 @@ class ZooStateLayer:
             "(assisted or speculative decoding is not supported)."
         )
 
-    def offload(self) -> None:
-        """State caches are small and stay on their device."""
-
-    def prefetch(self) -> None:
-        """State caches are small and stay on their device."""
-
 
 class ZooStateCache(Cache):
-    """Base of the zoo's non-key/value caches (input histories, convolution states).
+    """Base of the zoo's non-key/value caches (input histories, convolution states, running sums).
 
-    It keeps one `ZooStateLayer` per model layer and the number of tokens seen so far. Subclasses allocate their
-    tensors (preallocated, so a decode step never concatenates) and define the update rule the model calls.
-    Models that use such a cache set `_supports_default_dynamic_cache()` to `False` so that `generate` lets the
-    model create it on the first forward pass.
+    It keeps one [`ZooStateLayer`] (a transformers `LinearAttentionLayer`) per model layer, so `cache.is_linear` is
+    all `True` and `generate` treats it as Mamba's: it neither builds 4-D attention masks for it nor slices the
+    prompt by its length; and the number of tokens seen so far, which the linear layers do not track. Subclasses
+    allocate their tensors (preallocated, so a decode step never concatenates) and define the update rule the model
+    calls. Models that use such a cache inherit [`ZooStateCacheGenerationMixin`], which creates it for `generate`.
 
     Args:
         num_layers (`int`): number of layers holding state.
@@ -111,10 +202,50 @@ class ZooStateCache(Cache):
         super().reset()
         self.seen_tokens = 0
 
+    def advance_count(self, num_tokens: int) -> None:
+        """Count `num_tokens` more tokens seen (after every layer has written its state)."""
+        self.seen_tokens += num_tokens
+        for layer in self.layers:
+            layer.mark_filled(True)
+
     def get_state(self, layer_idx: int, name: str) -> torch.Tensor | None:
         """The state tensor `name` of layer `layer_idx`, or `None` before it is first written."""
-        return self.layers[layer_idx].states.get(name)
+        return self.layers[layer_idx].get_state(name)
 
-    def set_state(self, layer_idx: int, name: str, tensor: torch.Tensor) -> None:
-        """Store (or replace) the state tensor `name` of layer `layer_idx` (batch first)."""
-        self.layers[layer_idx].states[name] = tensor
+    def set_state(self, layer_idx: int, name: str, tensor: torch.Tensor, kind: str | None = None) -> None:
+        """Store (or replace) the state tensor `name` (batch first) of layer `layer_idx`; a new name needs its
+        `kind`, `"conv"` (an input history) or `"recurrent"` (a running summary)."""
+        self.layers[layer_idx].set_state(name, tensor, kind)
+
+
+class ZooStateCacheGenerationMixin:
+    """For a `GenerationMixin` model whose cache is a [`ZooStateCache`]: `generate` asks the model for its cache.
+
+    The model implements `_state_cache_for_generation(generation_config, batch_size)`, returning the cache to create
+    before the prefill for `batch_size` rows (beams and returned sequences included), or `None` to let the model
+    create it on the first cached forward pass. A user's cache is used as given; `use_cache=False` creates none. The
+    cache implementations `"dynamic"` and `"static"` both name the model's own cache (it is preallocated); any other
+    is refused.
+    """
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # transformers' key/value caches do not fit: the model provides its own
+
+    def _prepare_cache_for_generation(
+        self, generation_config: Any, model_kwargs: dict[str, Any], generation_mode: Any, batch_size: int,
+        max_cache_length: int,
+    ) -> None:
+        implementation = generation_config.cache_implementation
+        if model_kwargs.get("cache") is not None or generation_config.use_cache is False:
+            super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
+                                                  max_cache_length)
+            return
+        if implementation not in (None, "dynamic", "static"):
+            raise ValueError(f"cache_implementation={implementation!r} is not supported by "
+                             f"{type(self).__name__}: its cache is its own preallocated state (use 'dynamic', "
+                             "'static' or None)")
+        rows = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1) * batch_size
+        cache = self._state_cache_for_generation(generation_config, rows)
+        if cache is not None:
+            model_kwargs["cache"] = cache

@@ -140,17 +140,17 @@ def test_dense_equals_fft_in_fp32_and_fft_stays_fp32_under_bf16_autocast():
     kernel = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
     p = torch.randn(3, 50, 4, 8, generator=torch.Generator().manual_seed(1))
     dense = torch.einsum("hts,bshd->bthd", toeplitz_matrix(kernel, 0, 50, 50), p)
-    fft = fft_causal_conv(kernel, p)
+    fft = fft_causal_conv(p, kernel)
     assert (fft - dense).norm() / dense.norm() <= 1e-4
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        under_autocast = fft_causal_conv(kernel, p)
-        from_bf16 = fft_causal_conv(kernel.bfloat16(), p.bfloat16())
+        under_autocast = fft_causal_conv(p, kernel)
+        from_bf16 = fft_causal_conv(p.bfloat16(), kernel.bfloat16())
     assert under_autocast.dtype == torch.float32
     assert torch.equal(under_autocast, fft)
     # bf16 inputs: the transform runs in float32 and only the result is rounded to bf16 (a bf16 FFT of length 128
     # would lose far more than the one rounding)
     assert from_bf16.dtype == torch.bfloat16
-    expected = fft_causal_conv(kernel.bfloat16().float(), p.bfloat16().float()).bfloat16()
+    expected = fft_causal_conv(p.bfloat16().float(), kernel.bfloat16().float()).bfloat16()
     assert torch.equal(from_bf16, expected)
     for variant in VARIANTS.values():
         dense_model, fft_model = tiny_model(**variant), tiny_model(mixer_impl="fft", **variant)

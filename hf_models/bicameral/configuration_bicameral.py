@@ -172,6 +172,11 @@ class BicameralConfig(ZooConfig):
         return self.fft_size // 2 + 1
 
     @property
+    def layer_types(self) -> list[str]:
+        """Each block's cache-layer type for transformers (a convolution history plus running sums, as Mamba's)."""
+        return ["linear_attention"] * self.num_hidden_layers
+
+    @property
     def is_causal(self) -> bool:
         """Whether no output depends on a later byte (false for the original's leaky variants)."""
         return self.context_pooling == "causal" and self.spectral_gating == "kernel" and not self.phase_activation

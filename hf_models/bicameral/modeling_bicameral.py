@@ -41,10 +41,11 @@ from torch import nn
 from transformers import GenerationMixin
 from transformers import initialization as init
 from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import ModelOutput
 
-from ..modeling_zoo_common import ZooPreTrainedModel, ZooStateCache
+from ..modeling_zoo_common import ZooPreTrainedModel, ZooStateCache, ZooStateCacheGenerationMixin, fft_causal_conv
 from .configuration_bicameral import BicameralConfig, next_power_of_two
 
 FUSION_CROSS_SCALE = 0.1  # the original's fixed weight of the cross-hemisphere projection
@@ -73,24 +74,8 @@ def cutoff_mask(num_bins: int, cutoff: int | None, transition_bins: int, *, devi
     return mask
 
 
-def fft_causal_conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """`y[:, t] = sum_{j < K} kernel[j] * x[:, t - j]` (zero before the start) via zero-padded real FFTs.
-
-    Args:
-        x: `(batch, seq, channels)`.
-        kernel: `(K,)`, shared by all channels.
-
-    The FFT length is a power of two `>= seq + K - 1`, so the circular convolution equals the linear one on the
-    kept outputs: no input after `t` reaches output `t`.
-    """
-    length, work = x.shape[1], _work_dtype(x.dtype)
-    size = next_power_of_two(length + kernel.shape[0] - 1)
-    spectrum = torch.fft.rfft(x.to(work), n=size, dim=1) * torch.fft.rfft(kernel.to(work), n=size)[None, :, None]
-    return torch.fft.irfft(spectrum, n=size, dim=1)[:, :length].to(x.dtype)
-
-
 def direct_causal_conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
-    """The same convolution as `fft_causal_conv`, computed directly in `O(seq * K)` (reference for tests)."""
+    """The same convolution as `fft_causal_conv` (shared kernel), computed directly in `O(seq * K)` (reference for tests)."""
     taps = kernel.shape[0]
     padded = F.pad(x.transpose(1, 2), (taps - 1, 0))  # (batch, channels, taps - 1 + seq)
     weight = kernel.flip(0).to(x.dtype).expand(x.shape[-1], 1, taps)
@@ -103,7 +88,9 @@ class BicameralCache(ZooStateCache):
     Per layer: `inputs` `(batch, history, hidden)`, a ring buffer of the last `history = max(kernel_len,
     time_kernel_size) - 1` normalised, masked block inputs (position `p` in slot `p % history`); `context_sum`
     `(batch, hidden)` and `context_count` `(batch, 1)`, the running sum and number of real bytes behind the causal
-    context mean. The size does not grow with the sequence. The effective kernels (which depend only on the weights
+    context mean. The size does not grow with the sequence. Every layer is a transformers linear-attention cache
+    layer ([`ZooStateLayer`], `config.layer_types` is `"linear_attention"`): `inputs` is its convolution state, the
+    two sums its recurrent states. The effective kernels (which depend only on the weights
     and the cutoff) are computed once per generation and kept in `kernels`, with the cutoff they were built for.
 
     Args:
@@ -118,11 +105,12 @@ class BicameralCache(ZooStateCache):
         self.kernels: dict[int, tuple[int | None, torch.Tensor]] = {}  # layer -> (the cutoff it was built for, kernel)
         for layer_idx in range(config.num_hidden_layers):
             self.set_state(layer_idx, "inputs",
-                           torch.zeros(batch_size, self.history, config.hidden_size, device=device, dtype=dtype))
+                           torch.zeros(batch_size, self.history, config.hidden_size, device=device, dtype=dtype),
+                           kind="conv")
             self.set_state(layer_idx, "context_sum", torch.zeros(batch_size, config.hidden_size, device=device,
-                                                                 dtype=_work_dtype(dtype)))
+                                                                 dtype=_work_dtype(dtype)), kind="recurrent")
             self.set_state(layer_idx, "context_count", torch.zeros(batch_size, 1, device=device,
-                                                                   dtype=_work_dtype(dtype)))
+                                                                   dtype=_work_dtype(dtype)), kind="recurrent")
 
     def reset(self) -> None:
         super().reset()
@@ -130,8 +118,8 @@ class BicameralCache(ZooStateCache):
 
     @property
     def is_compileable(self) -> bool:
-        # `generate` turns the 2-D padding mask into a 4-D attention mask for compileable caches; this model needs the
-        # 2-D mask (a convolution has no attention matrix), and its state is updated by replacement anyway.
+        # The ring buffer is indexed by the Python position count and the sums are replaced, not copied in place:
+        # a compiled step would depend on per-step Python values and lose the tensors' static addresses.
         return False
 
     def past_inputs(self, layer_idx: int, count: int) -> torch.Tensor:
@@ -162,9 +150,10 @@ class BicameralCache(ZooStateCache):
         return (sums / counts.clamp(min=1.0)).to(x.dtype)
 
 
-class BicameralBlock(nn.Module):
+class BicameralBlock(GradientCheckpointingLayer):
     """One bicameral block: causal long convolution (frequency path) + short convolution (time path), fused, then
-    a feed-forward network, each on a pre-norm residual branch. See the module docstring for the math."""
+    a feed-forward network, each on a pre-norm residual branch. See the module docstring for the math. Under
+    gradient checkpointing (training) the block is recomputed in the backward pass and runs without a cache."""
 
     def __init__(self, config: BicameralConfig, layer_idx: int) -> None:
         super().__init__()
@@ -317,12 +306,8 @@ class BicameralCausalLMOutput(ModelOutput):
 class BicameralPreTrainedModel(ZooPreTrainedModel):
     config_class = BicameralConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["BicameralBlock"]
-
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # the model builds its own `BicameralCache` on the first cached forward pass
 
     def _init_weights(self, module: nn.Module) -> None:
         # The original's small initialisations: kernel N(0, 1e-3), convolution / fusion / FFN N(0, 0.01), context
@@ -359,6 +344,7 @@ class BicameralModel(BicameralPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([BicameralBlock(config, index) for index in range(config.num_hidden_layers)])
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -401,6 +387,8 @@ class BicameralModel(BicameralPreTrainedModel):
                     "model than the one trained. Generate with use_cache=False.")
             use_cache = False
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            use_cache = False  # checkpointed blocks run without a cache
         if use_cache and cache is None:
             cache = BicameralCache(self.config, batch, hidden_states.device, hidden_states.dtype)
         if not use_cache:
@@ -412,16 +400,16 @@ class BicameralModel(BicameralPreTrainedModel):
 
         all_hidden = (hidden_states,) if output_hidden_states else None
         for layer in self.layers:
-            hidden_states = layer(hidden_states, mask, cache)
+            hidden_states = layer(hidden_states, mask, cache=cache)
             if output_hidden_states:
                 all_hidden += (hidden_states,)
         if cache is not None:
-            cache.seen_tokens += length
+            cache.advance_count(length)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache,
                                        hidden_states=all_hidden)
 
 
-class BicameralForCausalLM(BicameralPreTrainedModel, GenerationMixin):
+class BicameralForCausalLM(BicameralPreTrainedModel, ZooStateCacheGenerationMixin, GenerationMixin):
     """Bicameral backbone + byte head (+ optional token head for the dual loss, see `training.dual_head`)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -505,6 +493,12 @@ class BicameralForCausalLM(BicameralPreTrainedModel, GenerationMixin):
                                              token_labels.reshape(-1).to(token_logits.device), ignore_index=-100)
         return BicameralCausalLMOutput(loss=loss, logits=logits, token_loss=token_loss, token_logits=token_logits,
                                        cache=outputs.cache, hidden_states=outputs.hidden_states)
+
+    def _state_cache_for_generation(self, generation_config, batch_size: int) -> BicameralCache | None:
+        """The [`BicameralCache`] `generate` starts from (none for the non-causal variants, which refuse one)."""
+        if not self.config.is_causal:
+            return None
+        return BicameralCache(self.config, batch_size, self.device, self.dtype)
 
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs):
         if self.config.chunk_size != 1:

@@ -157,6 +157,11 @@ class ToeplitzMixerConfig(ZooConfig):
         )
 
     @property
+    def layer_types(self) -> list[str]:
+        """Each block's cache-layer type for transformers (the history of its convolution's inputs)."""
+        return ["conv"] * self.num_hidden_layers
+
+    @property
     def head_dim(self) -> int:
         """Channels per mixer head (`hidden_size // num_heads`)."""
         return self.hidden_size // self.num_heads

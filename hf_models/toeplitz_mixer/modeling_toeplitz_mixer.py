@@ -53,7 +53,12 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import can_return_tuple
 
-from ..modeling_zoo_common import ZooPreTrainedModel, ZooStateCache
+from ..modeling_zoo_common import (
+    ZooPreTrainedModel,
+    ZooStateCache,
+    ZooStateCacheGenerationMixin,
+    fft_causal_conv,
+)
 from .configuration_toeplitz_mixer import ToeplitzMixerConfig
 
 
@@ -72,30 +77,12 @@ def toeplitz_matrix(kernel: torch.Tensor, row_start: int, num_rows: int, num_col
     return kernel[:, lag.clamp(min=0)].masked_fill(lag < 0, 0.0)
 
 
-def fft_causal_conv(kernel: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """`y_t = Σ_{s ≤ t} kernel[t - s] · p_s` by FFT, in float32 (float64 for float64 inputs) whatever the autocast
-    or input dtype; causal up to the FFT's rounding (outputs before a change move by ~1e-7 relative, not 0).
-
-    Args:
-        kernel: `(H, S)` with S >= T, or `(S,)` for a single head.
-        p: `(B, T, H, D)`, or `(B, T, D)` for a single head.
-
-    Returns:
-        `y` with the shape and dtype of `p`.
-    """
-    length = p.shape[1]
-    n = 1 << (2 * length - 1).bit_length()  # a power of two >= 2T - 1: no circular wrap-around
-    dtype = torch.promote_types(p.dtype, torch.float32)
-    with torch.autocast(device_type=p.device.type, enabled=False):
-        p_freq = torch.fft.rfft(p.to(dtype), n=n, dim=1)
-        k_freq = torch.fft.rfft(kernel[..., :length].to(dtype), n=n, dim=-1)
-        k_freq = k_freq.transpose(0, 1)[None, :, :, None] if kernel.dim() == 2 else k_freq[None, :, None]
-        y = torch.fft.irfft(p_freq * k_freq, n=n, dim=1)[:, :length]
-    return y.to(p.dtype)
-
-
 class ToeplitzMixerCache(ZooStateCache):
     """Exact decoding state of a [`ToeplitzMixerModel`]: each layer's mixer inputs, in a preallocated buffer.
+
+    Every layer is a transformers linear-attention cache layer ([`ZooStateLayer`], `config.layer_types` is
+    `"conv"`): `history` and `token_ids` are its convolution states (input histories, sequence on dimension 2 and 1),
+    `row_positions` a recurrent state (a running count).
 
     Layer `l` holds `history` of shape `(batch, num_heads, max_position_embeddings, head_dim)`, whose slot `t` is the
     mixer input p of position t (zero at padded positions); layer 0 also holds `token_ids` `(batch,
@@ -121,10 +108,11 @@ class ToeplitzMixerCache(ZooStateCache):
         super().__init__(config.num_hidden_layers, max_length=config.max_position_embeddings)
         shape = (batch_size, config.num_heads, config.max_position_embeddings, config.head_dim)
         for layer_idx in range(config.num_hidden_layers):
-            self.set_state(layer_idx, "history", torch.zeros(shape, device=device, dtype=dtype))
+            self.set_state(layer_idx, "history", torch.zeros(shape, device=device, dtype=dtype), kind="conv")
         self.set_state(0, "token_ids", torch.zeros(batch_size, config.max_position_embeddings, dtype=torch.long,
-                                                   device=device))
-        self.set_state(0, "row_positions", torch.zeros(batch_size, dtype=torch.long, device=device))
+                                                   device=device), kind="conv")
+        self.set_state(0, "row_positions", torch.zeros(batch_size, dtype=torch.long, device=device),
+                       kind="recurrent")
         self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
         self.layer_tables: dict[int, dict[str, torch.Tensor]] = {}  # kernel-derived tensors, see ToeplitzMixer._tables
         self.slots = torch.arange(config.max_position_embeddings, device=device)
@@ -206,7 +194,7 @@ class ToeplitzMixerCache(ZooStateCache):
         self.get_state(0, "row_positions").add_(real)
         self.cache_position.add_(num_tokens)
         if count_in_python:
-            self.seen_tokens += num_tokens
+            self.advance_count(num_tokens)
         else:
             self._count_pending = True
 
@@ -264,8 +252,8 @@ class ToeplitzMixer(nn.Module):
         impl = self.config.mixer_impl
         if impl == "fft" or (impl == "auto" and length >= self.config.fft_min_length):
             if parallel:
-                return fft_causal_conv(kernel, p)
-            return torch.stack([fft_causal_conv(kernel[h], p[:, :, h]) for h in range(heads)], dim=2)
+                return fft_causal_conv(p, kernel)
+            return torch.stack([fft_causal_conv(p[:, :, h], kernel[h]) for h in range(heads)], dim=2)
         matrix = toeplitz_matrix(kernel, 0, length, length).to(p.dtype)  # (H, T, T)
         if parallel:
             # heads as the bmm batch, (batch, channel) as columns: no (B·H, T, T) copy of the matrix
@@ -440,10 +428,6 @@ class ToeplitzMixerPreTrainedModel(ZooPreTrainedModel):
             init.normal_(module.kernel_weight, mean=0.0, std=self.config.toeplitz_init_std)
             init.zeros_(module.position_bias)
 
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # the model creates its own `ToeplitzMixerCache` on the first cached forward pass
-
 
 class ToeplitzMixerModel(ToeplitzMixerPreTrainedModel):
     """The embedding and the stack of (mixer, MLP) blocks with the final RMSNorm; no LM head."""
@@ -578,7 +562,7 @@ class ToeplitzMixerModel(ToeplitzMixerPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
 
 
-class ToeplitzMixerForCausalLM(ToeplitzMixerPreTrainedModel, GenerationMixin):
+class ToeplitzMixerForCausalLM(ToeplitzMixerPreTrainedModel, ZooStateCacheGenerationMixin, GenerationMixin):
     """The Toeplitz mixer with its (untied by default) LM head; `labels` give the shifted cross-entropy loss.
 
     Compiled decoding: `generate(..., compile_config=CompileConfig(fullgraph=True, dynamic=False))` creates the
@@ -598,26 +582,6 @@ class ToeplitzMixerForCausalLM(ToeplitzMixerPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def create_masks_for_generate(
-        self,
-        attention_mask: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        cache: Cache | None = None,
-        **kwargs: Any,
-    ) -> torch.Tensor | None:
-        """`generate` would build a 4-D attention mask for a compileable cache; the mixer reads the 2-D padding
-        mask itself, and once the cache holds tokens only its last `seq` columns (the cache counts each row's real
-        tokens), so a decode step gets a `(batch, 1)` mask whose shape does not grow: a compiled step sees static
-        shapes. The whole mask is kept when this call may cross the context under `"sliding_recompute"`, which
-        re-reads the window's padding."""
-        if attention_mask is None or not isinstance(cache, ToeplitzMixerCache) or inputs_embeds is None:
-            return attention_mask
-        length = inputs_embeds.shape[1]
-        past = cache.get_seq_length()
-        if past > 0 and past + length <= self.config.max_position_embeddings:
-            return attention_mask[:, -length:]
-        return attention_mask
-
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
@@ -625,30 +589,42 @@ class ToeplitzMixerForCausalLM(ToeplitzMixerPreTrainedModel, GenerationMixin):
         cache: Cache | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
-        """The library's inputs, after checking the context limit eagerly: a compiled static decode step does not
-        read the Python token count, so `generate` checks it here, before each step."""
+        """The library's inputs, after checking the context limit eagerly (a compiled static decode step does not
+        read the Python token count, so `generate` checks it here, before each step). The mixer reads the 2-D
+        padding mask, and once the cache holds tokens only its last `seq` columns (the cache counts each row's real
+        tokens), so a decode step gets a `(batch, 1)` mask whose shape does not grow: a compiled step sees static
+        shapes. The whole mask is kept when this call may cross the context under `"sliding_recompute"`, which
+        re-reads the window's padding."""
         if isinstance(cache, ToeplitzMixerCache) and next_sequence_length is not None:
             self.model.check_context(cache.get_seq_length() + next_sequence_length)
-        return super().prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length,
-                                                     cache=cache, **kwargs)
+        inputs = super().prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length,
+                                                       cache=cache, **kwargs)
+        mask, new_ids = inputs.get("attention_mask"), inputs.get("input_ids")
+        if isinstance(cache, ToeplitzMixerCache) and mask is not None and new_ids is not None:
+            past, length = cache.get_seq_length(), new_ids.shape[1]
+            if past > 0 and past + length <= self.config.max_position_embeddings:
+                inputs["attention_mask"] = mask[:, -length:]
+        return inputs
 
     def _prepare_cache_for_generation(
         self, generation_config: Any, model_kwargs: dict[str, Any], generation_mode: Any, batch_size: int,
         max_cache_length: int,
     ) -> None:
-        """With a `compile_config`, create the [`ToeplitzMixerCache`] before the prefill, so that `generate` sees a
-        compileable cache and runs the decode steps through `torch.compile` (the shape-static step, see
-        `decode_step`); otherwise the model creates its cache on the first forward pass (eager decoding).
-
-        Under `context_overflow="error"` a call whose longest input (`max_cache_length`: prompt + max_new_tokens - 1
-        tokens) exceeds `max_position_embeddings` fails here, before the prefill, cached or not."""
+        """Under `context_overflow="error"` a call whose longest input (`max_cache_length`: prompt +
+        max_new_tokens - 1 tokens) exceeds `max_position_embeddings` fails here, before the prefill, cached or
+        not; then the cache is prepared (see `_state_cache_for_generation`)."""
         self.model.check_context(max_cache_length)
         super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode, batch_size,
                                               max_cache_length)
-        if (model_kwargs.get("cache") is None and generation_config.use_cache is not False
-                and generation_config.compile_config is not None):
-            rows = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1) * batch_size
-            model_kwargs["cache"] = ToeplitzMixerCache(self.config, rows, device=self.device, dtype=self.dtype)
+
+    def _state_cache_for_generation(self, generation_config: Any, batch_size: int) -> ToeplitzMixerCache | None:
+        """With a `compile_config` or `cache_implementation="static"`, the [`ToeplitzMixerCache`] is created before
+        the prefill, so `generate` sees a compileable cache and (with a `compile_config`, or on CUDA by itself, as
+        for transformers' `StaticCache`) runs the decode steps through `torch.compile` (the shape-static step, see
+        `decode_step`); otherwise the model creates it on the first forward pass (eager decoding)."""
+        if generation_config.compile_config is None and generation_config.cache_implementation != "static":
+            return None
+        return ToeplitzMixerCache(self.config, batch_size, device=self.device, dtype=self.dtype)
 
     @can_return_tuple
     def forward(
