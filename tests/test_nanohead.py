@@ -256,14 +256,30 @@ def test_cached_generation_equals_uncached_for_tiny_head_dims(nanohead_dim, back
     assert_same_generation(greedy(model, input_ids, use_cache=True), greedy(model, input_ids, use_cache=False))
 
 
-def test_dynamic_cache_holds_both_kinds_of_heads():
-    model = make_model()
+@pytest.mark.parametrize("hidden_size,proportion,expected", [
+    (48, 0.0, (2, 12)),  # no nanoheads: Llama's (num_key_value_heads, hidden / heads)
+    (48, 0.4, (4, 6)),  # d = 6: 2 normal KV heads, then 4 nano KV heads x 3 channels packed into 2 slots of 6
+    (64, 0.4, (4, 10)),  # d = 10: 2 normal KV heads, then 4 x 3 = 12 nano channels in 2 slots (8 padded)
+])
+def test_dynamic_cache_is_in_transformers_layout(hidden_size, proportion, expected):
+    model = make_model(hidden_size=hidden_size, nanohead_proportion=proportion)
     split = model.config.nanohead_split
     with torch.no_grad():
         cache = model(ids(2, 7), use_cache=True).cache
     assert len(cache.layers) == model.config.num_hidden_layers
-    assert tuple(cache.layers[0].keys.shape) == (2, 1, 7, split.kv_width)
-    assert split.kv_width == split.num_kv_heads * split.head_dim + split.num_nano_kv_heads * split.nanohead_dim
+    assert tuple(cache.layers[0].keys.shape) == (2, *expected[:1], 7, expected[1])
+    assert modeling_nanohead.cache_head_shape(split) == expected
+    # the normal heads' slots are their keys; the tail holds the nanohead channels, then zeros
+    hidden = model.model.embedding_norm(model.model.embed_tokens(ids(2, 7)))
+    attention = model.model.layers[0].self_attn
+    qkv = attention.qkv_proj(model.model.layers[0].input_layernorm(hidden))
+    n, n_kv, d = split.num_heads, split.num_kv_heads, split.head_dim
+    nano_start = (n + n_kv) * d + split.num_nanoheads * split.nanohead_dim
+    nano_keys = attention.qk_norm(qkv[..., nano_start:split.width + split.kv_width].unflatten(
+        -1, (-1, split.nanohead_dim))).flatten(2)
+    tail = cache.layers[0].keys[:, n_kv:].transpose(1, 2).flatten(2)
+    torch.testing.assert_close(tail[..., :nano_keys.shape[-1]], nano_keys)
+    assert not tail[..., nano_keys.shape[-1]:].any()
 
 
 @pytest.mark.parametrize("proportion", [0.0, 0.4])
@@ -469,3 +485,49 @@ def test_registered():
     spec = hf_models.get_spec("nanohead_gpt")
     assert spec.model_class is NanoheadForCausalLM and hf_models.NanoheadConfig is NanoheadConfig
     assert hf_models.nanohead.calculate_nanohead_split is calculate_nanohead_split
+
+
+# --- attention weights -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("by_config", [False, True])
+def test_output_attentions_gives_every_head_in_head_order(by_config):
+    model = make_model(attn_implementation="sdpa")
+    split = model.config.nanohead_split
+    input_ids = ids(2, 6)
+    with torch.no_grad():
+        plain = model(input_ids).logits
+        if by_config:  # transformers' configs accept output_attentions only with eager attention
+            model.config._attn_implementation = "eager"
+            model.config.output_attentions = True
+            outputs = model(input_ids)
+        else:
+            outputs = model(input_ids, output_attentions=True)
+    assert len(outputs.attentions) == model.config.num_hidden_layers
+    heads = split.num_heads + split.num_nanoheads
+    for weights in outputs.attentions:
+        assert weights.shape == (2, heads, 6, 6)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, heads, 6))
+        assert not weights.triu(1).any()  # causal
+    torch.testing.assert_close(outputs.logits, plain, rtol=1e-5, atol=1e-5)
+    # head order: the first layer's weights recomputed from its queries and keys, normal heads then nanoheads
+    attention = model.model.layers[0].self_attn
+    hidden = model.model.layers[0].input_layernorm(model.model.embedding_norm(model.model.embed_tokens(input_ids)))
+    qkv = attention.qkv_proj(hidden)
+    n, n_kv, d, d_n = split.num_heads, split.num_kv_heads, split.head_dim, split.nanohead_dim
+    nano_start = (n + n_kv) * d
+    nano = attention.qk_norm(qkv[..., nano_start:nano_start + (split.num_nanoheads + split.num_nano_kv_heads) * d_n]
+                             .unflatten(-1, (-1, d_n)))
+    query, key = nano[:, :, :split.num_nanoheads], nano[:, :, split.num_nanoheads:]
+    key = key.repeat_interleave(split.num_nanoheads // split.num_nano_kv_heads, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", query, key) * d_n**-0.5
+    expected = scores.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    torch.testing.assert_close(outputs.attentions[0][:, n:], expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_generate_returns_attention_weights_with_the_cache():
+    model = make_model()
+    out = model.generate(ids(1, 4), max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0,
+                         output_attentions=True, return_dict_in_generate=True)
+    heads = model.config.nanohead_split.num_heads + model.config.nanohead_split.num_nanoheads
+    assert [step[0].shape for step in out.attentions] == [(1, heads, 4, 4), (1, heads, 1, 5), (1, heads, 1, 6)]

@@ -19,11 +19,19 @@ The whole model, per token position t and layer l (x is the residual stream, wid
 width) given to nanoheads; `calculate_nanohead_split` rounds it to head counts that fill `hidden_size` exactly.
 At proportion 0 there are no nanoheads and the model is the plain GPT.
 
-Key/value cache: both kinds of heads of one layer share one cache layer of transformers' `DynamicCache` or
-`StaticCache`. Their keys (and values) are concatenated along the channel axis into `(batch, 1, seq, kv_width)`,
-`kv_width = kv_heads * d + nano_kv_heads * d_n`, and split back into heads after the update, so any cache class
-(dynamic, static, offloaded) works unchanged and a cache position always holds both kinds of the same token.
+Key/value cache: transformers' layout `(batch, cache_kv_heads, seq, d)`, one cache layer per decoder layer of
+`DynamicCache` or `StaticCache` (or any other), holding both kinds of heads of the same token. Slots `[0, kv_heads)`
+are the normal KV heads, exactly Llama's (at proportion 0 that is all there is: `(batch, num_key_value_heads, seq,
+head_dim)`); the nanohead keys (and values), concatenated channel after channel (`nano_kv_heads * d_n` channels), are
+packed into the `p = ceil(nano_kv_heads * d_n / d)` slots after them, the last one zero-padded, so
+`cache_kv_heads = kv_heads + p` (`cache_head_shape`). A slot of that tail is a width-d slab of nano channels, not
+one head. Memory per token and layer: `2 (kv_heads + p) d` elements against `2 (kv_heads d + nano_kv_heads d_n)` for
+a flat layout, i.e. at most `d - 1` padded channels per key and per value (see the model card for measured sizes).
 Nanohead keys carry no rotary phase, so they need no position handling.
+
+Attention weights (`output_attentions=True`, keyword or config): both kinds of heads run on eager attention, and
+each layer returns `(batch, num_heads + num_nanoheads, q_len, kv_len)`: the normal heads first, then the nanoheads,
+in the order their outputs enter `o_proj`.
 
 Attention backends: each kind of head runs on the configured implementation if its kernel accepts the head
 dimension, else on a fallback (`attention_backend`): flash kernels need a head dimension that is a multiple of 8
@@ -51,9 +59,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import capture_outputs
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from ..modeling_zoo_common import ZooPreTrainedModel
+from ..modeling_zoo_common import ZooPreTrainedModel, ZooRotaryEmbedding, apply_rotary
 from .configuration_nanohead import NanoheadConfig, NanoheadSplit
 
 # Which head dimensions each attention implementation's kernel accepts. Implementations not listed accept any
@@ -131,34 +139,17 @@ class NanoheadRMSNorm(nn.Module):
         return F.rms_norm(hidden_states, (hidden_states.shape[-1],), eps=self.eps)
 
 
-class NanoheadRotaryEmbedding(nn.Module):
-    """Rotary embedding of the normal heads: `cos`/`sin` tables `(batch, seq, head_dim)` for given positions."""
-
-    def __init__(self, head_dim: int, theta: float) -> None:
-        super().__init__()
-        self.head_dim = head_dim
-        self.theta = theta
-        self.inv_freq = nn.Buffer(self.compute_inv_freq(), persistent=False)
-
-    def compute_inv_freq(self) -> torch.Tensor:
-        return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
-
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
-        angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+def cache_head_shape(split: NanoheadSplit) -> tuple[int, int]:
+    """`(cache_kv_heads, head_dim)` of a cache layer: the normal KV heads, then the nanohead channels packed into
+    slots of the normal head dimension (see the module docstring)."""
+    nano_slots = -(-split.num_nano_kv_heads * split.nanohead_dim // split.head_dim)
+    return split.num_kv_heads + nano_slots, split.head_dim
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """`(x1, x2) -> (-x2, x1)` over the two halves of the last dimension."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` `(batch, seq, heads, dim)` by the angles of `cos`/`sin` `(batch, seq, dim)`."""
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    return x * cos + rotate_half(x) * sin
+def wants_attentions(config: NanoheadConfig, kwargs: dict[str, Any]) -> bool:
+    """Whether this call returns attention weights (`output_attentions`, keyword first, else the config's)."""
+    asked = kwargs.get("output_attentions")
+    return bool(config.output_attentions if asked is None else asked)
 
 
 class NanoheadAttention(nn.Module):
@@ -191,26 +182,24 @@ class NanoheadAttention(nn.Module):
         value: torch.Tensor,
         attention_masks: dict[str, Any],
         head_dim: int,
+        eager: bool,
         **kwargs: Any,
-    ) -> torch.Tensor:
-        """Attention of one kind of heads; `query` `(batch, seq, heads, dim)`, `key`/`value`
-        `(batch, kv_len, kv_heads, dim)`; returns `(batch, seq, heads * dim)`."""
-        backend = attention_backend(self.config._attn_implementation, head_dim)
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention of one kind of heads; `query` `(batch, seq, heads, dim)`, `key`/`value` `(batch, kv_heads,
+        kv_len, dim)`; returns `(batch, seq, heads * dim)` and the weights `(batch, heads, seq, kv_len)` (eager
+        attention, `eager=True`) or `None`."""
+        backend = "eager" if eager else attention_backend(self.config._attn_implementation, head_dim)
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(backend, eager_attention_forward)
+        query = query.transpose(1, 2)
         width = padded_head_dim(backend, query.device, head_dim)
         if width != head_dim:
             query, key, value = (F.pad(tensor, (0, width - head_dim)) for tensor in (query, key, value))
-        output, _ = interface(
-            self,
-            query.transpose(1, 2),
-            key.transpose(1, 2),
-            value.transpose(1, 2),
-            attention_masks[backend],
-            dropout=0.0,
-            scaling=head_dim**-0.5,
-            **kwargs,
-        )
-        return output[..., :head_dim].reshape(*output.shape[:2], -1)
+        if backend not in attention_masks:
+            raise ValueError(f"no '{backend}' attention mask was prepared: with prepared masks (a static cache in "
+                             "`generate`), ask for attention weights with `config.output_attentions=True`")
+        output, weights = interface(self, query, key, value, attention_masks[backend], dropout=0.0,
+                                    scaling=head_dim**-0.5, **kwargs)
+        return output[..., :head_dim].reshape(*output.shape[:2], -1), weights
 
     def forward(
         self,
@@ -219,8 +208,9 @@ class NanoheadAttention(nn.Module):
         attention_masks: dict[str, Any],
         cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> torch.Tensor:
-        """`hidden_states` `(batch, seq, hidden)` → `(batch, seq, hidden)`."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`hidden_states` `(batch, seq, hidden)` → `(batch, seq, hidden)`, and the attention weights `(batch,
+        num_heads + num_nanoheads, seq, kv_len)` when asked for (`output_attentions`), else `None`."""
         split = self.split
         n, n_kv, d = split.num_heads, split.num_kv_heads, split.head_dim
         m, m_kv, d_n = split.num_nanoheads, split.num_nano_kv_heads, split.nanohead_dim
@@ -228,7 +218,7 @@ class NanoheadAttention(nn.Module):
         qkv = self.qkv_proj(hidden_states)
         qk_end, values_start = (n + n_kv) * d, split.width + split.kv_width
         cos, sin = position_embeddings
-        qk = self.qk_norm(apply_rotary(qkv[..., :qk_end].view(batch, seq, n + n_kv, d), cos, sin))
+        qk = self.qk_norm(apply_rotary(qkv[..., :qk_end].view(batch, seq, n + n_kv, d), cos, sin, heads_dim=2))
         query, key = qk[:, :, :n], qk[:, :, n:]
         keys = key.flatten(2)  # (batch, seq, kv_width): normal keys, then nanohead keys
         values = qkv[..., values_start:]  # normal values, then nanohead values
@@ -236,20 +226,25 @@ class NanoheadAttention(nn.Module):
             nano_qk = self.qk_norm(qkv[..., qk_end:values_start].view(batch, seq, m + m_kv, d_n))
             nano_query, nano_key = nano_qk[:, :, :m], nano_qk[:, :, m:]
             keys = torch.cat([keys, nano_key.flatten(2)], dim=-1)
+        slots = cache_head_shape(split)[0]
+        padding = slots * d - split.kv_width
+        # transformers' layout (batch, cache_kv_heads, seq, d): normal KV heads, then the packed nanohead channels
+        keys, values = (F.pad(tensor, (0, padding)) if padding else tensor for tensor in (keys, values))
+        keys, values = (tensor.reshape(batch, seq, slots, d).transpose(1, 2) for tensor in (keys, values))
         if cache is not None:
-            # One cache layer holds both kinds of heads: (batch, 1, seq, kv_width).
-            keys, values = cache.update(keys.unsqueeze(1), values.unsqueeze(1), self.layer_idx, kwargs=kwargs)
-            keys, values = keys[:, 0], values[:, 0]
+            keys, values = cache.update(keys, values, self.layer_idx, kwargs=kwargs)
 
-        normal = n_kv * d
-        outputs = self._attend(query, keys[..., :normal].unflatten(-1, (n_kv, d)),
-                               values[..., :normal].unflatten(-1, (n_kv, d)), attention_masks, d, **kwargs)
+        eager = wants_attentions(self.config, kwargs)
+        outputs, weights = self._attend(query, keys[:, :n_kv], values[:, :n_kv], attention_masks, d, eager, **kwargs)
         if m:
-            nano_outputs = self._attend(nano_query, keys[..., normal:].unflatten(-1, (m_kv, d_n)),
-                                        values[..., normal:].unflatten(-1, (m_kv, d_n)), attention_masks, d_n,
-                                        **kwargs)
+            nano_keys, nano_values = (
+                tensor[:, n_kv:].transpose(1, 2).flatten(2)[..., : m_kv * d_n].unflatten(-1, (m_kv, d_n))
+                .transpose(1, 2) for tensor in (keys, values))
+            nano_outputs, nano_weights = self._attend(nano_query, nano_keys, nano_values, attention_masks, d_n,
+                                                      eager, **kwargs)
             outputs = torch.cat([outputs, nano_outputs], dim=-1)
-        return self.o_proj(outputs)
+            weights = torch.cat([weights, nano_weights], dim=1) if eager else None
+        return self.o_proj(outputs), weights
 
 
 class NanoheadMLP(nn.Module):
@@ -284,9 +279,10 @@ class NanoheadDecoderLayer(GradientCheckpointingLayer):
         cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(
+        attention, _ = self.self_attn(
             self.input_layernorm(hidden_states), position_embeddings, attention_masks, cache=cache, **kwargs
         )
+        hidden_states = hidden_states + attention
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
@@ -301,7 +297,7 @@ class NanoheadPreTrainedModel(ZooPreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
-    _can_record_outputs = {"hidden_states": NanoheadDecoderLayer}
+    _can_record_outputs = {"hidden_states": NanoheadDecoderLayer, "attentions": OutputRecorder(NanoheadAttention, 1)}
 
     def _init_weights(self, module: nn.Module) -> None:
         # Close to nanochat's scheme: unit-variance embeddings (normalised right away), input projections and the
@@ -314,12 +310,12 @@ class NanoheadPreTrainedModel(ZooPreTrainedModel):
             small = getattr(module, "is_output_projection", False)
             std = self.config.initializer_range if small else module.in_features**-0.5
             init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, NanoheadRotaryEmbedding):
+        elif isinstance(module, ZooRotaryEmbedding):
             init.copy_(module.inv_freq, module.compute_inv_freq())
 
     def _get_static_cache_init_shape(self) -> tuple[int, int]:
-        """A static cache layer holds `(batch, 1, max_len, kv_width)`: both kinds of heads, channels concatenated."""
-        return 1, self.config.nanohead_split.kv_width
+        """A static cache layer holds `(batch, cache_kv_heads, max_len, head_dim)` (see `cache_head_shape`)."""
+        return cache_head_shape(self.config.nanohead_split)
 
 
 class NanoheadModel(NanoheadPreTrainedModel):
@@ -334,14 +330,15 @@ class NanoheadModel(NanoheadPreTrainedModel):
         )
         self.norm = NanoheadRMSNorm(config.rms_norm_eps)
         self.split = config.nanohead_split
-        self.rotary_emb = NanoheadRotaryEmbedding(self.split.head_dim, config.rope_theta)
+        self.rotary_emb = ZooRotaryEmbedding(self.split.head_dim, config.rope_theta)
         self.gradient_checkpointing = False
         self.post_init()
 
-    def attention_backends(self) -> tuple[str, str | None]:
-        """The attention implementations of the normal heads and of the nanoheads (`None` without nanoheads)."""
+    def attention_backends(self, eager: bool = False) -> tuple[str, str | None]:
+        """The attention implementations of the normal heads and of the nanoheads (`None` without nanoheads);
+        `eager` (attention weights asked for) runs both on eager attention."""
         split = self.split
-        implementation = self.config._attn_implementation
+        implementation = "eager" if eager else self.config._attn_implementation
         nano = attention_backend(implementation, split.nanohead_dim) if split.num_nanoheads else None
         return attention_backend(implementation, split.head_dim), nano
 
@@ -351,13 +348,15 @@ class NanoheadModel(NanoheadPreTrainedModel):
         attention_mask: torch.Tensor | None,
         cache: Cache | None,
         position_ids: torch.Tensor,
+        eager: bool = False,
     ) -> dict[str, Any]:
-        """The causal mask in the format of each attention implementation that a kind of head runs on, keyed by
-        implementation (a dict given as `attention_mask`, e.g. by `generate` for static caches, is used as is)."""
+        """The causal mask in the format of each attention implementation that a kind of head runs on (`eager`:
+        eager attention), keyed by implementation (a dict given as `attention_mask`, e.g. by `generate` for static
+        caches, is used as is)."""
         if isinstance(attention_mask, dict):
             return attention_mask
         masks = {}
-        for backend in dict.fromkeys(b for b in self.attention_backends() if b is not None):
+        for backend in dict.fromkeys(b for b in self.attention_backends(eager) if b is not None):
             config = self.config
             if backend != config._attn_implementation:
                 config = copy.copy(config)
@@ -401,7 +400,8 @@ class NanoheadModel(NanoheadPreTrainedModel):
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens)[None]
 
-        attention_masks = self._attention_masks(inputs_embeds, attention_mask, cache, position_ids)
+        attention_masks = self._attention_masks(inputs_embeds, attention_mask, cache, position_ids,
+                                                eager=wants_attentions(self.config, kwargs))
         hidden_states = self.embedding_norm(inputs_embeds)
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         for layer in self.layers:
@@ -433,7 +433,8 @@ class NanoheadForCausalLM(NanoheadPreTrainedModel, GenerationMixin):
     ) -> dict[str, Any]:
         """The masks `generate` prepares ahead of compiled decoding with a static cache: one per attention
         implementation the two kinds of heads run on (the default would build only the configured one's)."""
-        return self.model._attention_masks(inputs_embeds, attention_mask, cache, position_ids)
+        return self.model._attention_masks(inputs_embeds, attention_mask, cache, position_ids,
+                                           eager=config.output_attentions)
 
     @can_return_tuple
     def forward(
@@ -478,6 +479,7 @@ class NanoheadForCausalLM(NanoheadPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
         )
 
 
