@@ -20,7 +20,30 @@ from .configuration_zoo_common import bundle_remote_code
 
 
 class ZooPreTrainedModel(PreTrainedModel):
-    """`PreTrainedModel` whose saved folders load with `trust_remote_code=True` where `hf_models` is absent."""
+    """`PreTrainedModel` whose saved folders load with `trust_remote_code=True` where `hf_models` is absent, and
+    whose `resize_token_embeddings` resizes every head over the vocabulary.
+
+    Attributes:
+        _vocabulary_heads: dotted names of the `nn.Linear` heads over the input vocabulary besides the output
+            embeddings (e.g. an auxiliary sampler's projection); `resize_token_embeddings` resizes them too (a head
+            that is `None` in this config is skipped). A head over another vocabulary (Bicameral's token head, over
+            the teacher's tokens) is not listed.
+    """
+
+    _vocabulary_heads: tuple[str, ...] = ()
+
+    def _resize_token_embeddings(self, new_num_tokens, pad_to_multiple_of=None, mean_resizing=True):
+        embeddings = super()._resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        for name in self._vocabulary_heads:
+            *path, attribute = name.split(".")
+            parent = self
+            for part in path:
+                parent = getattr(parent, part, None)
+            head = getattr(parent, attribute, None)
+            if head is not None:
+                setattr(parent, attribute, self._get_resized_lm_head(head, embeddings.weight.shape[0],
+                                                                     mean_resizing=mean_resizing))
+        return embeddings
 
     def save_pretrained(self, save_directory: str | Path, *args: Any, push_to_hub: bool = False, **kwargs: Any):
         repo_id = kwargs.pop("repo_id", None)

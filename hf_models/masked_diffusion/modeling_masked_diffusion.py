@@ -61,7 +61,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
 from transformers.utils import ModelOutput
 
-from ..modeling_zoo_common import ZooPreTrainedModel
+from ..modeling_zoo_common import ZooPreTrainedModel, ZooRotaryEmbedding, apply_rotary
 from .configuration_masked_diffusion import MaskedDiffusionConfig
 
 SAMPLERS = ("auto", "naive", "wavefront")
@@ -77,36 +77,6 @@ class MaskedDiffusionRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(hidden_states, (hidden_states.shape[-1],), self.weight, self.eps)
-
-
-class MaskedDiffusionRotaryEmbedding(nn.Module):
-    """Rotary embedding: `cos`/`sin` tables `(batch, seq, head_dim)` for given positions."""
-
-    def __init__(self, head_dim: int, theta: float) -> None:
-        super().__init__()
-        self.head_dim = head_dim
-        self.theta = theta
-        self.inv_freq = nn.Buffer(self.compute_inv_freq(), persistent=False)
-
-    def compute_inv_freq(self) -> torch.Tensor:
-        return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim))
-
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
-        angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """`(x1, x2) -> (-x2, x1)` over the two halves of the last dimension."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` `(batch, heads, seq, dim)` by the angles of `cos`/`sin` `(batch, seq, dim)`."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
 
 
 class MaskedDiffusionAttention(nn.Module):
@@ -135,7 +105,7 @@ class MaskedDiffusionAttention(nn.Module):
         key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
-        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        query, key = apply_rotary(query, cos, sin, heads_dim=1), apply_rotary(key, cos, sin, heads_dim=1)
         if self.is_causal:
             causal = torch.ones(seq, seq, dtype=torch.bool, device=hidden_states.device).tril()
             key_mask = causal if key_mask is None else key_mask & causal
@@ -247,7 +217,7 @@ class MaskedDiffusionPreTrainedModel(ZooPreTrainedModel):
             init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
-        elif isinstance(module, MaskedDiffusionRotaryEmbedding):
+        elif isinstance(module, ZooRotaryEmbedding):
             init.copy_(module.inv_freq, module.compute_inv_freq())
 
 
@@ -262,7 +232,7 @@ class MaskedDiffusionModel(MaskedDiffusionPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([MaskedDiffusionBlock(config) for _ in range(config.num_hidden_layers)])
         self.norm = MaskedDiffusionRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = MaskedDiffusionRotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rotary_emb = ZooRotaryEmbedding(config.head_dim, config.rope_theta)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -312,6 +282,7 @@ class MaskedDiffusionForMaskedLM(MaskedDiffusionPreTrainedModel):
     (not shifted); the diffusion objective is `training.diffusion.DiffusionTrainer`."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _vocabulary_heads = ("sampler_head.lm_head",)
 
     def __init__(self, config: MaskedDiffusionConfig) -> None:
         super().__init__(config)
