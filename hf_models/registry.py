@@ -77,6 +77,8 @@ class ArchitectureSpec:
             instead of `model_class.from_pretrained` (e.g. to convert a base checkpoint into this architecture).
         seed_experiment: the `benchmarks.<module>` that reproduces the seed experiment, if any.
         card_tags: extra Hub tags for model cards.
+        hard_context: the model cannot read more than `max_position_embeddings` tokens in one forward pass (e.g.
+            kernels of that length); its saved tokenizer then says so in `model_max_length`.
     """
 
     model_type: str
@@ -103,6 +105,7 @@ class ArchitectureSpec:
     pretrained_loader: Callable[[str, Mapping[str, Any], bool], PreTrainedModel] | None = None
     seed_experiment: str | None = None
     card_tags: tuple[str, ...] = ()
+    hard_context: bool = False
 
     def make_config(self, overrides: Mapping[str, Any] | None = None, *, tiny: bool = False) -> PreTrainedConfig:
         """Build a config from the defaults (or the tiny test config) updated with `overrides`.

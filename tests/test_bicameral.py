@@ -15,6 +15,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast, TrainingArgumen
 import hf_models
 from hf_models.bicameral import BicameralConfig, BicameralForCausalLM
 from hf_models.bicameral.modeling_bicameral import (
+    BicameralCausalLMOutput,
     cutoff_mask,
     direct_causal_conv,
     estimate_flops_per_byte,
@@ -529,3 +530,34 @@ def test_crossover_benchmark_runs_and_finds_the_first_length_that_stays_faster(t
     assert [row["length"] for row in report["rows"]] == [8, 16]
     assert all(row[name] > 0 for row in report["rows"] for name in fft_crossover.SERIES)
     assert (tmp_path / "fft_crossover.json").exists() and (tmp_path / "fft_crossover.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gradient checkpointing and resizing
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_with_both_heads():
+    model = scramble(tiny(dropout=0.1)).train()
+    input_ids, token_labels = byte_ids(2, 12), torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(3))
+
+    def gradients() -> tuple[BicameralCausalLMOutput, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        torch.manual_seed(0)
+        outputs = model(input_ids, labels=input_ids, token_labels=token_labels)
+        (outputs.loss + outputs.token_loss).backward()
+        return outputs, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    _, expected = gradients()
+    model.gradient_checkpointing_enable()
+    outputs, actual = gradients()
+    assert outputs.cache is None  # checkpointed blocks run without a cache
+    for name, grad in expected.items():
+        torch.testing.assert_close(actual[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_resize_keeps_the_token_head_over_the_teacher_vocabulary():
+    model = tiny()
+    model.resize_token_embeddings(model.config.vocab_size + 8, mean_resizing=False)
+    assert model.lm_head.weight.shape[0] == model.config.vocab_size
+    # the token head predicts the teacher's BPE tokens, whose vocabulary the byte vocabulary does not change
+    assert model.token_head.weight.shape[0] == model.config.token_vocab_size == 300

@@ -26,6 +26,7 @@ from hf_models.registry import get_spec
 from model_cards import BENCHMARK_FILE, LOSS_CURVE_FILE
 
 from .common import UsageError, run_cli
+from .tokenization import record_model_max_length
 from .train import WEIGHT_FILES
 
 CARD_FILE = "README.md"
@@ -70,6 +71,7 @@ def stage_repository(checkpoint: str | Path, staging: str | Path, repo_id: str |
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     except (OSError, ValueError, TypeError):
         raise UsageError(f"checkpoint folder {checkpoint} has no loadable tokenizer") from None
+    record_model_max_length(tokenizer, spec, model.config)
     tokenizer.save_pretrained(staging)
     for name in EXTRA_FILES:
         if (checkpoint / name).exists():

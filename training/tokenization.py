@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from hf_models.registry import ArchitectureSpec
 
 from .common import UsageError
 
@@ -62,6 +64,18 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def record_model_max_length(tokenizer: PreTrainedTokenizerBase, spec: ArchitectureSpec,
+                            config: PreTrainedConfig) -> None:
+    """Write the model's hard context into `tokenizer.model_max_length` (saved with the tokenizer), so pipelines
+    and lm-eval warn or truncate before the model refuses a longer input.
+
+    Only for an architecture whose spec declares `hard_context` (its context is `config.max_position_embeddings`);
+    a tokenizer that already says less keeps its value.
+    """
+    if spec.hard_context:
+        tokenizer.model_max_length = min(tokenizer.model_max_length, config.max_position_embeddings)
 
 
 def token_byte_lengths(tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:

@@ -34,7 +34,7 @@ from model_cards import BENCHMARK_FILE, LOSS_CURVE_FILE, plot_loss_curve, write_
 
 from .common import UsageError, run_cli
 from .data import DataArguments, PackedSplit, load_documents, tokenize_and_pack
-from .tokenization import load_tokenizer, train_bpe_tokenizer
+from .tokenization import load_tokenizer, record_model_max_length, train_bpe_tokenizer
 from .trainer import ZooTrainer, resolve_trainer
 
 logger = logging.getLogger(__name__)
@@ -239,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> ZooTrainer:
     tokenizer = resolve_tokenizer(spec, model_args, training_args, documents["train"])
     set_seed(training_args.seed)  # before the model exists: the initial weights are seeded too
     model = build_model(spec, model_args, tokenizer, data_args.block_size)
+    record_model_max_length(tokenizer, spec, model.config)
     train = tokenize_and_pack(documents["train"], tokenizer, data_args.block_size, split_name="train",
                               num_proc=data_args.preprocessing_num_workers)
     validation = tokenize_and_pack(documents["validation"], tokenizer, data_args.block_size, split_name="validation",

@@ -61,6 +61,7 @@ SPEC = register(
         lora_target_modules=("fc1", "fc2"),
         seed_experiment="toeplitz_variants",
         card_tags=("toeplitz", "long-convolution", "attention-free", "token-mixer"),
+        hard_context=True,
     )
 )
 
