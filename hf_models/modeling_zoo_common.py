@@ -141,11 +141,11 @@ class ZooStateLayer(LinearAttentionLayer):
         kind, index = self.state_slots[name]
         return (self.conv_states if kind == "conv" else self.recurrent_states)[index]
 
-    def set_state(self, name: str, tensor: torch.Tensor, kind: str | None = None) -> None:
-        """Store (or replace) the state `name`; a new name needs its `kind` (`"conv"` or `"recurrent"`)."""
+    def set_state(self, name: str, tensor: torch.Tensor, kind: str = "recurrent") -> None:
+        """Store (or replace) the state `name`; `kind` (`"conv"` or `"recurrent"`) places a new name."""
         if name not in self.state_slots:
             if kind not in ("conv", "recurrent"):
-                raise ValueError(f"a new state needs kind='conv' or kind='recurrent', got {kind!r}")
+                raise ValueError(f"kind must be 'conv' or 'recurrent', got {kind!r}")
             index = sum(slot_kind == kind for slot_kind, _ in self.state_slots.values())
             if index == self.number_of_states:
                 self.number_of_states += 1
@@ -235,9 +235,9 @@ class ZooStateCache(Cache):
         """The state tensor `name` of layer `layer_idx`, or `None` before it is first written."""
         return self.layers[layer_idx].get_state(name)
 
-    def set_state(self, layer_idx: int, name: str, tensor: torch.Tensor, kind: str | None = None) -> None:
-        """Store (or replace) the state tensor `name` (batch first) of layer `layer_idx`; a new name needs its
-        `kind`, `"conv"` (an input history) or `"recurrent"` (a running summary)."""
+    def set_state(self, layer_idx: int, name: str, tensor: torch.Tensor, kind: str = "recurrent") -> None:
+        """Store (or replace) the state tensor `name` (batch first) of layer `layer_idx`; `kind` places a new name:
+        `"conv"` (an input history, croppable in principle) or `"recurrent"` (a running summary, the default)."""
         self.layers[layer_idx].set_state(name, tensor, kind)
 
 

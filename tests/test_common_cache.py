@@ -221,3 +221,16 @@ def test_record_model_max_length_keeps_a_shorter_limit(bpe_tokenizer):
     bpe_tokenizer.model_max_length = int(1e30)
     record_model_max_length(bpe_tokenizer, spec, config)
     assert bpe_tokenizer.model_max_length == config.max_position_embeddings
+
+
+@pytest.mark.parametrize("spec", CACHED_SPECS, ids=spec_id)
+def test_batch_selected_cache_continues_each_selected_row(spec: ArchitectureSpec):
+    model = tiny_model(spec)
+    prompt, step = random_ids(spec, 2, 5), random_ids(spec, 3, 1, seed=4)
+    rows = torch.tensor([1, 1, 0])  # a row twice (as beams repeat), rows reordered
+    with torch.no_grad():
+        cache = model(prompt, use_cache=True).cache
+        cache.batch_select_indices(rows)
+        logits = model(step, cache=cache, use_cache=True).logits[:, -1]
+        expected = model(torch.cat([prompt[rows], step], dim=1)).logits[:, -1]
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)

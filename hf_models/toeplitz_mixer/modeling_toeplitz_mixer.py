@@ -565,8 +565,9 @@ class ToeplitzMixerModel(ToeplitzMixerPreTrainedModel):
 class ToeplitzMixerForCausalLM(ToeplitzMixerPreTrainedModel, ZooStateCacheGenerationMixin, GenerationMixin):
     """The Toeplitz mixer with its (untied by default) LM head; `labels` give the shifted cross-entropy loss.
 
-    Compiled decoding: `generate(..., compile_config=CompileConfig(fullgraph=True, dynamic=False))` creates the
-    cache before the prefill, so `generate` runs the decode steps through `torch.compile`, where the default
+    Compiled decoding: `generate(..., compile_config=CompileConfig(fullgraph=True, dynamic=False))` (or
+    `cache_implementation="static"`) creates the cache before the prefill, so `generate` runs the decode steps
+    through `torch.compile` (with `"static"` alone: on CUDA, as for transformers' `StaticCache`), where the default
     `decode_step="auto"` takes the shape-static step (one graph per batch size; on CUDA the library's default
     `mode="reduce-overhead"` adds CUDA graphs). On a CPU the library compiles only when told to, with
     `compile_config._compile_all_devices = True`. A compiled step of your own works the same way:
