@@ -41,7 +41,7 @@ from lm_eval import utils as lm_eval_utils
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from transformers import AutoModelForMaskedLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
 import hf_models  # noqa: F401  (registers the zoo's architectures with the Auto classes)
 from training.common import UsageError
@@ -103,6 +103,8 @@ class MaskedDiffusionLM(TemplateLM):
                              f"got {mc_num}")
         if mc_form not in ELBO_FORMS:
             raise UsageError(f"masked_diffusion: mc_form must be one of {ELBO_FORMS}, got {mc_form!r}")
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise UsageError(f"masked_diffusion: dtype must be float32, bfloat16 or float16, got {dtype!r}")
         if self.mc_batch_size < 1 or self.batch_size < 1 or self.rolling_context < 1:
             raise UsageError("masked_diffusion: mc_batch_size, batch_size and rolling_context must be at least 1")
 
@@ -111,17 +113,20 @@ class MaskedDiffusionLM(TemplateLM):
                 logger.warning("masked_diffusion: %s is not available, using the CPU", device)
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self._device = torch.device(device)
+        remote = _flag(trust_remote_code)
         try:
-            torch_dtype = getattr(torch, dtype)
+            config = AutoConfig.from_pretrained(pretrained, trust_remote_code=remote)
+            if getattr(config, "mask_token_id", None) is None:
+                raise UsageError(f"masked_diffusion: '{pretrained}' is a {config.model_type} model, not a masked "
+                                 "diffusion model with a mask token; use --model hf for causal models")
             self.model = AutoModelForMaskedLM.from_pretrained(
-                pretrained, dtype=torch_dtype, trust_remote_code=_flag(trust_remote_code)).to(self._device).eval()
-            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or pretrained,
-                                                           trust_remote_code=_flag(trust_remote_code))
+                pretrained, config=config, dtype=getattr(torch, dtype), trust_remote_code=remote).to(self._device).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or pretrained, trust_remote_code=remote)
         except (OSError, ValueError, AttributeError) as error:
             raise UsageError(f"masked_diffusion: could not load '{pretrained}': {str(error).splitlines()[0]}") from None
-        if not hasattr(self.model, "diffusion_generate") or getattr(self.model.config, "mask_token_id", None) is None:
-            raise UsageError(f"masked_diffusion: '{pretrained}' is a {type(self.model).__name__}, not a masked "
-                             "diffusion model with a mask token; use --model hf for causal models")
+        if not hasattr(self.model, "diffusion_generate"):
+            raise UsageError(f"masked_diffusion: '{pretrained}' loads as a {type(self.model).__name__}, which has no "
+                             "diffusion_generate: not a masked diffusion model of the zoo")
         if self.tokenizer.eos_token_id is None:
             raise UsageError(f"masked_diffusion: the tokenizer of '{tokenizer or pretrained}' has no EOS token")
         self._max_length = int(max_length or self.model.config.max_position_embeddings)
@@ -163,8 +168,9 @@ class MaskedDiffusionLM(TemplateLM):
             context = context[len(context) + len(continuation) - self.max_length:] \
                 if len(context) + len(continuation) > self.max_length else context
             tensors.append((torch.tensor(context, dtype=torch.long), torch.tensor(continuation, dtype=torch.long)))
-            key = zlib.crc32(repr((context, continuation)).encode())
-            generators.append(torch.Generator().manual_seed(self.mc_seed * 2**32 + key))
+            # torch's CPU generator keeps 32 bits of a seed: one hash of the seed and the tokens
+            generators.append(torch.Generator().manual_seed(zlib.crc32(repr((self.mc_seed, context,
+                                                                             continuation)).encode())))
         samples = nelbo_samples(self.model, tensors, num_samples=self.mc_num, form=self.mc_form,
                                 min_mask_rate=self.min_mask_rate, batch_size=self.mc_batch_size,
                                 generators=generators)
