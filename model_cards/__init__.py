@@ -1,6 +1,6 @@
 """Model cards filled from real runs: Hub metadata, config, data, training, metrics, a sample, the loss curve,
-benchmark figures and the architecture's notes (`model_cards/<model_type>.md`, where experiments record their
-verdicts)."""
+benchmark and lm-evaluation-harness figures and the architecture's notes (`model_cards/<model_type>.md`, where
+experiments record their verdicts)."""
 
 from __future__ import annotations
 
@@ -108,6 +108,87 @@ def update_benchmark_section(folder: str | Path) -> bool:
     return True
 
 
+_LM_EVAL_START, _LM_EVAL_END = "<!-- lm_eval:start -->\n", "\n<!-- lm_eval:end -->"
+
+
+def _lm_eval_settings(task: str, result: Mapping[str, Any]) -> str:
+    config = result.get("configs", {}).get(task, {})
+    samples = result.get("n-samples", {}).get(task, {})
+    parts = [f"{config.get('output_type', '?')}", f"{result.get('n-shot', {}).get(task, 0)}-shot"]
+    if samples:
+        parts.append(f"{samples.get('effective'):,} of {samples.get('original'):,} documents")
+    metadata = config.get("metadata") or {}
+    if metadata.get("heldout_file"):
+        parts.append(f"`{Path(str(metadata['heldout_file'])).name}` (documents split "
+                     f"{metadata.get('heldout_doc_separator', 'auto')})")
+    parts.append(f"task version {result.get('versions', {}).get(task, '?')}")
+    return ", ".join(parts)
+
+
+def lm_eval_section(results: Sequence[Mapping[str, Any]]) -> str:
+    """The "lm-evaluation-harness" card section from lm-eval result dicts (its `results_*.json` files), oldest
+    first: for each task the latest run, with lm_eval's version, the model arguments and the task's settings."""
+    latest: dict[str, int] = {}
+    for index, result in enumerate(results):
+        for task in result.get("results", {}):
+            latest[task] = index
+    lines = ["## lm-evaluation-harness", ""]
+    for index, result in enumerate(results):
+        tasks = sorted(task for task, owner in latest.items() if owner == index)
+        if not tasks:
+            continue
+        config = result.get("config", {})
+        model_args = config.get("model_args") or {}
+        if isinstance(model_args, str):
+            model_args = dict(item.split("=", 1) for item in model_args.split(",") if "=" in item)
+        shown = ", ".join(f"{key}={value}" for key, value in model_args.items() if key != "pretrained") or "defaults"
+        lines += [f"Measured with `python -m benchmarks.lm_eval` (lm_eval {result.get('lm_eval_version', '?')}, "
+                  f"`--model {config.get('model', '?')}`, model arguments: {shown}; device {config.get('device')}, "
+                  f"limit {config.get('limit')}).", "",
+                  "| task | metric | value | ± |", "|---|---|---|---|"]
+        for task in tasks:
+            for key, value in result["results"][task].items():
+                if "," not in key or "_stderr," in key:
+                    continue
+                metric, filter_name = key.split(",", 1)
+                error = result["results"][task].get(f"{metric}_stderr,{filter_name}")
+                lines.append(f"| {task} | {metric} | {_format(value)} | "
+                             f"{_format(error) if isinstance(error, float) else '—'} |")
+        lines += ["", *(f"- `{task}`: {_lm_eval_settings(task, result)}" for task in tasks)]
+        if "likelihood" in config:  # the zoo's masked_diffusion model: bounds, with their Monte Carlo error
+            rolling = config.get("loglikelihood_rolling_mc_standard_error")
+            lines += ["", f"These log-likelihoods are **bounds**, not exact ({config['likelihood']}; mc_num="
+                          f"{config.get('mc_num')}, form {config.get('mc_form')}, seed {config.get('mc_seed')})."
+                      + (f" Monte Carlo standard error of the bits per byte: {_format(rolling['bits_per_byte'])}."
+                         if rolling else "")]
+        lines.append("")
+    return "\n".join(lines).strip()
+
+
+def update_lm_eval_section(folder: str | Path, results: Sequence[Mapping[str, Any]]) -> Path:
+    """Write the lm-evaluation-harness section (see `lm_eval_section`) into `folder/README.md`, replacing the
+    previous one; a card without the section gets it before the architecture notes.
+
+    Raises:
+        ValueError: `folder` has no model card.
+    """
+    card = Path(folder) / "README.md"
+    if not card.is_file():
+        raise ValueError(f"{card} not found: the lm-eval figures go into an existing model card (a folder written "
+                         "by the training CLI)")
+    text = card.read_text(encoding="utf-8")
+    section = _LM_EVAL_START + lm_eval_section(results) + _LM_EVAL_END
+    pattern = re.compile(re.escape(_LM_EVAL_START.strip()) + ".*?" + re.escape(_LM_EVAL_END.strip()), flags=re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text)
+    else:
+        anchor = next((heading for heading in ("\n## About the architecture", "\n## Limitations") if heading in text),
+                      None)
+        text = text.replace(anchor, f"\n{section}\n{anchor}", 1) if anchor else f"{text.rstrip()}\n\n{section}\n"
+    card.write_text(text, encoding="utf-8")
+    return card
+
+
 def write_model_card(
     folder: str | Path,
     *,
@@ -130,7 +211,8 @@ def write_model_card(
     """Write `README.md` (the model card) into `folder` and return its path.
 
     The loss curve is shown if `loss_curve.png` is in `folder`, benchmark figures if `benchmark.json` is, and
-    the architecture's notes if `model_cards/<model_type>.md` exists.
+    the architecture's notes if `model_cards/<model_type>.md` exists. The lm-evaluation-harness section starts
+    empty (a new run's card never shows an older model's figures); `update_lm_eval_section` fills it.
     """
     folder = Path(folder)
     card_data = ModelCardData(
@@ -161,6 +243,7 @@ def write_model_card(
         sample_text=sample_text,
         loss_curve=loss_curve,
         benchmarks=_BENCHMARK_START + _benchmark_section(folder) + _BENCHMARK_END,
+        lm_eval=_LM_EVAL_START + _LM_EVAL_END,  # filled by `python -m benchmarks.lm_eval card`
         architecture_notes=f"## About the architecture\n\n{notes}" if notes else "",
     )
     path = folder / "README.md"

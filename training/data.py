@@ -273,3 +273,13 @@ def tokenize_and_pack(
     if len(blocks) == 0:
         raise UsageError(f"the {split_name} split fills no block of --block_size {block_size}; lower --block_size")
     return PackedSplit(blocks=blocks, num_documents=len(documents), num_tokens=num_tokens, num_bytes=num_bytes)
+
+
+def read_documents(path: str, doc_separator: str = "auto", text_column: str | None = None) -> list[str]:
+    """The documents of one local `.txt` / `.jsonl` / `.json` file, split exactly as the training CLI splits
+    `--train_file` (see `split_documents`; `text_column` picks the JSON field, default text, story or content).
+
+    Raises:
+        UsageError: a missing or empty file, an unknown separator or a malformed JSON Lines record.
+    """
+    return _read_file_documents(path, DataArguments(doc_separator=doc_separator, text_column=text_column))

@@ -329,5 +329,99 @@ class DiffusionTrainer(ZooTrainer):
         )
 
 
-__all__ = ["DiffusionObjective", "DiffusionTrainer", "critic_loss", "critic_targets", "diffusion_loss",
-           "diffusion_losses", "mask_tokens", "sample_mask_rates", "sampler_loss"]
+ELBO_FORMS = ("count", "time")
+
+
+@torch.no_grad()
+def nelbo_samples(
+    model: PreTrainedModel,
+    rows: list[tuple[torch.LongTensor, torch.LongTensor]],
+    *,
+    num_samples: int,
+    form: str = "count",
+    min_mask_rate: float = 1e-3,
+    batch_size: int = 32,
+    generators: list[torch.Generator] | None = None,
+) -> torch.Tensor:
+    """Monte Carlo samples of the negative ELBO of each continuation given its context, in nats: an upper bound on
+    `-log p(continuation | context)` in expectation.
+
+    Only the continuation (length L) is ever masked; the context stays visible. Two unbiased estimators of the same
+    bound (each equals the any-order autoregressive bound `E_order sum_i -log p(x_order(i) | context, x_order(<i))`):
+
+    * `count` (LLaDA's evaluation; lower variance): draw l ~ U{1..L}, mask exactly l positions chosen uniformly,
+      score `(L / l) * sum of the masked tokens' cross-entropy`;
+    * `time` (MDLM; the training objective `diffusion_losses` with `loss_weighting=elbo`): draw t ~ U(eps, 1), mask
+      each position with probability t (`mask_tokens`), score `(1 / t) * sum of the masked tokens' cross-entropy`
+      (eps = `min_mask_rate` truncates the integral, a bias of order eps).
+
+    The count form is the time form with t = l / L and exactly l masks: with t ~ U(0, 1), l is uniform on {0..L}
+    and E[1/t | l] = (L + 1) / l. Draws are independent (no stratification), so the standard error of the mean of
+    the samples is `std / sqrt(num_samples)`. Rows of one forward batch are right-padded (padding keys are masked).
+
+    Args:
+        model: a `MaskedDiffusionForMaskedLM` (with `config.mask_token_id`), in eval mode.
+        rows: `(context_ids (c,), continuation_ids (L,))` pairs with L >= 1.
+        num_samples: Monte Carlo samples per row.
+        form: `"count"` or `"time"`.
+        min_mask_rate: eps of the time form.
+        batch_size: sequences per forward pass.
+        generators: one generator per row (default: torch's global one); a row's samples depend only on its own.
+
+    Returns:
+        `(len(rows), num_samples)` float64 nats.
+
+    Raises:
+        ValueError: an unknown form, an empty continuation, or fewer than one sample.
+    """
+    if form not in ELBO_FORMS:
+        raise ValueError(f"form must be one of {ELBO_FORMS}, got {form!r}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+    mask_id = model.config.mask_token_id
+    noisy, labels, masks, rates = [], [], [], []
+    for index, (context, continuation) in enumerate(rows):
+        context, continuation = context.cpu(), continuation.cpu()
+        length = continuation.numel()
+        if length < 1:
+            raise ValueError("every continuation needs at least one token")
+        generator = generators[index] if generators is not None else None
+        ids = torch.cat((context, continuation)).expand(num_samples, -1)
+        row_labels = torch.cat((torch.full_like(context, IGNORE_INDEX), continuation)).expand_as(ids)
+        if form == "count":
+            counts = torch.randint(1, length + 1, (num_samples,), generator=generator)
+            ranks = torch.rand(num_samples, length, generator=generator).argsort(dim=1).argsort(dim=1)
+            masked = torch.cat((torch.zeros(num_samples, context.numel(), dtype=torch.bool), ranks < counts[:, None]),
+                               dim=1)
+            row_noisy, row_rates = ids.masked_fill(masked, mask_id), counts.double() / length
+        else:
+            row_rates = min_mask_rate + (1 - min_mask_rate) * torch.rand(num_samples, generator=generator,
+                                                                         dtype=torch.float64)
+            row_noisy, masked = mask_tokens(ids, row_labels, row_rates, mask_id, generator)
+        noisy.extend(row_noisy)
+        labels.extend(row_labels)
+        masks.extend(masked)
+        rates.append(row_rates)
+    rates = torch.cat(rates)
+    nats = torch.empty(len(noisy), dtype=torch.float64)
+    by_length = sorted(range(len(noisy)), key=lambda i: noisy[i].numel())
+    for start in range(0, len(by_length), batch_size):
+        chunk = by_length[start:start + batch_size]
+        width = max(noisy[i].numel() for i in chunk)
+        input_ids = torch.full((len(chunk), width), mask_id, dtype=torch.long)
+        targets = torch.full_like(input_ids, IGNORE_INDEX)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, i in enumerate(chunk):
+            size = noisy[i].numel()
+            input_ids[row, :size] = noisy[i]
+            targets[row, :size] = labels[i].masked_fill(~masks[i], IGNORE_INDEX)
+            attention_mask[row, :size] = 1
+        logits = model(input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device)).logits
+        token_nats = F.cross_entropy(logits.float().transpose(1, 2), targets.to(logits.device),
+                                     ignore_index=IGNORE_INDEX, reduction="none")
+        nats[chunk] = token_nats.double().sum(dim=1).cpu() / rates[chunk]
+    return nats.view(len(rows), num_samples)
+
+
+__all__ = ["DiffusionObjective", "DiffusionTrainer", "ELBO_FORMS", "critic_loss", "critic_targets", "diffusion_loss",
+           "diffusion_losses", "mask_tokens", "nelbo_samples", "sample_mask_rates", "sampler_loss"]
