@@ -34,6 +34,7 @@ Writes `decode.json` and prints a table with each row's ratio to `llama eager` a
 from __future__ import annotations
 
 import argparse
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -234,9 +235,11 @@ def measure_decode(
     warmup: int = 1,
     runs: int = 5,
     seed: int = 0,
+    deadline: float | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Rows of every subject (the architecture's paths, then Llama's) × batch size × prompt length."""
+    """Rows of every subject × batch size × prompt length: eager paths first, then compiled, then static, the
+    architecture's before Llama's. Rows not started by `deadline` (`time.monotonic()`) are skipped, saying so."""
     if spec.task != "causal-lm":
         raise UsageError(f"{spec.model_type} is not a causal LM (it generates with {spec.generate_method})")
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # one graph per setting
@@ -246,27 +249,36 @@ def measure_decode(
     if baseline and spec.model_type != LLAMA:
         torch.manual_seed(seed)
         subjects.append((LLAMA, LlamaForCausalLM(spec.baseline_config(config)), ()))
-    rows = []
-    for name, model, auxiliary in subjects:
+    for _, model, _ in subjects:
         model.to(device=device, dtype=dtype).eval()
-        for path, kwargs in decode_paths(model, compiled, static=static, compile=compile):
-            reason = kwargs if isinstance(kwargs, str) else None
-            for batch in batch_sizes:
-                for prompt in prompt_lengths:
-                    if reason is None:
-                        row = measure_path(model, name, path, kwargs, batch=batch, prompt=prompt,
-                                           new_tokens=new_tokens, warmup=warmup, runs=runs, seed=seed,
-                                           bandwidth_gbs=bandwidth_gbs, auxiliary=auxiliary)
-                        reason = row.get("unavailable")  # not retried at the other settings
-                    else:
-                        row = {"subject": f"{name} {path}", "model": name, "path": path, "batch_size": batch,
-                               "prompt_length": prompt, "new_tokens": new_tokens, "unavailable": reason}
-                    rows.append(row)
-                    if "unavailable" in row:
-                        log(f"{row['subject']:24s} B={batch} prompt={prompt}: {row['unavailable']}")
-                    else:
-                        log(f"{row['subject']:24s} B={batch} prompt={prompt}: {row['tokens_per_second']:.1f} tok/s, "
-                            f"decode step {row['decode_step_ms']:.3f} ms (floor {row['floor_ms']:.4f} ms)")
+    # eager paths first, then compiled, then static, each the architecture's before Llama's: under a `deadline` the
+    # most telling rows come first
+    order = {"eager": 0, "compiled": 1, "static": 2}
+    jobs = sorted(((name, model, auxiliary, path, kwargs) for name, model, auxiliary in subjects
+                   for path, kwargs in decode_paths(model, compiled, static=static, compile=compile)),
+                  key=lambda job: order[job[3]])
+    rows = []
+    for name, model, auxiliary, path, kwargs in jobs:
+        reason = kwargs if isinstance(kwargs, str) else None
+        for batch in batch_sizes:
+            for prompt in prompt_lengths:
+                if reason is None and deadline is not None and time.monotonic() > deadline:
+                    reason = "skipped: the time budget ran out"
+                if reason is None:
+                    row = measure_path(model, name, path, kwargs, batch=batch, prompt=prompt, new_tokens=new_tokens,
+                                       warmup=warmup, runs=runs, seed=seed, bandwidth_gbs=bandwidth_gbs,
+                                       auxiliary=auxiliary)
+                    reason = row.get("unavailable")  # not retried at the other settings
+                else:
+                    row = {"subject": f"{name} {path}", "model": name, "path": path, "batch_size": batch,
+                           "prompt_length": prompt, "new_tokens": new_tokens, "unavailable": reason}
+                rows.append(row)
+                if "unavailable" in row:
+                    log(f"{row['subject']:24s} B={batch} prompt={prompt}: {row['unavailable']}")
+                else:
+                    log(f"{row['subject']:24s} B={batch} prompt={prompt}: {row['tokens_per_second']:.1f} tok/s, "
+                        f"decode step {row['decode_step_ms']:.3f} ms (floor {row['floor_ms']:.4f} ms)")
+    for _, model, _ in subjects:
         model.to("cpu")
     add_llama_ratios(rows)
     return rows
