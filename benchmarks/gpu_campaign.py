@@ -18,7 +18,8 @@ returns what it measured; a part or row that no longer fits in `--budget_s` is s
    shape-static step captured in a CUDA graph (`generate` compiled with `mode="reduce-overhead"`) ≡ the eager step
    (fp32: tokens and logits).
 
-`--dry_run` runs every part at toy sizes on the CPU (under two minutes; the compiled paths with the `eager` backend,
+With the default budget the experiments part runs those that fit, in order; a second run with
+`--parts experiments --experiments <the rest>` takes the others. `--dry_run` runs every part at toy sizes on the CPU (under two minutes; the compiled paths with the `eager` backend,
 no inductor); `tests/test_gpu_campaign.py` runs it with a small budget.
 
 When a GPU is lent (device tool `run`; the corpora and the wheels travel as carried, git-ignored folders):
@@ -128,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", default=None, help="Default: $OUT when set, else results/gpu-campaign-<time>.")
     parser.add_argument("--dry_run", action="store_true", help="Toy sizes on the CPU (every part, under 2 minutes).")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"Comma-separated subset of {', '.join(PARTS)}.")
+    parser.add_argument("--experiments", default=",".join(EXPERIMENTS),
+                        help="Comma-separated subset (and order) of the experiments part: " + ", ".join(EXPERIMENTS))
     parser.add_argument("--device", default="auto")
     return parser
 
@@ -139,6 +142,7 @@ class Campaign:
         self.start = time.monotonic()
         self.budget = args.budget_s
         self.dry = args.dry_run
+        self.experiments = [name for name in args.experiments.split(",") if name]
         self.sizes = DRY if args.dry_run else FULL
         self.device = device
         self.path = output_dir / "campaign.json"
@@ -283,7 +287,7 @@ def part_experiments(campaign: Campaign, record: dict[str, Any]) -> None:
     scratch = Path(tempfile.mkdtemp(prefix="zoo-campaign-"))
     record["scratch"] = str(scratch)
     record["runs"] = {}
-    for name in EXPERIMENTS:
+    for name in campaign.experiments:
         left = campaign.deadline("experiments") - time.monotonic()
         timeout = min(left, 30.0 if campaign.dry else 90.0)
         if timeout < campaign.sizes["min_part_s"]:
@@ -425,6 +429,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     unknown = sorted(set(parts) - set(PARTS))
     if unknown or not parts:
         raise UsageError(f"unknown parts {unknown}; choose from {', '.join(PARTS)}")
+    unknown = sorted(set(args.experiments.split(",")) - set(EXPERIMENTS) - {""})
+    if unknown:
+        raise UsageError(f"unknown experiments {unknown}; choose from {', '.join(EXPERIMENTS)}")
     if args.budget_s <= 0:
         raise UsageError("--budget_s must be > 0")
     device = torch.device("cpu") if args.dry_run else torch.device(
