@@ -173,8 +173,8 @@ def measure_path(model: PreTrainedModel, name: str, path: str, kwargs: dict[str,
                  auxiliary: tuple[str, ...] = ()) -> dict[str, Any]:
     """One row: the decode of `new_tokens` tokens after a random `prompt` of `batch` rows on `path`.
 
-    A compiled path that `generate` did not compile (the architecture's cache is not compileable) or whose
-    compilation fails returns a row with `unavailable` (the reason) and no figures."""
+    A compiled path that `generate` did not compile (the architecture's cache is not compileable), or a path that
+    fails (e.g. its compilation), returns a row with `unavailable` (the reason) and no figures."""
     row: dict[str, Any] = {"subject": f"{name} {path}", "model": name, "path": path, "batch_size": batch,
                            "prompt_length": prompt, "new_tokens": new_tokens}
     input_ids = random_prompts(model.config.vocab_size, batch, prompt, device=model.device, seed=seed)
@@ -183,10 +183,8 @@ def measure_path(model: PreTrainedModel, name: str, path: str, kwargs: dict[str,
     try:
         result = time_generation(model, input_ids, new_tokens=new_tokens, use_cache=True, mode_kwargs=kwargs,
                                  warmup=warmup, runs=runs)
-    except Exception as error:  # noqa: BLE001  (a compiler error is a finding of the benchmark, reported)
-        if path != "compiled":
-            raise
-        row["unavailable"] = f"compilation failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+    except Exception as error:  # noqa: BLE001  (e.g. a compiler error: a finding of the benchmark, reported)
+        row["unavailable"] = f"failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
         return row
     if path == "compiled" and not hasattr(model, "_compiled_call"):
         row["unavailable"] = "no shape-static decode path yet (generate decoded eagerly: the cache is not compileable)"
@@ -238,8 +236,8 @@ def measure_decode(
     deadline: float | None = None,
     log: Callable[[str], None] = print,
 ) -> list[dict[str, Any]]:
-    """Rows of every subject × batch size × prompt length: eager paths first, then compiled, then static, the
-    architecture's before Llama's. Rows not started by `deadline` (`time.monotonic()`) are skipped, saying so."""
+    """Rows of every batch size × prompt length × subject (eager paths, then compiled, then static, the
+    architecture's before Llama's). Rows not started by `deadline` (`time.monotonic()`) are skipped, saying so."""
     if spec.task != "causal-lm":
         raise UsageError(f"{spec.model_type} is not a causal LM (it generates with {spec.generate_method})")
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # one graph per setting
@@ -251,24 +249,26 @@ def measure_decode(
         subjects.append((LLAMA, LlamaForCausalLM(spec.baseline_config(config)), ()))
     for _, model, _ in subjects:
         model.to(device=device, dtype=dtype).eval()
-    # eager paths first, then compiled, then static, each the architecture's before Llama's: under a `deadline` the
-    # most telling rows come first
+    # every path at one setting before the next setting, eager paths before compiled before static, the
+    # architecture's before Llama's: under a `deadline` the most telling rows come first
     order = {"eager": 0, "compiled": 1, "static": 2}
     jobs = sorted(((name, model, auxiliary, path, kwargs) for name, model, auxiliary in subjects
                    for path, kwargs in decode_paths(model, compiled, static=static, compile=compile)),
                   key=lambda job: order[job[3]])
+    reasons = {(name, path): kwargs for name, _, _, path, kwargs in jobs if isinstance(kwargs, str)}
     rows = []
-    for name, model, auxiliary, path, kwargs in jobs:
-        reason = kwargs if isinstance(kwargs, str) else None
-        for batch in batch_sizes:
-            for prompt in prompt_lengths:
+    for batch in batch_sizes:
+        for prompt in prompt_lengths:
+            for name, model, auxiliary, path, kwargs in jobs:
+                reason = reasons.get((name, path))
                 if reason is None and deadline is not None and time.monotonic() > deadline:
                     reason = "skipped: the time budget ran out"
                 if reason is None:
                     row = measure_path(model, name, path, kwargs, batch=batch, prompt=prompt, new_tokens=new_tokens,
                                        warmup=warmup, runs=runs, seed=seed, bandwidth_gbs=bandwidth_gbs,
                                        auxiliary=auxiliary)
-                    reason = row.get("unavailable")  # not retried at the other settings
+                    if "unavailable" in row:  # not retried at the other settings
+                        reasons[(name, path)] = row["unavailable"]
                 else:
                     row = {"subject": f"{name} {path}", "model": name, "path": path, "batch_size": batch,
                            "prompt_length": prompt, "new_tokens": new_tokens, "unavailable": reason}

@@ -62,7 +62,7 @@ from .harness import environment, measure_memory_bandwidth, random_prompts, time
 
 PARTS = ("decode", "training", "experiments", "correctness")
 # Fraction of the budget by the end of each part (time a part leaves unused goes to the next).
-PART_ENDS = {"decode": 0.40, "training": 0.52, "experiments": 0.90, "correctness": 1.0}
+PART_ENDS = {"decode": 0.45, "training": 0.55, "experiments": 0.90, "correctness": 1.0}
 SEED_SIZES: dict[str, dict[str, Any]] = {
     "toeplitz_mixer": dict(hidden_size=512, num_hidden_layers=10, num_heads=4, intermediate_size=512,
                            max_position_embeddings=512, vocab_size=4096),

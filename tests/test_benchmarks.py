@@ -173,8 +173,8 @@ def test_decode_benchmark_reports_an_architecture_without_a_static_path_as_such(
     rows = measure_decode(spec, spec.make_config(tiny=True), batch_sizes=[1], prompt_lengths=[2, 3], new_tokens=3,
                           device=torch.device("cpu"), dtype=torch.float32, bandwidth_gbs=10, backend="eager",
                           baseline=False, warmup=1, runs=5, log=lambda line: None)
-    assert [(row["path"], row["prompt_length"]) for row in rows] == [("eager", 2), ("eager", 3), ("compiled", 2),
+    assert [(row["path"], row["prompt_length"]) for row in rows] == [("eager", 2), ("compiled", 2), ("eager", 3),
                                                                      ("compiled", 3)]
-    assert all(row["tokens_per_second"] > 0 for row in rows[:2])
+    assert all(row["tokens_per_second"] > 0 for row in rows[::2])
     assert all("no shape-static decode path" in row["unavailable"] and "tokens_per_second" not in row
-               for row in rows[2:])
+               for row in rows[1::2])
