@@ -64,6 +64,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                  plateau_patience=50, plateau_threshold=0.01, lr_on_raise="halve", max_train_documents=None,
                  max_eval_blocks=256, thresholds=[3.0, 2.5, 2.0, 1.5], smooth=10),
 }
+# One point at the seed's model size on an H200 in about a minute (benchmarks.gpu_campaign; sized by estimate, not
+# yet measured on a GPU): one corpus and seed, 250 steps of 16 windows of 1024 bytes, no accumulation.
+PRESETS["gpu"] = {**PRESETS["seed"], "corpora": ["tinystories_valid_sample.txt"], "seeds": [0], "batch_size": 16,
+                  "gradient_accumulation_steps": 1, "max_steps": 250, "learning_rate": 1e-3, "warmup_ratio": 0.05,
+                  "max_eval_blocks": 128}
 CONFIG_FIELDS = ("hidden_size", "num_hidden_layers", "max_position_embeddings", "kernel_len", "transition_bins",
                  "cutoff", "token_vocab_size", "token_loss_weight", "dropout")
 

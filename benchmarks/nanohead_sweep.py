@@ -53,6 +53,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                  batch_size=16, max_steps=500, learning_rate=1e-3, seeds=2, max_train_documents=None,
                  max_eval_blocks=256, train_file="tinystories_valid_sample.txt"),
 }
+# One point at ~20M parameters on an H200 in about a minute (benchmarks.gpu_campaign, with --bf16; sized by
+# estimate, not yet measured on a GPU): one seed per proportion, 300 steps of 32 x 512 tokens.
+PRESETS["gpu"] = {**PRESETS["seed"], "target_params": 20e6, "vocab_size": 8192, "block_size": 512, "batch_size": 32,
+                  "max_steps": 300, "seeds": 1, "max_eval_blocks": 128}
 
 
 def count_parameters(config: NanoheadConfig) -> int:

@@ -89,6 +89,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                  max_eval_blocks=256, num_prompts=128, prompt_tokens=32, new_tokens=128,
                  step_counts=[8, 16, 32, 64, 128], temperature=1.0, top_p=0.9, threads=None),
 }
+# One point at ~25M parameters on an H200 in about a minute (benchmarks.gpu_campaign; sized by estimate, not yet
+# measured on a GPU): 512 wide, 8 layers, 600 steps of 64 x 256 tokens with the smoke preset's mask warm-up and the
+# seed's stage order compressed, 64 prompts.
+PRESETS["gpu"] = {**PRESETS["seed"], "hidden_size": 512, "num_hidden_layers": 8, "batch_size": 64,
+                  "max_steps": 600, "reference_max_steps": 300, "start_sampler_step": 150,
+                  "start_critic_step": 300, "end_critic_step": 450, "mask_warmup_steps": 150,
+                  "mask_warmup_block": 32, "num_prompts": 64, "step_counts": [16, 32, 64, 128]}
 INT_SETTINGS = ("threads", "vocab_size", "block_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "batch_size", "max_steps", "reference_max_steps", "start_sampler_step", "start_critic_step",
                 "end_critic_step", "mask_warmup_steps", "mask_warmup_block", "max_train_documents",

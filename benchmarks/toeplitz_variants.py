@@ -88,6 +88,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "bench": dict(batch_size=4, new_tokens=128, prompt_lengths=[1, 128, 384], runs=10, warmup=2, threads=None),
     },
 }
+# One point at the seed's model size on an H200 in about a minute (benchmarks.gpu_campaign; sized by estimate, not
+# yet measured on a GPU): the seed's 10-layer 512-wide model, the local corpus with a BPE of 4,096, steps of
+# 32 x 512 tokens in bf16 (150 steps), a shorter decode sweep.
+PRESETS["gpu"] = {
+    "model": PRESETS["seed"]["model"],
+    "data": dict(train_file="tinystories_valid_sample.txt", block_size=512, vocab_size=4096),
+    "training": dict(max_steps=150, per_device_train_batch_size=32, per_device_eval_batch_size=32,
+                     learning_rate=1e-3, warmup_steps=20, lr_scheduler_type="cosine", eval_strategy="steps",
+                     eval_steps=150, save_strategy="no", logging_steps=15, max_grad_norm=1.0, bf16="cuda"),
+    "bench": dict(batch_size=4, new_tokens=32, prompt_lengths=[1, 256], runs=5, warmup=1, threads=None),
+}
 # The seed README's arguments (batch 16, 20k steps, fp16); its save interval 5,000 is not a multiple of the eval
 # interval, which `load_best_model_at_end` rejects, so this uses 4,000.
 PRESETS["seed_readme"] = {

@@ -104,3 +104,77 @@ def test_generation_cli_errors(argv, expected, tmp_path):
 
     with pytest.raises(UsageError, match=expected):
         generation.main([*argv, "--output_dir", str(tmp_path)])
+
+
+TOEPLITZ_TINY = "hidden_size=16,num_hidden_layers=1,num_heads=2,intermediate_size=16,max_position_embeddings=32,vocab_size=64"
+
+
+def test_decode_floor_bytes_count_weights_and_the_state_a_step_reads():
+    from benchmarks.decode import bytes_per_decode_step
+
+    spec = get_spec("toeplitz_mixer")
+    torch.manual_seed(0)
+    model = spec.model_class(spec.make_config(tiny=True))
+    config = model.config
+    E, L, S, V = config.hidden_size, config.num_hidden_layers, config.max_position_embeddings, config.vocab_size
+    parameters = sum(p.numel() for p in model.parameters())
+    # prompt 3, 4 new tokens: the dynamic step reads on average 3 + 4/2 = 5 positions of history
+    dynamic = bytes_per_decode_step(model, 2, 3, 4, path="eager")
+    assert dynamic == 4 * (parameters - (V - 2) * E + L * 2 * E * 5)  # untied: 2 embedding rows read
+    assert bytes_per_decode_step(model, 2, 3, 4, path="compiled") - dynamic == 4 * L * 2 * E * (S - 5)
+
+    llama_spec = get_spec("llama")
+    llama = llama_spec.model_class(llama_spec.make_config(tiny=True)).to(torch.bfloat16)
+    c = llama.config  # 2 layers, 2 key/value heads of 8 channels, bf16
+    weights = 2 * (sum(p.numel() for p in llama.parameters()) - (c.vocab_size - 1) * c.hidden_size)
+    assert bytes_per_decode_step(llama, 1, 10, 4, path="eager") == weights + 2 * 2 * 1 * (2 * 8) * 12 * 2
+    assert bytes_per_decode_step(llama, 1, 10, 4, path="static") == weights + 2 * 2 * 1 * (2 * 8) * 14 * 2
+
+    bicameral_spec = get_spec("bicameral_lm")
+    bicameral = bicameral_spec.model_class(bicameral_spec.make_config(tiny=True))
+    b = bicameral.config  # untied byte embedding (3 rows read); the token head is never read when decoding
+    head = sum(p.numel() for name, p in bicameral.named_parameters() if name.startswith("token_head"))
+    assert head > 0
+    unique = sum(p.numel() for p in {id(p): p for p in bicameral.parameters()}.values())
+    state = b.num_hidden_layers * (3 * (max(b.kernel_len, b.time_kernel_size) - 1) + b.kernel_len) * b.hidden_size
+    for position in (1, 40):  # constant-size state
+        assert bytes_per_decode_step(bicameral, 3, position, 4, path="eager",
+                                     auxiliary=bicameral_spec.auxiliary_parameters) == 4 * (unique - head - (b.vocab_size - 3) * b.hidden_size + state)
+
+
+def test_decode_benchmark_reports_every_path_against_the_floor_and_llama(tmp_path):
+    from benchmarks import decode
+
+    report = decode.main([
+        "--model_type", "toeplitz_mixer", "--config_overrides", TOEPLITZ_TINY, "--batch_sizes", "2",
+        "--prompt_lengths", "4", "--new_tokens", "8", "--runs", "5", "--backend", "eager", "--static",
+        "--bandwidth_gbs", "10", "--threads", "1", "--output_dir", str(tmp_path)])
+    assert json.loads((tmp_path / "decode.json").read_text())["bandwidth_gbs"] == 10
+    rows = {row["subject"]: row for row in report["rows"]}
+    assert list(rows) == ["toeplitz_mixer eager", "llama eager", "toeplitz_mixer compiled", "llama compiled",
+                          "toeplitz_mixer static", "llama static"]
+    assert "no library static cache" in rows["toeplitz_mixer static"]["unavailable"]
+    for name, row in rows.items():
+        if name == "toeplitz_mixer static":
+            continue
+        assert row["floor_ms"] == pytest.approx(row["bytes_per_step"] / 10e9 * 1000)
+        assert row["fraction_of_floor"] == pytest.approx(row["floor_ms"] / row["decode_step_ms"])
+        assert row["decode_step_ms"] > 0 and 0 < row["fraction_of_floor"] < 1 and row["tokens_per_second"] > 0
+        assert row["vs_llama_best"] > 0
+    assert rows["llama eager"]["vs_llama_eager"] == 1
+    # the compiled Toeplitz step reads the whole S-slot history, the eager one the positions decoded so far
+    assert rows["toeplitz_mixer compiled"]["bytes_per_step"] > rows["toeplitz_mixer eager"]["bytes_per_step"]
+
+
+def test_decode_benchmark_reports_an_architecture_without_a_static_path_as_such():
+    from benchmarks.decode import measure_decode
+
+    spec = get_spec("bicameral_lm")
+    rows = measure_decode(spec, spec.make_config(tiny=True), batch_sizes=[1], prompt_lengths=[2, 3], new_tokens=3,
+                          device=torch.device("cpu"), dtype=torch.float32, bandwidth_gbs=10, backend="eager",
+                          baseline=False, warmup=1, runs=5, log=lambda line: None)
+    assert [(row["path"], row["prompt_length"]) for row in rows] == [("eager", 2), ("compiled", 2), ("eager", 3),
+                                                                     ("compiled", 3)]
+    assert all(row["tokens_per_second"] > 0 for row in rows[::2])
+    assert all("no shape-static decode path" in row["unavailable"] and "tokens_per_second" not in row
+               for row in rows[1::2])

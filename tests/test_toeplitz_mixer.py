@@ -469,36 +469,6 @@ def test_bad_configs_raise_naming_the_field(overrides, field):
         tiny_config(**overrides)
 
 
-def test_bytes_per_decode_step_counts_weights_and_the_history_it_reads():
-    from benchmarks.toeplitz_decode import bytes_per_decode_step
-
-    model = tiny_model()
-    config = model.config
-    E, L, S, V = config.hidden_size, config.num_hidden_layers, config.max_position_embeddings, config.vocab_size
-    parameters = sum(p.numel() for p in model.parameters())
-    dynamic = bytes_per_decode_step(model, 2, 5, static_history=False)
-    assert dynamic == 4 * (parameters - (V - 2) * E + L * 2 * E * 5)  # untied: 2 embedding rows read
-    assert bytes_per_decode_step(model, 2, 5, static_history=True) - dynamic == 4 * L * 2 * E * (S - 5)
-    tied = tiny_model(tie_word_embeddings=True)
-    tied_parameters = sum(p.numel() for p in {id(p): p for p in tied.parameters()}.values())
-    assert bytes_per_decode_step(tied, 2, 5, static_history=False) == 4 * (tied_parameters + L * 2 * E * 5)
-
-
-def test_decode_benchmark_reports_decode_steps_against_the_floor(tmp_path):
-    from benchmarks import toeplitz_decode
-
-    report = toeplitz_decode.main([
-        "--config_overrides", "hidden_size=16,num_hidden_layers=1,num_heads=2,intermediate_size=16,"
-                              "max_position_embeddings=32,vocab_size=64",
-        "--batch_sizes", "2", "--prompt_lengths", "4", "--new_tokens", "8", "--runs", "5", "--backend", "eager",
-        "--bandwidth_gbs", "10", "--threads", "1", "--output_dir", str(tmp_path)])
-    assert (tmp_path / "toeplitz_decode.json").exists() and report["bandwidth_gbs"] == 10
-    assert [row["subject"] for row in report["rows"]] == ["toeplitz eager", "toeplitz compiled", "llama eager"]
-    for row in report["rows"]:
-        assert row["floor_ms"] == pytest.approx(row["bytes_per_step"] / 10e9 * 1000)
-        assert row["decode_step_ms"] > 0 and 0 < row["fraction_of_floor"] < 1
-
-
 def test_seed_preset_uses_the_published_tokenizer_with_the_hub_data_only():
     from benchmarks import toeplitz_variants
 
