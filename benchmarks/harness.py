@@ -38,6 +38,17 @@ def positive_ints(text: str) -> list[int]:
     return values
 
 
+def positive_floats(text: str) -> list[float]:
+    """argparse type: `"0.9,0.5"` -> `[0.9, 0.5]`, every value > 0 (an empty string: no value)."""
+    try:
+        values = [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+    if any(value <= 0 for value in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got '{text}'")
+    return values
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """`auto` → CUDA when available, else CPU."""
     if name == "auto":
