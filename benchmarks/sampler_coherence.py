@@ -307,23 +307,12 @@ def train_models(settings: dict[str, Any], data: dict[str, Any], device: torch.d
     diffusion_eval = trainer.evaluate()["eval_loss"]
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
 
-    set_seed(seed)
-    reference = LlamaForCausalLM(spec.baseline_config(config))
-    llama_spec = get_spec("llama")
-    reference_trainer = resolve_trainer(llama_spec).from_cli(
-        model=reference, tokenizer=tokenizer,
-        args=_training_args(settings, settings["reference_max_steps"], output_dir / "reference", device, seed),
-        train_dataset=data["train"].blocks, eval_dataset=data["eval_blocks"], objective_args={},
-        train_texts=data["documents"]["train"],
-    )
-    start = time.perf_counter()
-    reference_trainer.train()
-    reference_seconds = time.perf_counter() - start
-    reference_eval = reference_trainer.evaluate()["eval_loss"]
+    reference, reference_seconds, reference_eval = train_reference(
+        settings, data, spec.baseline_config(config), device, output_dir / "reference", seed)
     tokens_per_byte = data["validation"].tokens_per_byte
     return {
         "diffusion": trainer.model.eval(),
-        "reference": reference_trainer.model.eval(),
+        "reference": reference,
         "report": {
             "diffusion_parameters": sum(p.numel() for p in diffusion.parameters()),
             "diffusion_trunk_parameters": sum(p.numel() for p in diffusion.model.parameters()),
@@ -339,6 +328,23 @@ def train_models(settings: dict[str, Any], data: dict[str, Any], device: torch.d
                                if key in entry} for entry in logs],
         },
     }
+
+
+def train_reference(settings: dict[str, Any], data: dict[str, Any], config: Any, device: torch.device,
+                    output_dir: Path, seed: int) -> tuple[LlamaForCausalLM, float, float]:
+    """Train a Llama of `config` for `reference_max_steps` on the same blocks; returns it (in eval mode), the
+    training seconds and the validation NLL."""
+    set_seed(seed)
+    trainer = resolve_trainer(get_spec("llama")).from_cli(
+        model=LlamaForCausalLM(config), tokenizer=data["tokenizer"],
+        args=_training_args(settings, settings["reference_max_steps"], output_dir, device, seed),
+        train_dataset=data["train"].blocks, eval_dataset=data["eval_blocks"], objective_args={},
+        train_texts=data["documents"]["train"],
+    )
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    return trainer.model.eval(), seconds, trainer.evaluate()["eval_loss"]
 
 
 def prepare_data(settings: dict[str, Any]) -> dict[str, Any]:

@@ -4,11 +4,15 @@ itself is checked, tiny random models for the invariants; CPU, fixed seeds."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers.cache_utils import DynamicCache
 
+from benchmarks import diffusion_decode
 from hf_models.masked_diffusion import MaskedDiffusionConfig, MaskedDiffusionForMaskedLM, MaskedDiffusionLMOutput
+from training.common import UsageError
 
 MASK = 2
 VOCAB = 32
@@ -248,3 +252,28 @@ def test_causal_trunk_refuses_the_cache():
     model = make_model(attention_type="causal")
     with pytest.raises(ValueError, match="attention_type='bidirectional'"):
         model.diffusion_generate(ids(1, 3), max_new_tokens=8, sampler="naive", use_prefix_cache=True)
+
+
+# --- the decode benchmark ---------------------------------------------------------------------------------------
+
+
+def test_decode_benchmark_cli_writes_its_report(tmp_path):
+    report = diffusion_decode.main([
+        "--max_train_documents", "300", "--vocab_size", "300", "--block_size", "24", "--hidden_size", "32",
+        "--num_hidden_layers", "1", "--batch_size", "4", "--max_steps", "4", "--reference_max_steps", "2",
+        "--start_sampler_step", "1", "--start_critic_step", "2", "--end_critic_step", "3", "--max_eval_blocks", "4",
+        "--num_prompts", "3", "--mask_warmup_steps", "2", "--mask_warmup_block", "12", "--prompt_tokens", "4",
+        "--new_tokens", "8", "--decode_block_size", "4", "--thresholds", "0.5", "--output_dir", str(tmp_path),
+    ])
+    saved = json.loads((tmp_path / "diffusion_decode.json").read_text())
+    assert [row["method"] for row in saved["rows"]] == [
+        "llama greedy (KV cache)", "naive, 1 token/step", "left-to-right", "threshold 0.5",
+        "threshold 0.5, blocks of 4", "threshold 0.5, blocks of 4, cache"]
+    cached = saved["rows"][-1]
+    # 1 layer: the reused cache is exact (layer 0), so greedy decoding changes no token
+    assert cached["cache_tokens_changed"] == 0 and cached["cache_nll_change"] == 0
+    assert cached["positions_processed_per_token"] < saved["rows"][-2]["positions_processed_per_token"]
+    assert all(row["tokens_per_second"] > 0 and row["reference_perplexity"] > 1 for row in saved["rows"])
+    assert saved["training"]["scorer_seed"] == 1 and report["verdict"].startswith("Llama greedy")
+    with pytest.raises(UsageError, match="decode_block_size"):
+        diffusion_decode.main(["--decode_block_size", "5", "--output_dir", str(tmp_path)])
