@@ -127,6 +127,19 @@ def verdict(rows: list[dict[str, Any]]) -> str:
                    f"{fastest['speed_vs_llama']:.2f}x, {fastest['nll_vs_llama']:+.3f} nats/token worse.")
 
 
+CARD_COLUMNS = [("method", "decoding (greedy)"), ("tokens_per_second", "tokens/s"), ("speed_vs_llama", "÷ Llama"),
+                ("model_calls_per_token", "calls / token"), ("positions_processed_per_token", "positions / token"),
+                ("reference_perplexity", "ref. perplexity"), ("nll_vs_llama", "NLL − Llama"),
+                ("nll_vs_llama_se", "± se"), ("entropy", "entropy"), ("distinct_2", "distinct-2"),
+                ("cache_tokens_changed", "tokens changed by the cache"), ("cache_nll_change", "NLL change by the cache"),
+                ("cache_nll_change_se", "± se"), ("cache_speedup", "cache speed-up")]
+
+
+def card_table(report: dict[str, Any]) -> str:
+    """The Markdown table of the model card, generated from a `diffusion_decode.json` report."""
+    return format_table(report["rows"], CARD_COLUMNS, markdown=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
@@ -188,13 +201,8 @@ def run(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
         "verdict": summary,
     }
     write_json(output_dir / "diffusion_decode.json", report)
-    columns = [("method", "setting"), ("tokens_per_second", "tok/s"), ("speed_vs_llama", "÷ llama"),
-               ("model_calls_per_token", "calls/tok"), ("positions_processed_per_token", "positions/tok"),
-               ("reference_perplexity", "ref ppl"), ("nll_vs_llama", "Δnll"), ("nll_vs_llama_se", "± se"),
-               ("entropy", "entropy"), ("distinct_2", "dist-2"), ("unseen_bigram_rate", "unseen bigrams"),
-               ("cache_tokens_changed", "cache: tokens changed"), ("cache_nll_change", "cache: Δnll")]
-    print(format_table(rows, columns))
-    print(f"\nverdict: {summary}\nwrote {output_dir}/diffusion_decode.json")
+    print(format_table(report["rows"], CARD_COLUMNS))
+    print(f"\n{card_table(report)}\n\nverdict: {summary}\nwrote {output_dir}/diffusion_decode.json")
     return report
 
 

@@ -252,8 +252,8 @@ def write_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
     return path
 
 
-def format_table(rows: list[Mapping[str, Any]], columns: list[tuple[str, str]]) -> str:
-    """A plain-text table of `rows` with `(key, header)` columns; floats get 4 significant digits."""
+def format_table(rows: list[Mapping[str, Any]], columns: list[tuple[str, str]], markdown: bool = False) -> str:
+    """A plain-text (or Markdown) table of `rows` with `(key, header)` columns; floats get 4 significant digits."""
 
     def cell(value: Any) -> str:
         if value is None:
@@ -263,6 +263,9 @@ def format_table(rows: list[Mapping[str, Any]], columns: list[tuple[str, str]]) 
         return str(value)
 
     body = [[cell(row.get(key)) for key, _ in columns] for row in rows]
+    if markdown:
+        lines = ["| " + " | ".join(header for _, header in columns) + " |", "|" + "---|" * len(columns)]
+        return "\n".join([*lines, *("| " + " | ".join(line) + " |" for line in body)])
     widths = [max(len(header), *(len(line[i]) for line in body)) for i, (_, header) in enumerate(columns)]
     lines = ["  ".join(header.ljust(width) for (_, header), width in zip(columns, widths))]
     lines.append("  ".join("-" * width for width in widths))

@@ -266,6 +266,22 @@ def control_verdict(rows: list[dict[str, Any]], step_counts: Sequence[int]) -> t
     return lines, summary
 
 
+CARD_COLUMNS = [("method", "sampler"), ("steps", "steps"), ("threshold", "τ"), ("model_calls", "calls / sample"),
+                ("reference_perplexity", "ref. perplexity"), ("reference_nll_se", "NLL se"), ("entropy", "entropy"),
+                ("entropy_se", "entropy se"), ("unseen_bigram_rate", "unseen bigrams"), ("distinct_1", "distinct-1"),
+                ("distinct_2", "distinct-2"), ("distinct_3", "distinct-3"), ("tokens_per_second", "tokens/s")]
+
+
+def card_table(report: dict[str, Any]) -> str:
+    """The Markdown table of the model card (naive, left-to-right, wavefront and threshold rows, then real text),
+    generated from a `sampler_coherence.json` report."""
+    order = {"naive": 0, "left_to_right": 1, "wavefront": 2, "threshold": 3}
+    rows = sorted((row for row in report["rows"] if row["method"] in order),
+                  key=lambda row: (order[row["method"]], row["steps"] or 0, -(row["threshold"] or 0)))
+    real = {**report["real_text"], "method": "real continuation"}
+    return format_table([*rows, real], CARD_COLUMNS, markdown=True)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 
