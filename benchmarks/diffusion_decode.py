@@ -131,7 +131,8 @@ CARD_COLUMNS = [("method", "decoding (greedy)"), ("tokens_per_second", "tokens/s
                 ("model_calls_per_token", "calls / token"), ("positions_processed_per_token", "positions / token"),
                 ("reference_perplexity", "ref. perplexity"), ("nll_vs_llama", "NLL − Llama"),
                 ("nll_vs_llama_se", "± se"), ("entropy", "entropy"), ("distinct_2", "distinct-2"),
-                ("cache_tokens_changed", "tokens changed by the cache"), ("cache_nll_change", "NLL change by the cache"),
+                ("cache_tokens_changed", "tokens changed by the cache"),
+                ("cache_nll_change", "NLL change by the cache"),
                 ("cache_nll_change_se", "± se"), ("cache_speedup", "cache speed-up")]
 
 

@@ -561,7 +561,8 @@ def run(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
           f"({training['diffusion_eval_bits_per_byte_bound']:.4f} bpb), reference Llama NLL "
           f"{training['reference_eval_nll']:.4f} ({training['reference_eval_bits_per_byte']:.4f} bpb)")
     print("\n".join([*lines, *control_lines]))
-    print(f"\nverdict: {summary}\ncontrols: {control_summary}\nwrote {output_dir}/sampler_coherence.json and sampler_coherence.png")
+    print(f"\nverdict: {summary}\ncontrols: {control_summary}")
+    print(f"wrote {output_dir}/sampler_coherence.json and sampler_coherence.png")
     return report
 
 

@@ -277,3 +277,12 @@ def test_decode_benchmark_cli_writes_its_report(tmp_path):
     assert saved["training"]["scorer_seed"] == 1 and report["verdict"].startswith("Llama greedy")
     with pytest.raises(UsageError, match="decode_block_size"):
         diffusion_decode.main(["--decode_block_size", "5", "--output_dir", str(tmp_path)])
+
+
+def test_causal_trunk_with_a_prefix_cache_equals_the_full_pass():
+    """The causal variant of the trunk: a cache of positions [0, 5) is an exact prefix cache."""
+    model, x = make_model(attention_type="causal"), ids(2, 9)
+    cache = DynamicCache()
+    model(input_ids=x[:, :5], cache=cache)
+    torch.testing.assert_close(model(input_ids=x[:, 5:], cache=cache).logits, model(input_ids=x).logits[:, 5:],
+                               rtol=1e-5, atol=1e-5)

@@ -133,7 +133,7 @@ class MaskedDiffusionAttention(nn.Module):
         cache: Cache | None = None,
     ) -> torch.Tensor:
         """`hidden_states` `(batch, seq, hidden)`; `key_mask` `(batch, 1, 1, keys)` boolean, `True` = attend, over the
-        cached keys (if `cache`) followed by the `seq` new ones. The new keys/values (rotated) are appended to `cache`."""
+        cached keys (if `cache`) then the `seq` new ones, whose keys/values (rotated) are appended to `cache`."""
         batch, seq, _ = hidden_states.shape
         shape = (batch, seq, self.num_heads, self.head_dim)
         query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
