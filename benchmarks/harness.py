@@ -38,6 +38,17 @@ def positive_ints(text: str) -> list[int]:
     return values
 
 
+def positive_floats(text: str) -> list[float]:
+    """argparse type: `"0.9,0.5"` -> `[0.9, 0.5]`, every value > 0 (an empty string: no value)."""
+    try:
+        values = [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+    if any(value <= 0 for value in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got '{text}'")
+    return values
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """`auto` → CUDA when available, else CPU."""
     if name == "auto":
@@ -241,8 +252,8 @@ def write_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
     return path
 
 
-def format_table(rows: list[Mapping[str, Any]], columns: list[tuple[str, str]]) -> str:
-    """A plain-text table of `rows` with `(key, header)` columns; floats get 4 significant digits."""
+def format_table(rows: list[Mapping[str, Any]], columns: list[tuple[str, str]], markdown: bool = False) -> str:
+    """A plain-text (or Markdown) table of `rows` with `(key, header)` columns; floats get 4 significant digits."""
 
     def cell(value: Any) -> str:
         if value is None:
@@ -252,6 +263,9 @@ def format_table(rows: list[Mapping[str, Any]], columns: list[tuple[str, str]]) 
         return str(value)
 
     body = [[cell(row.get(key)) for key, _ in columns] for row in rows]
+    if markdown:
+        lines = ["| " + " | ".join(header for _, header in columns) + " |", "|" + "---|" * len(columns)]
+        return "\n".join([*lines, *("| " + " | ".join(line) + " |" for line in body)])
     widths = [max(len(header), *(len(line[i]) for line in body)) for i, (_, header) in enumerate(columns)]
     lines = ["  ".join(header.ljust(width) for (_, header), width in zip(columns, widths))]
     lines.append("  ".join("-" * width for width in widths))

@@ -13,18 +13,26 @@ Steps:
    `DiffusionTrainer`, and a same-size Llama (the zoo's causal baseline) on the same blocks with its own trainer, as
    the reference model. Report both validation losses (the diffusion one is an NLL bound).
 3. Prompts: the first `prompt_tokens` tokens of validation blocks. For every sampler (naive, naive+critic,
-   wavefront, wavefront+critic) and step count, generate `new_tokens` tokens for all prompts in one batch
+   wavefront, wavefront+critic, and the controls left-to-right (the leftmost masks first, main head: no selection
+   among draws) at each step count, and confidence-threshold decoding (Fast-dLLM) at each of `THRESHOLDS`, whose
+   number of model calls follows from the threshold), generate `new_tokens` tokens for all prompts in one batch
    (temperature and top-p fixed, one sampling seed), and measure on the generated tokens:
    * unseen-bigram rate: share of adjacent token pairs (the first paired with the prompt's last token) that never
      occur in the training tokens: local incoherence;
    * repetition rate: share of tokens equal to the previous one;
-   * distinct-2: distinct bigrams / bigrams over all samples of the setting (diversity);
+   * distinct-1/2/3: distinct n-grams / n-grams over all samples of the setting (diversity);
+   * entropy: the unigram entropy (nats) of each sample's tokens, averaged (low: repetitive, bland text; generative
+     perplexity alone rewards blandness);
+   * model calls: trunk passes per sample (the step count, or what the threshold needed);
    * reference perplexity: exp of the mean NLL of the generated tokens under the Llama, given the prompt;
    * tokens/s: batch x new tokens / wall-clock seconds of the generation call (after one warm-up call);
    * tokens re-masked by the critic.
    The validation blocks' real continuations get the same text metrics (the "real text" line).
 4. Verdict: at each step count, wavefront vs naive and critic vs no critic, in unseen-bigram rate and reference
-   NLL, against twice the standard error of the difference (over prompts).
+   NLL, against twice the standard error of the difference (over prompts); the controls: left-to-right vs naive
+   and wavefront vs left-to-right at each step count, and each threshold against naive and left-to-right at the
+   smallest step count with at least its mean number of calls (so the control is never given fewer calls), in
+   reference NLL, unseen bigrams and entropy.
 
 Writes `sampler_coherence.json` and `sampler_coherence.png` to `--output_dir`.
 """
@@ -35,6 +43,7 @@ import argparse
 import math
 import statistics
 import time
+from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -55,14 +64,16 @@ from training.tokenization import train_bpe_tokenizer
 from training.train import config_for_tokenizer
 from training.trainer import resolve_trainer
 
-from .harness import environment, format_table, positive_ints, resolve_device, write_json
+from .harness import environment, format_table, positive_floats, positive_ints, resolve_device, write_json
 
 METHODS = {
     "naive": dict(sampler="naive", use_critic=False),
     "naive+critic": dict(sampler="naive", use_critic=True),
     "wavefront": dict(sampler="wavefront", use_critic=False),
     "wavefront+critic": dict(sampler="wavefront", use_critic=True),
+    "left_to_right": dict(sampler="left_to_right"),
 }
+THRESHOLDS = (0.9, 0.7, 0.5, 0.3)  # confidence thresholds of the "threshold" arm (model calls follow from each)
 PRESETS: dict[str, dict[str, Any]] = {
     # ~1.2M-parameter models, 32 prompts x 64 new tokens: about 10 minutes on one CPU core. The diffusion model gets
     # 1,200 steps of 16 x 128 tokens, the Llama 400. A masked LM of this size sits on a unigram plateau (bound ~5.8
@@ -124,10 +135,16 @@ def text_metrics(prompt_last: int, generated: Sequence[int], seen: set[tuple[int
     }
 
 
-def distinct_bigrams(rows: Sequence[Sequence[int]]) -> float:
-    """Distinct bigrams / bigrams over all `rows`."""
-    pairs = [(row[i], row[i + 1]) for row in rows for i in range(len(row) - 1)]
-    return len(set(pairs)) / max(1, len(pairs))
+def distinct_ngrams(rows: Sequence[Sequence[int]], n: int) -> float:
+    """Distinct n-grams / n-grams over all `rows`."""
+    grams = [tuple(row[i:i + n]) for row in rows for i in range(len(row) - n + 1)]
+    return len(set(grams)) / max(1, len(grams))
+
+
+def unigram_entropy(tokens: Sequence[int]) -> float:
+    """Entropy (nats) of the empirical token distribution of `tokens`."""
+    counts = Counter(tokens)
+    return -sum(c / len(tokens) * math.log(c / len(tokens)) for c in counts.values())
 
 
 @torch.no_grad()
@@ -154,15 +171,18 @@ def summarise(name: str, steps: int | None, sequences: torch.Tensor, prompt_leng
               reference: PreTrainedModel) -> dict[str, Any]:
     """Per-prompt and aggregate metrics of one setting's `sequences` `(prompts, prompt + new)`."""
     rows = sequences.tolist()
-    per_prompt = [text_metrics(row[prompt_length - 1], row[prompt_length:], seen) for row in rows]
+    per_prompt = [{**text_metrics(row[prompt_length - 1], row[prompt_length:], seen),
+                   "entropy": unigram_entropy(row[prompt_length:])} for row in rows]
     nll = reference_nll(reference, sequences, prompt_length)
     result: dict[str, Any] = {"method": name, "steps": steps}
-    for key in ("unseen_bigram_rate", "repeat_rate"):
+    for key in ("unseen_bigram_rate", "repeat_rate", "entropy"):
         result[key], result[f"{key}_se"] = mean_and_se([m[key] for m in per_prompt])
     result["reference_nll"], result["reference_nll_se"] = mean_and_se(nll)
     result["reference_perplexity"] = math.exp(result["reference_nll"])
-    result["distinct_2"] = distinct_bigrams([row[prompt_length:] for row in rows])
-    result["per_prompt"] = {"unseen_bigram_rate": [m["unseen_bigram_rate"] for m in per_prompt], "reference_nll": nll}
+    for n in (1, 2, 3):
+        result[f"distinct_{n}"] = distinct_ngrams([row[prompt_length:] for row in rows], n)
+    result["per_prompt"] = {"unseen_bigram_rate": [m["unseen_bigram_rate"] for m in per_prompt], "reference_nll": nll,
+                            "entropy": [m["entropy"] for m in per_prompt]}
     return result
 
 
@@ -209,6 +229,66 @@ def verdict(rows: list[dict[str, Any]], step_counts: Sequence[int]) -> tuple[lis
     return lines, summary
 
 
+CONTROL_MEASURES = (("reference_nll", "ref NLL"), ("unseen_bigram_rate", "unseen bigrams"), ("entropy", "entropy"))
+
+
+def matched_steps(calls: float, step_counts: Sequence[int]) -> int:
+    """The smallest step count with at least `calls` model calls (the largest if none has)."""
+    return min((s for s in step_counts if s >= calls), default=max(step_counts))
+
+
+def control_verdict(rows: list[dict[str, Any]], step_counts: Sequence[int]) -> tuple[list[str], str]:
+    """The controls, paired over prompts in reference NLL, unseen bigrams and entropy (significant = beyond 2
+    standard errors): left-to-right vs naive and wavefront vs left-to-right at each step count, and each threshold
+    vs naive and vs left-to-right at `matched_steps` of its mean number of calls."""
+    by_key = {(row["method"], row["steps"]): row for row in rows if row["method"] != "threshold"}
+    pairs: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = []
+    for steps in step_counts:
+        for treated, control in (("left_to_right", "naive"), ("wavefront", "left_to_right")):
+            if (treated, steps) in by_key and (control, steps) in by_key:
+                pairs.append((f"{steps} steps, {treated} vs {control}", f"{treated} vs {control}",
+                              by_key[(treated, steps)], by_key[(control, steps)]))
+    for row in (row for row in rows if row["method"] == "threshold"):
+        steps = matched_steps(row["model_calls"], step_counts)
+        for control in ("naive", "left_to_right"):
+            if (control, steps) in by_key:
+                pairs.append((f"threshold {row['threshold']} ({row['model_calls']:.1f} calls) vs {control} at "
+                              f"{steps} steps", f"threshold vs {control}", row, by_key[(control, steps)]))
+    lines, tally = [], {}
+    for label, group, treated, control in pairs:
+        parts = []
+        counts = tally.setdefault(group, {key: [0, 0, 0] for key, _ in CONTROL_MEASURES})
+        for key, name in CONTROL_MEASURES:
+            diff, se = compare(treated, control, key)
+            significant = abs(diff) > 2 * se
+            parts.append(f"{name} {diff:+.4f} ± {se:.4f}" + (" *" if significant else ""))
+            counts[key][0] += 1
+            if significant:
+                counts[key][1 if diff < 0 else 2] += 1
+        lines.append(f"{label}: " + ", ".join(parts))
+    summary = "; ".join(
+        f"{group} ({counts['reference_nll'][0]} comparisons): " + ", ".join(
+            f"{name} lower in {counts[key][1]}, higher in {counts[key][2]}" for key, name in CONTROL_MEASURES)
+        for group, counts in tally.items()) + " (significant = beyond 2 standard errors of the paired difference)"
+    return lines, summary
+
+
+CARD_COLUMNS = [("method", "sampler"), ("steps", "steps"), ("threshold", "τ"), ("model_calls", "calls / sample"),
+                ("reference_perplexity", "ref. perplexity"), ("reference_nll_se", "NLL se"), ("entropy", "entropy"),
+                ("entropy_se", "entropy se"), ("unseen_bigram_rate", "unseen bigrams"), ("distinct_1", "distinct-1"),
+                ("distinct_2", "distinct-2"), ("distinct_3", "distinct-3"), ("tokens_per_second", "tokens/s")]
+
+
+def card_table(report: dict[str, Any]) -> str:
+    """The Markdown table of the model card (naive, left-to-right, wavefront and threshold rows, then real text),
+    generated from a `sampler_coherence.json` report."""
+    order = {"naive": 0, "left_to_right": 1, "wavefront": 2, "threshold": 3}
+    rows = sorted((row for row in report["rows"] if row["method"] in order),
+                  key=lambda row: (order[row["method"]], row["steps"] or 0, -(row["threshold"] or 0)))
+    real = {**report["real_text"], "method": "real continuation"}
+    return format_table([*rows, real], CARD_COLUMNS, markdown=True)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 
@@ -250,23 +330,12 @@ def train_models(settings: dict[str, Any], data: dict[str, Any], device: torch.d
     diffusion_eval = trainer.evaluate()["eval_loss"]
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
 
-    set_seed(seed)
-    reference = LlamaForCausalLM(spec.baseline_config(config))
-    llama_spec = get_spec("llama")
-    reference_trainer = resolve_trainer(llama_spec).from_cli(
-        model=reference, tokenizer=tokenizer,
-        args=_training_args(settings, settings["reference_max_steps"], output_dir / "reference", device, seed),
-        train_dataset=data["train"].blocks, eval_dataset=data["eval_blocks"], objective_args={},
-        train_texts=data["documents"]["train"],
-    )
-    start = time.perf_counter()
-    reference_trainer.train()
-    reference_seconds = time.perf_counter() - start
-    reference_eval = reference_trainer.evaluate()["eval_loss"]
+    reference, reference_seconds, reference_eval = train_reference(
+        settings, data, spec.baseline_config(config), device, output_dir / "reference", seed)
     tokens_per_byte = data["validation"].tokens_per_byte
     return {
         "diffusion": trainer.model.eval(),
-        "reference": reference_trainer.model.eval(),
+        "reference": reference,
         "report": {
             "diffusion_parameters": sum(p.numel() for p in diffusion.parameters()),
             "diffusion_trunk_parameters": sum(p.numel() for p in diffusion.model.parameters()),
@@ -282,6 +351,23 @@ def train_models(settings: dict[str, Any], data: dict[str, Any], device: torch.d
                                if key in entry} for entry in logs],
         },
     }
+
+
+def train_reference(settings: dict[str, Any], data: dict[str, Any], config: Any, device: torch.device,
+                    output_dir: Path, seed: int) -> tuple[LlamaForCausalLM, float, float]:
+    """Train a Llama of `config` for `reference_max_steps` on the same blocks; returns it (in eval mode), the
+    training seconds and the validation NLL."""
+    set_seed(seed)
+    trainer = resolve_trainer(get_spec("llama")).from_cli(
+        model=LlamaForCausalLM(config), tokenizer=data["tokenizer"],
+        args=_training_args(settings, settings["reference_max_steps"], output_dir, device, seed),
+        train_dataset=data["train"].blocks, eval_dataset=data["eval_blocks"], objective_args={},
+        train_texts=data["documents"]["train"],
+    )
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    return trainer.model.eval(), seconds, trainer.evaluate()["eval_loss"]
 
 
 def prepare_data(settings: dict[str, Any]) -> dict[str, Any]:
@@ -326,19 +412,23 @@ def run_sampling(models: dict[str, Any], data: dict[str, Any], settings: dict[st
     diffusion.diffusion_generate(prompts[:2], max_new_tokens=new_tokens, steps=settings["step_counts"][0], seed=seed,
                                  temperature=settings["temperature"], top_p=settings["top_p"])  # warm-up
     rows, examples = [], []
-    jobs = [(name, steps) for steps in settings["step_counts"] for name in METHODS]
-    for name, steps in tqdm(jobs, desc="sampling", unit="setting"):
+    jobs = [(name, steps, None) for steps in settings["step_counts"] for name in METHODS]
+    jobs += [("threshold", None, threshold) for threshold in settings["thresholds"]]
+    for name, steps, threshold in tqdm(jobs, desc="sampling", unit="setting"):
+        options = METHODS[name] if threshold is None else dict(sampler="threshold", threshold=threshold)
         start = time.perf_counter()
         output = diffusion.diffusion_generate(
             prompts, max_new_tokens=new_tokens, steps=steps, seed=seed, temperature=settings["temperature"],
-            top_p=settings["top_p"], return_dict_in_generate=True, **METHODS[name],
+            top_p=settings["top_p"], return_dict_in_generate=True, **options,
         )
         seconds = time.perf_counter() - start
         row = summarise(name, steps, output.sequences, prompt_length, seen, reference)
-        row.update(tokens_per_second=prompts.shape[0] * new_tokens / seconds, seconds=seconds,
-                   remasked_per_sample=output.num_remasked.float().mean().item())
+        calls, calls_se = mean_and_se(output.num_model_calls.float().tolist())
+        row.update(threshold=threshold, model_calls=calls, model_calls_se=calls_se, batch_model_calls=int(
+                   output.num_model_calls.max()), tokens_per_second=prompts.shape[0] * new_tokens / seconds,
+                   seconds=seconds, remasked_per_sample=output.num_remasked.float().mean().item())
         rows.append(row)
-        examples.append({"method": name, "steps": str(steps),
+        examples.append({"method": name if threshold is None else f"threshold {threshold}", "steps": str(steps),
                          "prompt": tokenizer.decode(prompts[0]),
                          "continuation": tokenizer.decode(output.sequences[0, prompt_length:])})
     examples.append({"method": "real text", "steps": "—", "prompt": tokenizer.decode(prompts[0]),
@@ -359,12 +449,14 @@ def plot(report: dict[str, Any], path: Path) -> None:
     rows, real = report["rows"], report["real_text"]
     panels = [("unseen_bigram_rate", "unseen-bigram rate (lower: more locally coherent)"),
               ("reference_nll", "reference NLL, nats/token (Llama on the same corpus)"),
+              ("entropy", "unigram entropy per sample, nats (low: bland)"),
               ("repeat_rate", "immediate repetition rate"),
+              ("distinct_2", "distinct-2 over all samples"),
               ("tokens_per_second", "tokens / s")]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     for ax, (key, label) in zip(axes.flat, panels):
-        for index, method in enumerate(METHODS):
-            points = sorted((row["steps"], row[key], row.get(f"{key}_se", 0.0))
+        for index, method in enumerate([*METHODS, "threshold"]):
+            points = sorted((row["model_calls"], row[key], row.get(f"{key}_se", 0.0))
                             for row in rows if row["method"] == method)
             if not points:
                 continue
@@ -374,7 +466,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         if key in real:
             ax.axhline(real[key], color="0.3", linestyle=":", label="real text")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel(f"steps (trunk passes) for {report['settings']['new_tokens']} tokens")
+        ax.set_xlabel(f"model calls (trunk passes) per sample for {report['settings']['new_tokens']} tokens")
         ax.set_ylabel(label, fontsize=8)
         ax.grid(alpha=0.3, which="both")
     axes.flat[0].legend(fontsize=7)
@@ -397,6 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in FLOAT_SETTINGS:
         parser.add_argument(f"--{name}", type=float, default=None, help="Default: the preset's value.")
     parser.add_argument("--step_counts", type=positive_ints, default=None, help="Comma-separated step counts.")
+    parser.add_argument("--thresholds", type=positive_floats, default=list(THRESHOLDS),
+                        help="Comma-separated confidence thresholds of the threshold arm (empty: no threshold arm).")
     parser.add_argument("--train_file", default=None, help="Corpus; default: the preset's file in $HF_ZOO_DATA.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
@@ -406,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     settings = dict(PRESETS[args.preset])
-    for key in (*INT_SETTINGS, *FLOAT_SETTINGS, "step_counts", "train_file"):
+    for key in (*INT_SETTINGS, *FLOAT_SETTINGS, "step_counts", "thresholds", "train_file"):
         value = getattr(args, key, None)
         if value is not None:
             settings[key] = value
@@ -448,6 +542,7 @@ def run(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
         raise UsageError(str(error)) from None
     rows, real, examples = run_sampling(models, data, settings, device, args.seed)
     lines, summary = verdict(rows, settings["step_counts"])
+    control_lines, control_summary = control_verdict(rows, settings["step_counts"])
     report = {
         "experiment": "sampler_coherence", "preset": args.preset,
         "settings": {**settings, "train_file": data["train_file"], "seed": args.seed},
@@ -457,21 +552,24 @@ def run(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
         "training": models["report"],
         "environment": environment(device, torch.float32),
         "real_text": {key: value for key, value in real.items() if key != "per_prompt"},
-        "rows": rows, "comparisons": lines, "verdict": summary, "examples": examples,
+        "rows": rows, "comparisons": lines, "verdict": summary, "control_comparisons": control_lines,
+        "control_verdict": control_summary, "examples": examples,
     }
     write_json(output_dir / "sampler_coherence.json", report)
     plot(report, output_dir / "sampler_coherence.png")
-    columns = [("method", "method"), ("steps", "steps"), ("unseen_bigram_rate", "unseen bigrams"),
-               ("unseen_bigram_rate_se", "± se"), ("reference_perplexity", "ref ppl"), ("reference_nll_se", "nll se"),
-               ("repeat_rate", "repeats"), ("distinct_2", "distinct-2"), ("remasked_per_sample", "remasked"),
-               ("tokens_per_second", "tok/s")]
+    columns = [("method", "method"), ("steps", "steps"), ("threshold", "tau"), ("model_calls", "calls"),
+               ("unseen_bigram_rate", "unseen bigrams"), ("unseen_bigram_rate_se", "± se"),
+               ("reference_perplexity", "ref ppl"), ("reference_nll_se", "nll se"), ("entropy", "entropy"),
+               ("repeat_rate", "repeats"), ("distinct_1", "dist-1"), ("distinct_2", "dist-2"), ("distinct_3", "dist-3"),
+               ("remasked_per_sample", "remasked"), ("tokens_per_second", "tok/s")]
     print(format_table([*rows, {**real, "method": "real text", "steps": "—"}], columns))
     training = models["report"]
     print(f"\ndiffusion validation NLL bound {training['diffusion_eval_nll_bound']:.4f} nats/token "
           f"({training['diffusion_eval_bits_per_byte_bound']:.4f} bpb), reference Llama NLL "
           f"{training['reference_eval_nll']:.4f} ({training['reference_eval_bits_per_byte']:.4f} bpb)")
-    print("\n".join(lines))
-    print(f"\nverdict: {summary}\nwrote {output_dir}/sampler_coherence.json and sampler_coherence.png")
+    print("\n".join([*lines, *control_lines]))
+    print(f"\nverdict: {summary}\ncontrols: {control_summary}")
+    print(f"wrote {output_dir}/sampler_coherence.json and sampler_coherence.png")
     return report
 
 

@@ -582,8 +582,12 @@ def test_coherence_experiment_cli_writes_its_report(tmp_path):
     ])
     saved = json.loads((tmp_path / "sampler_coherence.json").read_text())
     assert (tmp_path / "sampler_coherence.png").stat().st_size > 0
-    assert [(row["method"], row["steps"]) for row in saved["rows"]] == [
-        (method, steps) for steps in (2, 6) for method in sampler_coherence.METHODS]
+    assert [(row["method"], row["steps"], row["threshold"]) for row in saved["rows"]] == [
+        *((method, steps, None) for steps in (2, 6) for method in sampler_coherence.METHODS),
+        *(("threshold", None, tau) for tau in sampler_coherence.THRESHOLDS)]
+    assert all(row["model_calls"] == row["steps"] for row in saved["rows"] if row["steps"])
+    assert all(1 <= row["model_calls"] <= 6 for row in saved["rows"])
+    assert "left_to_right vs naive" in saved["control_verdict"] and "threshold vs naive" in saved["control_verdict"]
     for row in saved["rows"]:
         assert 0 <= row["unseen_bigram_rate"] <= 1 and row["reference_perplexity"] > 1 and row["tokens_per_second"] > 0
     assert saved["training"]["diffusion_eval_nll_bound"] > 0 and "verdict" in saved and report["verdict"]
@@ -610,4 +614,7 @@ def test_coherence_metrics_on_hand_made_tokens():
     seen = sampler_coherence.bigram_set([[1, 2, 3, 1, 2]])
     metrics = sampler_coherence.text_metrics(1, [2, 2, 5], seen)
     assert metrics == {"unseen_bigram_rate": 2 / 3, "repeat_rate": 1 / 3}
-    assert sampler_coherence.distinct_bigrams([[1, 2, 1, 2]]) == 2 / 3
+    assert sampler_coherence.distinct_ngrams([[1, 2, 1, 2]], 2) == 2 / 3
+    assert sampler_coherence.distinct_ngrams([[1, 2, 1, 2], [1, 2, 1]], 3) == 2 / 3
+    assert sampler_coherence.unigram_entropy([4, 4, 7, 9]) == pytest.approx(1.5 * math.log(2))
+    assert sampler_coherence.matched_steps(10.2, [8, 16, 32]) == 16 and sampler_coherence.matched_steps(40, [8]) == 8

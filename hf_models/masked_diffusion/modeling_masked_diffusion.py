@@ -45,8 +45,9 @@ Generation (`diffusion_generate`), from `prompt + N x [MASK]` in S steps; each s
    masked position has a filled neighbour, a bootstrap first fills the `sampler_min_neighbors_ratio` share of
    the masked positions (at least one) by confidence with naive sampling.
 The trunk's hidden states are not recomputed between waves of one step (that is what makes waves cheap): the
-sampler sees fresh neighbours, the trunk context of the step's start. There is no key/value cache: attention is
-bidirectional and every step changes the inputs.
+sampler sees fresh neighbours, the trunk context of the step's start. Left-to-right, confidence-threshold and
+block-wise decoding, with an approximate key/value cache of the positions outside the active block, live in
+`decoding.py`; the trunk accepts that cache (`cache=`, a `DynamicCache` whose keys need not form a prefix).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
+from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
 from transformers.utils import ModelOutput
@@ -64,7 +66,7 @@ from transformers.utils import ModelOutput
 from ..modeling_zoo_common import ZooPreTrainedModel, ZooRotaryEmbedding, apply_rotary
 from .configuration_masked_diffusion import MaskedDiffusionConfig
 
-SAMPLERS = ("auto", "naive", "wavefront")
+SAMPLERS = ("auto", "naive", "wavefront", "left_to_right", "threshold")
 
 
 class MaskedDiffusionRMSNorm(nn.Module):
@@ -82,8 +84,9 @@ class MaskedDiffusionRMSNorm(nn.Module):
 class MaskedDiffusionAttention(nn.Module):
     """Multi-head self-attention, bidirectional (or causal, see `attention_type`), with rotary positions."""
 
-    def __init__(self, config: MaskedDiffusionConfig) -> None:
+    def __init__(self, config: MaskedDiffusionConfig, layer_idx: int = 0) -> None:
         super().__init__()
+        self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.is_causal = config.attention_type == "causal"
@@ -97,8 +100,10 @@ class MaskedDiffusionAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         key_mask: torch.Tensor | None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
-        """`hidden_states` `(batch, seq, hidden)`; `key_mask` `(batch, 1, 1, seq)` boolean, `True` = attend."""
+        """`hidden_states` `(batch, seq, hidden)`; `key_mask` `(batch, 1, 1, keys)` boolean, `True` = attend, over the
+        cached keys (if `cache`) then the `seq` new ones, whose keys/values (rotated) are appended to `cache`."""
         batch, seq, _ = hidden_states.shape
         shape = (batch, seq, self.num_heads, self.head_dim)
         query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
@@ -106,8 +111,11 @@ class MaskedDiffusionAttention(nn.Module):
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = apply_rotary(query, cos, sin, heads_dim=1), apply_rotary(key, cos, sin, heads_dim=1)
-        if self.is_causal:
-            causal = torch.ones(seq, seq, dtype=torch.bool, device=hidden_states.device).tril()
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+        if self.is_causal:  # a cache is a prefix here: query i sees every cached key and the new keys up to i
+            keys = key.shape[2]
+            causal = torch.ones(seq, keys, dtype=torch.bool, device=hidden_states.device).tril(keys - seq)
             key_mask = causal if key_mask is None else key_mask & causal
         output = F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask)
         return self.o_proj(output.transpose(1, 2).reshape(batch, seq, -1))
@@ -129,10 +137,10 @@ class MaskedDiffusionMLP(nn.Module):
 class MaskedDiffusionBlock(GradientCheckpointingLayer):
     """Pre-norm transformer block: attention then MLP, each added to the residual stream."""
 
-    def __init__(self, config: MaskedDiffusionConfig) -> None:
+    def __init__(self, config: MaskedDiffusionConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.input_layernorm = MaskedDiffusionRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MaskedDiffusionAttention(config)
+        self.self_attn = MaskedDiffusionAttention(config, layer_idx)
         self.post_attention_layernorm = MaskedDiffusionRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MaskedDiffusionMLP(config)
 
@@ -141,8 +149,9 @@ class MaskedDiffusionBlock(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         key_mask: torch.Tensor | None,
+        cache: Cache | None = None,
     ) -> torch.Tensor:
-        attention = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, key_mask)
+        attention = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, key_mask, cache)
         hidden_states = hidden_states + attention
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -189,12 +198,18 @@ class DiffusionGenerateOutput(ModelOutput):
             wavefront sampler, for each step the fills in order: `("bootstrap" | "wave", positions filled (batch,
             prompt + new))`.
         num_remasked (`torch.LongTensor` of shape `(batch,)`): tokens re-masked by the critic over all steps.
+        num_model_calls (`torch.LongTensor` of shape `(batch,)`): trunk passes while the row still had masks (what the
+            row costs alone).
+        num_tokens_processed (`torch.LongTensor` of shape `(batch,)`): positions fed through the trunk in those
+            passes (less than passes x length with `use_prefix_cache`).
     """
 
     sequences: torch.LongTensor | None = None
     history: tuple[torch.LongTensor, ...] | None = None
     waves: tuple[tuple[tuple[str, torch.BoolTensor], ...], ...] | None = None
     num_remasked: torch.LongTensor | None = None
+    num_model_calls: torch.LongTensor | None = None
+    num_tokens_processed: torch.LongTensor | None = None
 
 
 class MaskedDiffusionPreTrainedModel(ZooPreTrainedModel):
@@ -230,7 +245,7 @@ class MaskedDiffusionModel(MaskedDiffusionPreTrainedModel):
             raise ValueError("MaskedDiffusionConfig.mask_token_id is required to build a model: set it to the "
                              "tokenizer's mask token id (e.g. `mask_token_id=tokenizer.mask_token_id`).")
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([MaskedDiffusionBlock(config) for _ in range(config.num_hidden_layers)])
+        self.layers = nn.ModuleList([MaskedDiffusionBlock(config, i) for i in range(config.num_hidden_layers)])
         self.norm = MaskedDiffusionRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = ZooRotaryEmbedding(config.head_dim, config.rope_theta)
         self.gradient_checkpointing = False
@@ -243,23 +258,29 @@ class MaskedDiffusionModel(MaskedDiffusionPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
+        cache: Cache | None = None,
     ) -> BaseModelOutput:
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(batch, seq)`): token ids, [MASK] where a token is to be
                 predicted (or pass `inputs_embeds`).
-            attention_mask (`torch.Tensor` of shape `(batch, seq)`, *optional*): 1 for real tokens, 0 for padding
-                (padding keys are not attended to).
+            attention_mask (`torch.Tensor` of shape `(batch, cached + seq)`, *optional*): 1 for real tokens, 0 for
+                padding (padding keys are not attended to); with `cache`, the cached keys' entries come first.
             position_ids (`torch.LongTensor` of shape `(batch, seq)`, *optional*): rotary positions (default
-                `0 .. seq-1`).
+                `cached .. cached + seq - 1`).
             inputs_embeds (`torch.Tensor` of shape `(batch, seq, hidden)`, *optional*): embeddings instead of ids.
             output_hidden_states (`bool`, *optional*): also return the input of every block and the final states.
+            cache (`Cache`, *optional*): keys/values (rotated) of other positions, attended to besides the `seq` new
+                ones, whose keys/values are appended to it in place. Attention is bidirectional: the cached keys need
+                not be a prefix, and they are not updated by the new tokens (`decoding.py` uses this as an
+                approximate cache).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if position_ids is None:
-            position_ids = torch.arange(hidden_states.shape[1], device=hidden_states.device)[None]
+            cached = 0 if cache is None else cache.get_seq_length()
+            position_ids = torch.arange(cached, cached + hidden_states.shape[1], device=hidden_states.device)[None]
         key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         if output_hidden_states is None:
@@ -268,7 +289,7 @@ class MaskedDiffusionModel(MaskedDiffusionPreTrainedModel):
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
-            hidden_states = layer(hidden_states, position_embeddings, key_mask)
+            hidden_states = layer(hidden_states, position_embeddings, key_mask, cache=cache)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
@@ -300,6 +321,7 @@ class MaskedDiffusionForMaskedLM(MaskedDiffusionPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
+        cache: Cache | None = None,
     ) -> MaskedDiffusionLMOutput:
         r"""
         Args:
@@ -310,7 +332,7 @@ class MaskedDiffusionForMaskedLM(MaskedDiffusionPreTrainedModel):
         `last_hidden_state` `(batch, seq, hidden)`.
         """
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states)
+                             inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states, cache=cache)
         logits = self.lm_head(outputs.last_hidden_state).float()
         loss = None
         if labels is not None:
@@ -379,6 +401,10 @@ class MaskedDiffusionForMaskedLM(MaskedDiffusionPreTrainedModel):
         seed: int | None = None,
         critic_threshold: float = 0.5,
         critic_remask_fraction: float = 0.5,
+        threshold: float | None = None,
+        block_size: int | None = None,
+        use_prefix_cache: bool = False,
+        cache_refresh_every: int | None = None,
         output_history: bool = False,
         return_dict_in_generate: bool = False,
     ) -> torch.LongTensor | DiffusionGenerateOutput:
@@ -393,8 +419,10 @@ class MaskedDiffusionForMaskedLM(MaskedDiffusionPreTrainedModel):
             max_new_tokens (`int`): tokens to generate per row.
             steps (`int`, *optional*): un-masking steps (trunk passes), in `[1, max_new_tokens]`; default
                 `max_new_tokens` (one token per step).
-            sampler (`str`): `"naive"` (independent parallel sampling), `"wavefront"` (sampler head) or `"auto"`
-                (wavefront when the model has a sampler head, else naive).
+            sampler (`str`): `"naive"` (independent parallel sampling), `"wavefront"` (sampler head), `"auto"`
+                (wavefront when the model has a sampler head, else naive), `"left_to_right"` (the leftmost masks
+                first, main head) or `"threshold"` (every mask whose confidence reaches `threshold`, at least one
+                per step; the number of steps follows, `steps` must be left unset); see `decoding.py`.
             use_critic (`bool`): re-mask generated tokens the critic head doubts (needs the critic head).
             temperature (`float`): softmax temperature; 0 is greedy.
             top_p (`float`): nucleus sampling threshold in `(0, 1]`.
@@ -403,6 +431,14 @@ class MaskedDiffusionForMaskedLM(MaskedDiffusionPreTrainedModel):
             critic_threshold (`float`): critic probability of "wrong" above which a token may be re-masked.
             critic_remask_fraction (`float`): at most this share (rounded up) of the tokens the previous step
                 committed is re-masked at a step, in `[0, 1]` (the last step never re-masks, so all masks get filled).
+            threshold (`float`, *optional*): the confidence threshold of `sampler="threshold"` (default 0.9); above
+                1, one token per step.
+            block_size (`int`, *optional*): decode in blocks of this many tokens, left to right (naive or threshold;
+                must divide `max_new_tokens`; with naive, `steps` a multiple of the number of blocks).
+            use_prefix_cache (`bool`): reuse, within a block, the keys/values of every position outside it from the
+                block's first pass (Fast-dLLM's approximate cache; naive or threshold).
+            cache_refresh_every (`int`, *optional*): with the cache, recompute it every this many steps of a block
+                (1: every step, exact); default once per block.
             output_history / return_dict_in_generate (`bool`): return a [`DiffusionGenerateOutput`] (with the
                 per-step sequences and waves when `output_history`).
 
@@ -411,7 +447,8 @@ class MaskedDiffusionForMaskedLM(MaskedDiffusionPreTrainedModel):
 
         Raises:
             ValueError: a missing mask token, `max_new_tokens` or `steps` out of range, prompt + new tokens longer
-                than `max_position_embeddings`, an unknown sampler, or a head the model lacks.
+                than `max_position_embeddings`, an unknown sampler, a head the model lacks, or decoding options
+                the sampler does not take.
         """
         config = self.config
         mask_id = config.mask_token_id
@@ -421,6 +458,7 @@ class MaskedDiffusionForMaskedLM(MaskedDiffusionPreTrainedModel):
             raise ValueError(f"input_ids must have shape (batch, prompt), got {tuple(input_ids.shape)}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        requested_steps = steps
         steps = max_new_tokens if steps is None else steps
         if not isinstance(steps, int) or not 1 <= steps <= max_new_tokens:
             raise ValueError(f"steps must be an integer in [1, max_new_tokens={max_new_tokens}] (at least one "
@@ -448,6 +486,13 @@ class MaskedDiffusionForMaskedLM(MaskedDiffusionPreTrainedModel):
                              f"{critic_threshold} and {critic_remask_fraction}")
         if bool((input_ids == mask_id).any()):
             raise ValueError("the prompt contains the mask token; mask-infilling prompts are not supported")
+        from .decoding import check_decoding_options, decode  # decoding.py builds on this module
+
+        use_decoder = check_decoding_options(
+            config, sampler=sampler, steps=requested_steps, max_new_tokens=max_new_tokens, use_critic=use_critic,
+            threshold=threshold, block_size=block_size, use_prefix_cache=use_prefix_cache,
+            cache_refresh_every=cache_refresh_every,
+        )
 
         device = input_ids.device
         generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
@@ -458,6 +503,12 @@ class MaskedDiffusionForMaskedLM(MaskedDiffusionPreTrainedModel):
         generated[:, prompt_length:] = True
         x = torch.cat((input_ids, input_ids.new_full((batch, max_new_tokens), mask_id)), dim=1)
         sample = _TokenSampler(temperature, top_p, mask_id, generator)
+        if use_decoder:
+            output = decode(self, x, valid=valid, position_ids=position_ids, prompt_length=prompt_length,
+                            sampler=sampler, steps=steps, sample=sample, threshold=threshold, block_size=block_size,
+                            use_prefix_cache=use_prefix_cache, cache_refresh_every=cache_refresh_every,
+                            output_history=output_history)
+            return output if return_dict_in_generate or output_history else output.sequences
 
         history, waves = [], []
         num_remasked = torch.zeros(batch, dtype=torch.long, device=device)
@@ -494,6 +545,8 @@ class MaskedDiffusionForMaskedLM(MaskedDiffusionPreTrainedModel):
             history=tuple(history) if output_history else None,
             waves=tuple(waves) if output_history and sampler == "wavefront" else None,
             num_remasked=num_remasked,
+            num_model_calls=torch.full((batch,), steps, device=device),
+            num_tokens_processed=torch.full((batch,), steps * total, device=device),
         )
 
     def _critic_remask(
