@@ -21,5 +21,6 @@ if __name__ == "__main__":
     save_file(state, output_dir / f"rank{rank}.safetensors")
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     (output_dir / f"rank{rank}.json").write_text(json.dumps({
-        "losses": losses, "world_size": trainer.args.world_size, "backend": dist.get_backend() if dist.is_initialized() else None,
+        "losses": losses, "world_size": trainer.args.world_size,
+        "total_train_batch_size": trainer.args.train_batch_size * trainer.args.world_size, "backend": dist.get_backend() if dist.is_initialized() else None,
     }))

@@ -17,6 +17,7 @@ TINY = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_he
 
 
 def test_two_gloo_processes_end_with_identical_weights_and_a_falling_loss(stories_file, tmp_path):
+    """The README's command, without `--use_cpu`: the two ranks form one data-parallel job (global batch 2 x 4)."""
     torchrun = shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run"
     command = [
         *torchrun.split(), "--nproc_per_node", "2", "--master_port", "29517", str(ROOT / "tests" / "distributed_worker.py"),
@@ -24,7 +25,7 @@ def test_two_gloo_processes_end_with_identical_weights_and_a_falling_loss(storie
         "--max_train_documents", "400", "--vocab_size", "300", "--block_size", "64",
         "--output_dir", str(tmp_path / "out"), "--max_steps", "12", "--per_device_train_batch_size", "4",
         "--learning_rate", "3e-3", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
-        "--use_cpu", "--disable_tqdm", "true", "--sample_max_new_tokens", "4",
+        "--disable_tqdm", "true", "--sample_max_new_tokens", "4",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
@@ -32,6 +33,7 @@ def test_two_gloo_processes_end_with_identical_weights_and_a_falling_loss(storie
     out = tmp_path / "out"
     ranks = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert all(info["world_size"] == 2 and info["backend"] == "gloo" for info in ranks)
+    assert all(info["total_train_batch_size"] == 8 for info in ranks)
     weights = [load_file(out / f"rank{rank}.safetensors") for rank in (0, 1)]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])

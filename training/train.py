@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -84,8 +85,21 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ModelArguments, DataArgument
     # The Trainer's defaults suit fine-tuning (5e-5, a log every 500 steps); these suit the small models trained
     # from scratch here. Every one can still be set on the command line.
     parser.set_defaults(**TRAINING_DEFAULTS)
+    if _launched_on_cpu_only():
+        # The Trainer joins a torchrun / accelerate process group on CPU only with `use_cpu`; without it each rank
+        # would train alone on the whole batch.
+        parser.set_defaults(use_cpu=True)
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     return model_args, data_args, training_args
+
+
+def _launched_on_cpu_only() -> bool:
+    """Whether this process is one of several started by a launcher (`torchrun`, `accelerate launch`) on a
+    machine without an accelerator."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    accelerators = (torch.cuda, getattr(torch, "xpu", None), getattr(torch.backends, "mps", None))
+    return not any(backend is not None and backend.is_available() for backend in accelerators)
 
 
 def _check_checkpoint(path: str) -> None:
