@@ -1,4 +1,5 @@
-"""The training CLI under `torchrun`: two CPU processes (gloo) train in data parallel and end identical."""
+"""The training CLI under `torchrun` and `accelerate launch`: two CPU processes (gloo) train in data parallel and end
+identical."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -16,11 +18,19 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=4,num_key_value_heads=2"
 
 
-def test_two_gloo_processes_end_with_identical_weights_and_a_falling_loss(stories_file, tmp_path):
-    """The README's command, without `--use_cpu`: the two ranks form one data-parallel job (global batch 2 x 4)."""
-    torchrun = shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run"
+LAUNCHERS = {
+    "torchrun": lambda port: [*(shutil.which("torchrun") or f"{sys.executable} -m torch.distributed.run").split(),
+                              "--nproc_per_node", "2", "--master_port", str(port)],
+    "accelerate": lambda port: [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu",
+                                "--num_processes", "2", "--main_process_port", str(port)],
+}
+
+
+@pytest.mark.parametrize("launcher,port", [("torchrun", 29517), ("accelerate", 29518)])
+def test_two_gloo_processes_end_with_identical_weights_and_a_falling_loss(stories_file, tmp_path, launcher, port):
+    """The README's commands, without `--use_cpu`: the two ranks form one data-parallel job (global batch 2 x 4)."""
     command = [
-        *torchrun.split(), "--nproc_per_node", "2", "--master_port", "29517", str(ROOT / "tests" / "distributed_worker.py"),
+        *LAUNCHERS[launcher](port), str(ROOT / "tests" / "distributed_worker.py"),
         "--model_type", "llama", "--config_overrides", TINY, "--train_file", str(stories_file),
         "--max_train_documents", "400", "--vocab_size", "300", "--block_size", "64",
         "--output_dir", str(tmp_path / "out"), "--max_steps", "12", "--per_device_train_batch_size", "4",
