@@ -7,6 +7,7 @@ only on `torch`, `transformers` and sibling modules.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +46,25 @@ class ZooPreTrainedModel(PreTrainedModel):
                                                                      mean_resizing=mean_resizing))
         return embeddings
 
+    def _map_every_auto_class(self) -> None:
+        """Add every class of this model's module registered with an `Auto*` factory to the config's `auto_map`.
+
+        transformers records only the saved class (and the config); with the rest, `AutoModel` loads the headless
+        model of a saved `...ForCausalLM` folder through remote code too.
+        """
+        module_name = type(self).__module__
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        for obj in vars(sys.modules[module_name]).values():
+            if isinstance(obj, type) and issubclass(obj, PreTrainedModel) and obj.__module__ == module_name \
+                    and obj._auto_class is not None:
+                auto_map.setdefault(obj._auto_class, f"{module_name.split('.')[-1]}.{obj.__name__}")
+        self.config.auto_map = auto_map
+
     def save_pretrained(self, save_directory: str | Path, *args: Any, push_to_hub: bool = False, **kwargs: Any):
         repo_id = kwargs.pop("repo_id", None)
         hub_kwargs = {key: kwargs.pop(key) for key in ("commit_message", "private", "create_pr") if key in kwargs}
+        if self._auto_class is not None:
+            self._map_every_auto_class()
         super().save_pretrained(save_directory, *args, push_to_hub=False, **kwargs)
         bundle_remote_code(save_directory)
         if push_to_hub:

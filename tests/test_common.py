@@ -211,23 +211,33 @@ def test_lora_adapters_train_and_leave_the_base_untouched(spec: ArchitectureSpec
 
 @pytest.mark.parametrize("spec", SPECS, ids=spec_id)
 def test_saved_folder_loads_as_remote_code_without_hf_models(spec: ArchitectureSpec, tmp_path):
+    """The head class and `AutoModel` (every Auto class the architecture registers) load the saved folder."""
     model = tiny_model(spec)
     model.save_pretrained(tmp_path / "model")
+    if spec.model_class.__module__.startswith("hf_models"):  # remote code (the Llama baseline is in transformers)
+        auto_map = json.loads((tmp_path / "model" / "config.json").read_text())["auto_map"]
+        assert {"AutoConfig", "AutoModel", AUTO_FOR_TASK[spec.task].__name__} <= auto_map.keys()
     input_ids = random_ids(spec, 1, 8)
     with torch.no_grad():
         expected = model(input_ids).logits[0, -1].tolist()
+        expected_hidden = model.base_model(input_ids)[0][0, -1].tolist()
     script = textwrap.dedent(f"""
         import json, sys
         sys.modules["hf_models"] = None  # the zoo's package must not be needed
         import torch
-        from transformers import {AUTO_FOR_TASK[spec.task].__name__} as Auto
-        model = Auto.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True).eval()
-        assert not type(model).__module__.startswith("hf_models"), type(model).__module__
+        from transformers import AutoModel, {AUTO_FOR_TASK[spec.task].__name__} as Auto
+        folder = {str(tmp_path / "model")!r}
+        model = Auto.from_pretrained(folder, trust_remote_code=True).eval()
+        base = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        for loaded in (model, base):
+            assert not type(loaded).__module__.startswith("hf_models"), type(loaded).__module__
+        assert type(base).__name__ == {type(model.base_model).__name__!r}, type(base).__name__
         with torch.no_grad():
-            logits = model(torch.tensor({input_ids.tolist()})).logits[0, -1]
-        print(json.dumps(logits.tolist()))
+            ids = torch.tensor({input_ids.tolist()})
+            print(json.dumps([model(ids).logits[0, -1].tolist(), base(ids)[0][0, -1].tolist()]))
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    logits = json.loads(result.stdout.strip().splitlines()[-1])
+    logits, hidden = json.loads(result.stdout.strip().splitlines()[-1])
     torch.testing.assert_close(torch.tensor(logits), torch.tensor(expected), rtol=0, atol=0)
+    torch.testing.assert_close(torch.tensor(hidden), torch.tensor(expected_hidden), rtol=0, atol=0)
