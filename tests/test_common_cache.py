@@ -82,6 +82,21 @@ def test_key_value_caches_are_in_transformers_layout(spec: ArchitectureSpec):
 
 
 @pytest.mark.parametrize("spec", CACHED_SPECS, ids=spec_id)
+def test_the_old_cache_keyword_still_continues_the_cache(spec: ArchitectureSpec):
+    """`past_key_values=` (transformers' old name, deprecated until 5.40) continues the cache as `cache=` does."""
+    model = tiny_model(spec)
+    input_ids = random_ids(spec, 2, 6)
+    with torch.no_grad():
+        new = model(input_ids[:, -1:], cache=model(input_ids[:, :-1], use_cache=True).cache, use_cache=True).logits
+        with pytest.warns(FutureWarning, match="past_key_values"):
+            old = model(input_ids[:, -1:], past_key_values=model(input_ids[:, :-1], use_cache=True).cache,
+                        use_cache=True).logits
+        full = model(input_ids).logits[:, -1:]
+    torch.testing.assert_close(new, full, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(old, new, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("spec", CACHED_SPECS, ids=spec_id)
 def test_static_cache_generation_equals_dynamic(spec: ArchitectureSpec):
     model = tiny_model(spec)
     input_ids = random_ids(spec, 2, 5)

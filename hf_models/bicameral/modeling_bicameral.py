@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers import GenerationMixin
 from transformers import initialization as init
 from transformers.cache_utils import Cache
@@ -357,6 +358,7 @@ class BicameralModel(BicameralPreTrainedModel):
         """Change the frequency path's cutoff (bins; `None` = all) for every layer: the config holds it."""
         self.config.cutoff = self.config.validate_cutoff(cutoff)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -444,6 +446,7 @@ class BicameralForCausalLM(BicameralPreTrainedModel, ZooStateCacheGenerationMixi
         self.token_head = None
         self.config.token_vocab_size = 0
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -251,6 +252,7 @@ class MaskedDiffusionModel(MaskedDiffusionPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -313,6 +315,7 @@ class MaskedDiffusionForMaskedLM(MaskedDiffusionPreTrainedModel):
         self.critic_head = nn.Linear(config.hidden_size, 1) if config.add_critic_head else None
         self.post_init()
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -367,6 +368,7 @@ class NanoheadModel(NanoheadPreTrainedModel):
             )
         return masks
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -436,6 +438,7 @@ class NanoheadForCausalLM(NanoheadPreTrainedModel, GenerationMixin):
         return self.model._attention_masks(inputs_embeds, attention_mask, cache, position_ids,
                                            eager=config.output_attentions)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,

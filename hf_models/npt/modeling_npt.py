@@ -43,6 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers import AutoConfig, LlamaForCausalLM, LlamaModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
@@ -449,6 +450,7 @@ class NPTForCausalLM(NPTPreTrainedModel, LlamaForCausalLM):
                 layer._recording, layer.npt_record = False, None
 
     # ------------------------------------------------------------------------------------------------- forward
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
@@ -481,6 +482,7 @@ class ToeplitzMixerModel(ToeplitzMixerPreTrainedModel):
         mode = self.config.decode_step
         return mode == "static" or (mode == "auto" and torch.compiler.is_compiling())
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
@@ -627,6 +629,7 @@ class ToeplitzMixerForCausalLM(ToeplitzMixerPreTrainedModel, ZooStateCacheGenera
             return None
         return ToeplitzMixerCache(self.config, batch_size, device=self.device, dtype=self.dtype)
 
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
