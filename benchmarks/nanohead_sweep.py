@@ -66,7 +66,8 @@ def count_parameters(config: NanoheadConfig) -> int:
     embeddings = config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2)
     attention = hidden * (split.width + 2 * split.kv_width) + split.width * hidden
     mlp = 2 * hidden * config.intermediate_size
-    return embeddings + config.num_hidden_layers * (attention + mlp)
+    scales = split.num_heads + split.num_nanoheads if config.learnable_logit_scale else 0
+    return embeddings + config.num_hidden_layers * (attention + mlp + scales)
 
 
 def _splits_exist(hidden: int, heads: int, kv_heads: int, nanohead_dim: int, proportions: Iterable[float]) -> bool:
