@@ -529,8 +529,11 @@ def test_sweep_cli_micro_run(tmp_path, stories_file):
     ])
     saved = json.loads((tmp_path / "nanohead_sweep.json").read_text())
     assert (tmp_path / "nanohead_sweep.png").stat().st_size > 0
-    assert [row["proportion"] for row in saved["summary"]] == [0.0, 0.4]
-    assert len({run["parameters"] for run in saved["runs"]}) == 1
+    assert [(row["arm"], row["proportion"]) for row in saved["summary"]] == [
+        ("faithful", 0.0), ("faithful", 0.4), ("logit_scale", 0.0), ("logit_scale", 0.4)]
+    assert len({run["parameters"] for run in saved["runs"] if run["arm"] == "faithful"}) == 1
+    assert [gap["proportion"] for gap in saved["arm_gap"]] == [0.0, 0.4]
+    assert set(saved["verdicts"]) == {"faithful", "logit_scale"}
     for run in saved["runs"]:
         assert math.isfinite(run["val_bpb"]) and run["val_bpb"] > 0 and run["train_tokens_per_second"] > 0
     assert report["runs"] == saved["runs"]
