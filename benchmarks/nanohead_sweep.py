@@ -10,6 +10,10 @@ steps that keep every proportion's head split valid until the count is within a 
 both kinds of heads keep the same GQA ratio and fill the same width, the proportion does not change the parameter
 count (nor the attention's matmul FLOPs), so every proportion trains the very same number of parameters.
 
+Arms (`--arms`): `faithful` (the seed's attention: QK-norm without a gain, so no logit exceeds sqrt(d), 1.73 for a
+3-dim nanohead) and `logit_scale` (`learnable_logit_scale=True`: a learnable per-head logit scale lifts that
+cap). The faithful arm measures nanoheads *under the sharpness cap*; the gap between arms measures the cap itself.
+
 Every proportion is trained with each of `--seeds` seeds (the seed-to-seed spread says which differences are
 noise); the same BPE tokenizer, data order and schedule are used for all. Writes `nanohead_sweep.json` (runs,
 per-proportion summary, verdict) and `nanohead_sweep.png` (bpb vs proportion, annotated) to `--output_dir`.
@@ -42,6 +46,7 @@ from training.trainer import resolve_trainer
 from .harness import environment, format_table, resolve_device, write_json
 
 PROPORTIONS = (0.0, 0.2, 0.4, 0.6, 0.8)
+ARMS = {"faithful": False, "logit_scale": True}  # arm -> `learnable_logit_scale`
 PRESETS: dict[str, dict[str, Any]] = {
     # ~0.5M parameters, 150 steps of 16 x 128 tokens per run, 2 seeds: a few minutes on 2 CPU cores.
     "smoke": dict(target_params=5e5, aspect_ratio=32, head_dim=32, vocab_size=1024, block_size=128, batch_size=16,
@@ -66,7 +71,8 @@ def count_parameters(config: NanoheadConfig) -> int:
     embeddings = config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2)
     attention = hidden * (split.width + 2 * split.kv_width) + split.width * hidden
     mlp = 2 * hidden * config.intermediate_size
-    return embeddings + config.num_hidden_layers * (attention + mlp)
+    scales = split.num_heads + split.num_nanoheads if config.learnable_logit_scale else 0
+    return embeddings + config.num_hidden_layers * (attention + mlp + scales)
 
 
 def _splits_exist(hidden: int, heads: int, kv_heads: int, nanohead_dim: int, proportions: Iterable[float]) -> bool:
@@ -154,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nanohead_dim", type=int, default=3)
     parser.add_argument("--kv_group", type=int, default=1, help="Query heads per key/value head (GQA ratio).")
     parser.add_argument("--seeds", type=int, default=None, help="Seeds per proportion (preset: 2).")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"Comma-separated, from {', '.join(ARMS)}.")
     for name, kind in (("target_params", float), ("aspect_ratio", int), ("head_dim", int), ("vocab_size", int),
                        ("block_size", int), ("batch_size", int), ("max_steps", int), ("learning_rate", float),
                        ("max_train_documents", int), ("max_eval_blocks", int)):
@@ -176,25 +183,34 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     settings["proportions"] = (
         [float(p) for p in args.proportions.split(",") if p.strip()] if args.proportions else list(PROPORTIONS)
     )
-    settings.update(nanohead_dim=args.nanohead_dim, kv_group=args.kv_group)
+    settings.update(nanohead_dim=args.nanohead_dim, kv_group=args.kv_group,
+                    arms=[arm.strip() for arm in args.arms.split(",") if arm.strip()])
+    unknown = [arm for arm in settings["arms"] if arm not in ARMS]
+    if unknown or not settings["arms"]:
+        raise UsageError(f"--arms: unknown {unknown}, choose from {', '.join(ARMS)}")
     if settings["seeds"] < 1 or settings["max_steps"] < 1:
         raise UsageError("--seeds and --max_steps must be at least 1")
     return settings
 
 
 def _summarise(runs: list[dict[str, Any]], proportions: Sequence[float]) -> tuple[list[dict[str, Any]], str]:
+    """Per-proportion rows (mean, std, standard error, min, max over seeds) and the verdict, for the runs of one
+    arm."""
     summary = []
     for proportion in proportions:
         rows = [run for run in runs if run["proportion"] == proportion]
         bpbs = [run["val_bpb"] for run in rows]
+        std = statistics.stdev(bpbs) if len(bpbs) > 1 else 0.0
         summary.append({
+            "arm": rows[0]["arm"],
             "proportion": proportion,
             "achieved_proportion": rows[0]["achieved_proportion"],
             "nanoheads": rows[0]["nanoheads"],
             "normal_head_dim": rows[0]["normal_head_dim"],
             "parameters": rows[0]["parameters"],
             "val_bpb_mean": statistics.fmean(bpbs),
-            "val_bpb_std": statistics.stdev(bpbs) if len(bpbs) > 1 else 0.0,
+            "val_bpb_std": std,
+            "val_bpb_se": std / math.sqrt(len(bpbs)),
             "val_bpb_min": min(bpbs),
             "val_bpb_max": max(bpbs),
             "train_tokens_per_second": statistics.fmean(run["train_tokens_per_second"] for run in rows),
@@ -210,9 +226,10 @@ def _summarise(runs: list[dict[str, Any]], proportions: Sequence[float]) -> tupl
             continue
         delta = row["val_bpb_mean"] - base["val_bpb_mean"]
         row["delta_vs_baseline"] = delta
+        row["delta_se"] = math.hypot(row["val_bpb_se"], base["val_bpb_se"])
         word = "better" if delta < 0 else "worse"
         beyond = abs(delta) > noise if noise > 0 else None
-        lines.append(f"p={row['proportion']}: {delta:+.4f} bpb ({word}"
+        lines.append(f"p={row['proportion']}: {delta:+.4f} +- {row['delta_se']:.4f} (SE) bpb ({word}"
                      + ("" if beyond is None else ", beyond the seed spread" if beyond else ", within the seed spread")
                      + ")")
     better = [row for row in summary if row is not base and row["delta_vs_baseline"] < 0
@@ -222,6 +239,21 @@ def _summarise(runs: list[dict[str, Any]], proportions: Sequence[float]) -> tupl
         else "no proportion beats the plain GPT (proportion 0) by more than the seed-to-seed spread") + (
         f" ({noise:.4f} bpb); " + "; ".join(lines))
     return summary, verdict
+
+
+def _arm_gap(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per proportion: `logit_scale` minus `faithful` mean bpb, its standard error and whether it exceeds 2 SE."""
+    rows = {(row["arm"], row["proportion"]): row for row in summary}
+    gaps = []
+    for (arm, proportion), scaled in rows.items():
+        faithful = rows.get(("faithful", proportion))
+        if arm != "logit_scale" or faithful is None:
+            continue
+        delta = scaled["val_bpb_mean"] - faithful["val_bpb_mean"]
+        se = math.hypot(scaled["val_bpb_se"], faithful["val_bpb_se"])
+        gaps.append({"proportion": proportion, "delta_bpb": delta, "se": se,
+                     "beyond_2se": bool(se > 0 and abs(delta) > 2 * se)})
+    return gaps
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -234,15 +266,15 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig, (ax, ax_speed) = plt.subplots(1, 2, figsize=(11, 4.2))
     for run in report["runs"]:
         ax.plot(run["proportion"], run["val_bpb"], "o", color="0.6", markersize=4)
-    xs = [row["proportion"] for row in summary]
-    means = [row["val_bpb_mean"] for row in summary]
-    errors = [[m - row["val_bpb_min"] for m, row in zip(means, summary)],
-              [row["val_bpb_max"] - m for m, row in zip(means, summary)]]
-    ax.errorbar(xs, means, yerr=errors, fmt="s-", color="C0", capsize=4, label="mean (bars: min-max over seeds)")
-    for row in summary:
-        ax.annotate(f"{row['val_bpb_mean']:.4f}\n{row['nanoheads']} nano / d={row['normal_head_dim']}",
-                    (row["proportion"], row["val_bpb_mean"]), textcoords="offset points", xytext=(0, 10),
-                    ha="center", fontsize=7)
+    arms = list(dict.fromkeys(row["arm"] for row in summary))
+    for index, arm in enumerate(arms):
+        rows = [row for row in summary if row["arm"] == arm]
+        ax.errorbar([row["proportion"] for row in rows], [row["val_bpb_mean"] for row in rows],
+                    yerr=[row["val_bpb_se"] for row in rows], fmt="s-", color=f"C{index}", capsize=4,
+                    label=f"{arm}: mean +- SE over seeds")
+        for row in rows:
+            ax.annotate(f"{row['val_bpb_mean']:.4f}", (row["proportion"], row["val_bpb_mean"]),
+                        textcoords="offset points", xytext=(0, 10 if index == 0 else -16), ha="center", fontsize=7)
     settings = report["settings"]
     ax.set_xlabel("nanohead proportion (share of attention QKV parameters)")
     ax.set_ylabel("validation bits per byte")
@@ -251,7 +283,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.margins(y=0.2)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    ax_speed.plot(xs, [row["train_tokens_per_second"] for row in summary], "o-", color="C1")
+    for index, arm in enumerate(arms):
+        rows = [row for row in summary if row["arm"] == arm]
+        ax_speed.plot([row["proportion"] for row in rows], [row["train_tokens_per_second"] for row in rows], "o-",
+                      color=f"C{index}", label=arm)
+    ax_speed.legend(fontsize=7)
     ax_speed.set_xlabel("nanohead proportion")
     ax_speed.set_ylabel("training tokens / s")
     ax_speed.set_title(report["environment"]["device_name"], fontsize=9)
@@ -274,10 +310,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                  aspect_ratio=settings["aspect_ratio"], head_dim=settings["head_dim"],
                                  kv_group=settings["kv_group"], nanohead_dim=settings["nanohead_dim"],
                                  proportions=settings["proportions"])
-        configs = {p: NanoheadConfig(vocab_size=settings["vocab_size"], nanohead_proportion=p,
-                                     nanohead_dim=settings["nanohead_dim"],
-                                     max_position_embeddings=settings["block_size"],
-                                     **fields) for p in settings["proportions"]}
+        configs = {(arm, p): NanoheadConfig(vocab_size=settings["vocab_size"], nanohead_proportion=p,
+                                            nanohead_dim=settings["nanohead_dim"],
+                                            max_position_embeddings=settings["block_size"],
+                                            learnable_logit_scale=ARMS[arm], **fields)
+                   for arm in settings["arms"] for p in settings["proportions"]}
     except ValueError as error:
         raise UsageError(str(error)) from None
 
@@ -295,9 +332,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     output_dir = Path(args.output_dir or f"results/nanohead_sweep-{args.preset}-{datetime.now():%Y-%m-%d_%H-%M-%S}")
     trainer_class = resolve_trainer(get_spec("nanohead_gpt"))
     runs = []
-    jobs = [(p, seed) for p in settings["proportions"] for seed in range(settings["seeds"])]
-    for proportion, seed in tqdm(jobs, desc="nanohead sweep", unit="run"):
-        config = configs[proportion]
+    jobs = [(arm, p, seed) for arm in settings["arms"] for p in settings["proportions"]
+            for seed in range(settings["seeds"])]
+    for arm, proportion, seed in tqdm(jobs, desc="nanohead sweep", unit="run"):
+        config = configs[arm, proportion]
         set_seed(seed)
         model = NanoheadForCausalLM(config)
         training_args = TrainingArguments(
@@ -318,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             bpb = bits_per_byte(trainer.model, eval_blocks, token_bytes=token_bytes, batch_size=settings["batch_size"])
         split = config.nanohead_split
         runs.append({
-            "proportion": proportion, "seed": seed, "achieved_proportion": split.proportion,
+            "arm": arm, "proportion": proportion, "seed": seed, "achieved_proportion": split.proportion,
             "nanoheads": split.num_nanoheads, "normal_head_dim": split.head_dim,
             "parameters": sum(p.numel() for p in model.parameters()),
             "val_bpb": bpb, "final_train_loss": next(
@@ -328,9 +366,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 settings["max_steps"] * settings["batch_size"] * settings["block_size"] / seconds,
             "train_seconds": seconds,
         })
-        tqdm.write(f"p={proportion} seed={seed}: val bpb {bpb:.4f}, {runs[-1]['train_tokens_per_second']:.0f} tok/s")
+        tqdm.write(f"{arm} p={proportion} seed={seed}: val bpb {bpb:.4f}, {runs[-1]['train_tokens_per_second']:.0f} tok/s")
 
-    summary, verdict = _summarise(runs, settings["proportions"])
+    summary, verdicts = [], {}
+    for arm in settings["arms"]:
+        rows, verdicts[arm] = _summarise([run for run in runs if run["arm"] == arm], settings["proportions"])
+        summary += rows
+    verdict = " | ".join(f"{arm}: {text}" for arm, text in verdicts.items())
     report = {
         "experiment": "nanohead_sweep", "preset": args.preset, "settings": {**settings, "train_file": str(train_file)},
         "model": fields, "parameters": runs[0]["parameters"], "target_params": settings["target_params"],
@@ -341,13 +383,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                  * settings["block_size"]},
         "optimizer": "AdamW (Trainer), cosine schedule, 10% warm-up, no weight decay",
         "environment": environment(device, torch.bfloat16 if args.bf16 else torch.float32),
-        "runs": runs, "summary": summary, "verdict": verdict,
+        "arms": {arm: {"learnable_logit_scale": ARMS[arm]} for arm in settings["arms"]},
+        "measures": ("faithful: nanoheads under the QK-norm sharpness cap (no logit above sqrt(d)); logit_scale: "
+                     "nanoheads with a learnable per-head logit scale; their gap: the effect of the cap"),
+        "runs": runs, "summary": summary, "verdicts": verdicts, "verdict": verdict,
+        "arm_gap": _arm_gap(summary),
     }
     write_json(output_dir / "nanohead_sweep.json", report)
     plot(report, output_dir / "nanohead_sweep.png")
-    print(format_table(summary, [("proportion", "p"), ("achieved_proportion", "achieved"), ("nanoheads", "nano heads"),
+    print(format_table(summary, [("arm", "arm"), ("proportion", "p"), ("achieved_proportion", "achieved"), ("nanoheads", "nano heads"),
                                  ("normal_head_dim", "head dim"), ("parameters", "params"),
-                                 ("val_bpb_mean", "val bpb"), ("val_bpb_std", "std"), ("val_bpb_min", "min"),
+                                 ("val_bpb_mean", "val bpb"), ("val_bpb_se", "SE"), ("val_bpb_min", "min"),
                                  ("val_bpb_max", "max"), ("train_tokens_per_second", "train tok/s")]))
     print(f"\nverdict: {verdict}\nwrote {output_dir}/nanohead_sweep.json and nanohead_sweep.png")
     return report

@@ -186,6 +186,47 @@ def test_a_cutoff_change_mid_generation_rebuilds_the_cached_kernels():
     assert cache.kernels == {}
 
 
+def test_a_cutoff_change_mid_generation_with_two_layers_is_refused_until_re_prefilled():
+    model = scramble(tiny(num_hidden_layers=2))  # layer 1's cached inputs were computed under the old cutoff
+    ids = byte_ids(2, 16)
+    with torch.no_grad():
+        cache = model(ids[:, :10], use_cache=True).cache
+        model.set_cutoff(4)
+        with pytest.raises(ValueError, match="cutoff changed"):
+            model(ids[:, 10:11], cache=cache, use_cache=True)
+        cache.reset()
+        model(ids[:, :10], cache=cache, use_cache=True)  # re-prefilled under the new cutoff
+        step = model(ids[:, 10:11], cache=cache, use_cache=True).logits
+        full = model(ids[:, :11], use_cache=False).logits[:, -1:]
+    torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
+
+
+def test_left_padded_rows_equal_unpadded_rows_with_scrambled_weights():
+    # The default init zeroes the context gates, so padding leaking into the context mean would not show there.
+    model = scramble(tiny(num_hidden_layers=2))
+    rows = [byte_ids(1, 9, seed=2)[0], byte_ids(1, 4, seed=3)[0]]
+    width = max(len(row) for row in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row):] = row
+        attention_mask[i, width - len(row):] = 1
+    kwargs = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=257, output_scores=True,
+                  return_dict_in_generate=True)
+    for use_cache in (True, False):
+        with torch.no_grad():
+            batched_logits = model(input_ids, attention_mask=attention_mask, use_cache=False).logits
+        batched = model.generate(input_ids, attention_mask=attention_mask, use_cache=use_cache, **kwargs)
+        for i, row in enumerate(rows):
+            with torch.no_grad():
+                alone_logits = model(row[None], use_cache=False).logits
+            torch.testing.assert_close(batched_logits[i, width - len(row):], alone_logits[0], rtol=1e-4, atol=1e-4)
+            alone = model.generate(row[None], use_cache=use_cache, **kwargs)
+            assert torch.equal(batched.sequences[i, width:], alone.sequences[0, len(row):])
+            for step_batched, step_alone in zip(batched.scores, alone.scores):
+                torch.testing.assert_close(step_batched[i], step_alone[0], rtol=1e-4, atol=1e-4)
+
+
 def test_labels_with_logits_to_keep_is_a_clear_error():
     model = tiny()
     ids = byte_ids(1, 8)

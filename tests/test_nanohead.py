@@ -118,6 +118,7 @@ def test_split_errors(args, match):
         ({"hidden_size": 46, "nanohead_proportion": 0.0}, "hidden_size"),
         ({"hidden_act": "tanh"}, "hidden_act"),
         ({"rope_theta": 0.0}, "rope_theta"),
+        ({"learnable_logit_scale": 1}, "learnable_logit_scale"),
     ],
 )
 def test_invalid_config_is_rejected_at_config_time(overrides, field):
@@ -125,11 +126,12 @@ def test_invalid_config_is_rejected_at_config_time(overrides, field):
         NanoheadConfig(**{**TINY, "nanohead_proportion": 0.4, **overrides})
 
 
-def test_parameter_count_is_the_same_at_every_proportion():
+@pytest.mark.parametrize("learnable_logit_scale", [False, True])
+def test_parameter_count_is_the_same_at_every_proportion(learnable_logit_scale):
     counts = {}
     for proportion in (0.0, 0.2, 0.4, 0.6, 0.8):
         config = NanoheadConfig(**{**TINY, "hidden_size": 96, "intermediate_size": 384,
-                                   "nanohead_proportion": proportion})
+                                   "nanohead_proportion": proportion, "learnable_logit_scale": learnable_logit_scale})
         model = NanoheadForCausalLM(config)
         counts[proportion] = sum(p.numel() for p in model.parameters())
         assert counts[proportion] == nanohead_sweep.count_parameters(config)
@@ -137,7 +139,60 @@ def test_parameter_count_is_the_same_at_every_proportion():
         rows = model.model.layers[0].self_attn.qkv_proj.weight.shape[0]
         nano_rows = (split.num_nanoheads + 2 * split.num_nano_kv_heads) * split.nanohead_dim
         assert nano_rows / rows == pytest.approx(split.proportion)  # the nanoheads' share of the QKV parameters
-    assert len(set(counts.values())) == 1, counts
+    if not learnable_logit_scale:
+        assert len(set(counts.values())) == 1, counts  # with the scales, one more scalar per nanohead
+
+
+def test_logit_scale_is_off_by_default_and_then_changes_nothing():
+    config = NanoheadConfig(**{**TINY, "nanohead_proportion": 0.4})
+    assert config.learnable_logit_scale is False
+    default = make_model()
+    assert not any("logit_scale" in name for name, _ in default.named_parameters())
+    scaled = make_model(learnable_logit_scale=True)  # scales at their initial exp(0) = 1: the same function
+    missing, unexpected = scaled.load_state_dict(default.state_dict(), strict=False)
+    assert unexpected == [] and all("log_logit_scale" in name for name in missing)
+    input_ids = ids(2, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(scaled(input_ids).logits, default(input_ids).logits, rtol=0, atol=0)
+
+
+def _max_nano_logit(model: NanoheadForCausalLM, input_ids: torch.Tensor) -> float:
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        weights = model(input_ids, output_attentions=True).attentions[0]
+    n = model.config.nanohead_split.num_heads
+    nano = weights[:, n:]
+    # eager softmax weights: the largest logit gap to the row's others is log(max / min) over the causal entries
+    lower = torch.ones(nano.shape[-2:], dtype=torch.bool).tril()
+    top = nano.masked_fill(~lower, 0).amax(-1)
+    bottom = nano.masked_fill(~lower, 1).amin(-1)
+    return (top / bottom).log().max().item()
+
+
+def test_learnable_logit_scale_lets_a_nanohead_logit_exceed_sqrt_d():
+    input_ids = ids(1, 12)
+    d_n = TINY["nanohead_dim"]
+    faithful = make_model()
+    assert _max_nano_logit(faithful, input_ids) <= 2 * d_n**0.5 + 1e-4  # logits in [-sqrt(d), sqrt(d)]
+    scaled = make_model(learnable_logit_scale=True)
+    with torch.no_grad():
+        for layer in scaled.model.layers:
+            layer.self_attn.log_logit_scale.fill_(math.log(4.0))
+    assert _max_nano_logit(scaled, input_ids) > 2 * d_n**0.5
+    scaled.train()(input_ids, labels=input_ids).loss.backward()
+    assert scaled.model.layers[0].self_attn.log_logit_scale.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_learnable_logit_scale_cached_generation_equals_uncached(cache_implementation):
+    model = make_model(learnable_logit_scale=True)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            generator = torch.Generator().manual_seed(layer.self_attn.layer_idx)
+            layer.self_attn.log_logit_scale.normal_(0.0, 0.7, generator=generator)
+    input_ids = ids(2, 6)
+    kwargs = {} if cache_implementation is None else {"cache_implementation": cache_implementation}
+    assert_same_generation(greedy(model, input_ids, **kwargs), greedy(model, input_ids, use_cache=False))
 
 
 # --- the model -------------------------------------------------------------------------------------------------
@@ -474,8 +529,11 @@ def test_sweep_cli_micro_run(tmp_path, stories_file):
     ])
     saved = json.loads((tmp_path / "nanohead_sweep.json").read_text())
     assert (tmp_path / "nanohead_sweep.png").stat().st_size > 0
-    assert [row["proportion"] for row in saved["summary"]] == [0.0, 0.4]
-    assert len({run["parameters"] for run in saved["runs"]}) == 1
+    assert [(row["arm"], row["proportion"]) for row in saved["summary"]] == [
+        ("faithful", 0.0), ("faithful", 0.4), ("logit_scale", 0.0), ("logit_scale", 0.4)]
+    assert len({run["parameters"] for run in saved["runs"] if run["arm"] == "faithful"}) == 1
+    assert [gap["proportion"] for gap in saved["arm_gap"]] == [0.0, 0.4]
+    assert set(saved["verdicts"]) == {"faithful", "logit_scale"}
     for run in saved["runs"]:
         assert math.isfinite(run["val_bpb"]) and run["val_bpb"] > 0 and run["train_tokens_per_second"] > 0
     assert report["runs"] == saved["runs"]

@@ -123,6 +123,17 @@ class BicameralCache(ZooStateCache):
         # a compiled step would depend on per-step Python values and lose the tensors' static addresses.
         return False
 
+    def check_cutoff(self, cutoff: int | None) -> None:
+        """Refuse to go on when the cutoff changed (`set_cutoff`) since the state was filled and the model has 2+
+        layers: the cached inputs of layers >= 1 were computed under the old cutoff, so the continuation would
+        silently differ from a fresh forward. One layer is fine (its inputs are the embeddings; its kernel is
+        rebuilt)."""
+        if self.seen_tokens and len(self.layers) > 1 and any(old != cutoff for old, _ in self.kernels.values()):
+            raise ValueError(
+                f"The cutoff changed (to {cutoff}) while a filled BicameralCache is in use: the cached inputs of "
+                "layers >= 1 were computed under the old cutoff. Re-prefill (a new cache, or `cache.reset()` and "
+                "the whole sequence) after `set_cutoff`.")
+
     def past_inputs(self, layer_idx: int, count: int) -> torch.Tensor:
         """The last `count` (`<= history`) inputs of layer `layer_idx` in time order, `(batch, count, hidden)`;
         positions before the start read as zeros."""
@@ -395,6 +406,8 @@ class BicameralModel(BicameralPreTrainedModel):
             cache = BicameralCache(self.config, batch, hidden_states.device, hidden_states.dtype)
         if not use_cache:
             cache = None
+        if cache is not None:
+            cache.check_cutoff(self.config.cutoff)
         if attention_mask is None:
             mask = hidden_states.new_ones(batch, length)
         else:

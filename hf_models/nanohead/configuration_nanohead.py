@@ -147,6 +147,11 @@ class NanoheadConfig(ZooConfig):
             parameters given to nanoheads, in [0, 1); 0 is a plain GPT. The split is rounded to the nearest valid
             allocation, see `calculate_nanohead_split` (the achieved share is `config.nanohead_split.proportion`).
         nanohead_dim (`int`, *optional*, defaults to 3): dimension of a nanohead (meant to be 2-5).
+        learnable_logit_scale (`bool`, *optional*, defaults to `False`): give every query head (normal and nano) a
+            learnable logit scale `exp(s_h)` (`s_h` starts at 0) that multiplies its QK-normed query, like the
+            QK-norm gain of recent GPTs. Off (the seed, faithful): QK-norm fixes `|q| = |k| = sqrt(d)`, so with the
+            `1/sqrt(d)` scale no attention logit exceeds `sqrt(d)` (1.73 for a 3-dim nanohead), which caps how
+            sharply a small head can attend. Keys (and so the cache) are unchanged.
         max_position_embeddings (`int`, *optional*, defaults to 2048): longest sequence the model is meant for.
         rope_theta (`float`, *optional*, defaults to 10000.0): base of the rotary embedding of the normal heads.
         hidden_act (`str`, *optional*, defaults to `"relu2"`): MLP activation (nanochat uses ReLU²).
@@ -174,6 +179,7 @@ class NanoheadConfig(ZooConfig):
         num_key_value_heads: int | None = None,
         nanohead_proportion: float = 0.0,
         nanohead_dim: int = 3,
+        learnable_logit_scale: bool = False,
         max_position_embeddings: int = 2048,
         rope_theta: float = 10000.0,
         hidden_act: str = "relu2",
@@ -199,6 +205,8 @@ class NanoheadConfig(ZooConfig):
         check_positive("initializer_range", initializer_range, allow_zero=True, integer=False)
         if final_logit_softcapping is not None:
             check_positive("final_logit_softcapping", final_logit_softcapping, integer=False)
+        if not isinstance(learnable_logit_scale, bool):
+            raise ValueError(f"`learnable_logit_scale` must be a bool, got {learnable_logit_scale!r}.")
         check_choice("hidden_act", hidden_act, ("relu2", "relu", "gelu", "silu"))
         calculate_nanohead_split(hidden_size, num_attention_heads, num_key_value_heads, nanohead_proportion,
                                  nanohead_dim)  # raises a ValueError naming the field when no split exists
@@ -211,6 +219,7 @@ class NanoheadConfig(ZooConfig):
         self.num_key_value_heads = num_key_value_heads
         self.nanohead_proportion = nanohead_proportion
         self.nanohead_dim = nanohead_dim
+        self.learnable_logit_scale = learnable_logit_scale
         self.max_position_embeddings = max_position_embeddings
         self.rope_theta = rope_theta
         self.hidden_act = hidden_act

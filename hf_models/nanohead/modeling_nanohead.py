@@ -175,6 +175,9 @@ class NanoheadAttention(nn.Module):
         self.o_proj = nn.Linear(split.width, config.hidden_size, bias=False)
         self.o_proj.is_output_projection = True
         self.qk_norm = NanoheadRMSNorm(config.rms_norm_eps)
+        # Per query head log logit scale (normal heads, then nanoheads), see `config.learnable_logit_scale`.
+        self.log_logit_scale = (nn.Parameter(torch.zeros(split.num_heads + split.num_nanoheads))
+                                if config.learnable_logit_scale else None)
 
     def _attend(
         self,
@@ -221,11 +224,16 @@ class NanoheadAttention(nn.Module):
         cos, sin = position_embeddings
         qk = self.qk_norm(apply_rotary(qkv[..., :qk_end].view(batch, seq, n + n_kv, d), cos, sin, heads_dim=2))
         query, key = qk[:, :, :n], qk[:, :, n:]
+        scales = self.log_logit_scale.exp()[:, None] if self.log_logit_scale is not None else None  # (heads, 1)
+        if scales is not None:
+            query = query * scales[:n].to(query.dtype)
         keys = key.flatten(2)  # (batch, seq, kv_width): normal keys, then nanohead keys
         values = qkv[..., values_start:]  # normal values, then nanohead values
         if m:
             nano_qk = self.qk_norm(qkv[..., qk_end:values_start].view(batch, seq, m + m_kv, d_n))
             nano_query, nano_key = nano_qk[:, :, :m], nano_qk[:, :, m:]
+            if scales is not None:
+                nano_query = nano_query * scales[n:].to(nano_query.dtype)
             keys = torch.cat([keys, nano_key.flatten(2)], dim=-1)
         slots = cache_head_shape(split)[0]
         padding = slots * d - split.kv_width
@@ -313,6 +321,8 @@ class NanoheadPreTrainedModel(ZooPreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, ZooRotaryEmbedding):
             init.copy_(module.inv_freq, module.compute_inv_freq())
+        elif isinstance(module, NanoheadAttention) and module.log_logit_scale is not None:
+            init.zeros_(module.log_logit_scale)
 
     def _get_static_cache_init_shape(self) -> tuple[int, int]:
         """A static cache layer holds `(batch, cache_kv_heads, max_len, head_dim)` (see `cache_head_shape`)."""
