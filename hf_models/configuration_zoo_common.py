@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +20,24 @@ from transformers import PreTrainedConfig, dynamic_module_utils
 _PARENT_IMPORT = re.compile(r"^(\s*)from \.\.(\w+) import", flags=re.MULTILINE)
 
 
-def _without_parent_imports(get_relative_imports):
-    """Wrap transformers' `get_relative_imports`, which reads `from ..x import` as a sibling `.x` and then fails to
-    copy a file `.x.py` when a custom model is saved; parent imports are bundled by `bundle_remote_code` instead."""
+@contextmanager
+def parent_imports_skipped() -> Iterator[None]:
+    """Within the block, transformers' `get_relative_imports` ignores `from ..x import` lines.
 
-    def relative_imports(module_file):
-        return [name for name in get_relative_imports(module_file) if not name.startswith(".")]
+    Transformers reads `from ..x import` as a sibling `.x` and then fails to copy a file `.x.py` when a custom
+    model is saved; parent imports are bundled by `bundle_remote_code` instead. The zoo's `save_pretrained`
+    overrides wrap the parent call in this block, so transformers is unchanged outside it.
+    """
+    original = dynamic_module_utils.get_relative_imports
 
-    relative_imports.zoo_skips_parent_imports = True
-    return relative_imports
+    def relative_imports(module_file: str | Path) -> list[str]:
+        return [name for name in original(module_file) if not name.startswith(".")]
 
-
-if not getattr(dynamic_module_utils.get_relative_imports, "zoo_skips_parent_imports", False):
-    dynamic_module_utils.get_relative_imports = _without_parent_imports(dynamic_module_utils.get_relative_imports)
+    dynamic_module_utils.get_relative_imports = relative_imports
+    try:
+        yield
+    finally:
+        dynamic_module_utils.get_relative_imports = original
 
 
 def bundle_remote_code(folder: str | Path) -> list[Path]:
@@ -94,7 +100,8 @@ class ZooConfig(PreTrainedConfig):
     """Base class of the zoo's configurations: a `PreTrainedConfig` whose saved folders carry their code."""
 
     def save_pretrained(self, save_directory: str | Path, push_to_hub: bool = False, **kwargs: Any) -> None:
-        super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
+        with parent_imports_skipped():
+            super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
         bundle_remote_code(save_directory)
         if push_to_hub:
             self.push_to_hub(kwargs.pop("repo_id", Path(save_directory).name), **kwargs)

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, LinearAttentionLayer
 from transformers.models.llama.modeling_llama import rotate_half
 
-from .configuration_zoo_common import bundle_remote_code
+from .configuration_zoo_common import bundle_remote_code, parent_imports_skipped
 
 
 class ZooPreTrainedModel(PreTrainedModel):
@@ -65,7 +65,8 @@ class ZooPreTrainedModel(PreTrainedModel):
         hub_kwargs = {key: kwargs.pop(key) for key in ("commit_message", "private", "create_pr") if key in kwargs}
         if self._auto_class is not None:
             self._map_every_auto_class()
-        super().save_pretrained(save_directory, *args, push_to_hub=False, **kwargs)
+        with parent_imports_skipped():
+            super().save_pretrained(save_directory, *args, push_to_hub=False, **kwargs)
         bundle_remote_code(save_directory)
         if push_to_hub:
             self.push_to_hub(repo_id or Path(save_directory).name, token=kwargs.get("token"), **hub_kwargs)

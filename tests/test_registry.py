@@ -4,6 +4,9 @@ documented."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -63,3 +66,18 @@ def test_public_names_are_exported():
 def test_readme_lists_every_architecture(spec: ArchitectureSpec):
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert re.search(rf"^\| `{spec.model_type}` \|", readme, flags=re.MULTILINE), spec.model_type
+
+
+def test_importing_hf_models_leaves_transformers_unchanged():
+    script = textwrap.dedent("""
+        from transformers import dynamic_module_utils
+        before = dynamic_module_utils.get_relative_imports
+        import hf_models
+        from hf_models.configuration_zoo_common import parent_imports_skipped
+        assert dynamic_module_utils.get_relative_imports is before, "import hf_models patched transformers"
+        with parent_imports_skipped():
+            assert dynamic_module_utils.get_relative_imports is not before
+        assert dynamic_module_utils.get_relative_imports is before, "the patch outlived its block"
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -13,7 +13,7 @@ from typing import Any
 
 from transformers import LlamaConfig
 
-from ..configuration_zoo_common import bundle_remote_code, check_choice, check_positive
+from ..configuration_zoo_common import bundle_remote_code, check_choice, check_positive, parent_imports_skipped
 
 NP_MODULATIONS = {"gate": ("gate",), "gate_up": ("gate", "up"), "gate_up_down": ("gate", "up", "down")}
 NP_RESIDUAL_MODES = ("replace", "keep")
@@ -166,7 +166,8 @@ class NPTConfig(LlamaConfig):
     def save_pretrained(self, save_directory: str | Path, push_to_hub: bool = False, **kwargs: Any) -> None:
         # `ZooConfig`'s saving, written out: mixing `ZooConfig` into a `LlamaConfig` subclass would put the generic
         # config's dataclass `__init__` before Llama's and drop Llama's defaults from `to_dict()`.
-        super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
+        with parent_imports_skipped():
+            super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
         bundle_remote_code(save_directory)
         if push_to_hub:
             self.push_to_hub(kwargs.pop("repo_id", Path(save_directory).name), **kwargs)
