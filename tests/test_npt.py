@@ -3,6 +3,7 @@ teacher capture, gradient isolation and bad input, on a tiny random Llama (d=64,
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 
@@ -497,3 +498,14 @@ def test_ablation_runner_on_a_micro_setting(llama, tmp_path):
     assert "shapes cannot be multiplied" in failed["error"]
     plot(results, tmp_path)
     assert (tmp_path / "ablation.png").exists() and (tmp_path / "curves.png").exists()
+
+
+def test_config_signature_names_every_llama_field_with_llamas_default():
+    llama = inspect.signature(LlamaConfig.__init__).parameters
+    npt = inspect.signature(NPTConfig.__init__).parameters
+    llama_fields = [name for name, p in llama.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    assert llama_fields, "LlamaConfig's own fields are keyword-only in transformers 5.24"
+    for name in llama_fields:
+        assert name in npt, f"NPTConfig's signature lacks the Llama field {name}"
+        assert npt[name].default == llama[name].default, name
+    assert NPTConfig().to_llama_config().to_dict() == LlamaConfig().to_dict() | {"model_type": "llama"}

@@ -81,6 +81,8 @@ SPEC = register(
         baseline_config=parameter_matched_llama_config,
         seed_experiment="dual_head",
         card_tags=("byte-level", "fft", "long-convolution", "dual-head"),
+        not_applicable={"attentions": "attention-free: bytes are mixed by FFT long convolutions and short "
+                                      "convolutions, so there are no attention weights"},
     )
 )
 

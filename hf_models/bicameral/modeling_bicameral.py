@@ -44,7 +44,8 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
 
 from ..modeling_zoo_common import ZooPreTrainedModel, ZooStateCache, ZooStateCacheGenerationMixin, fft_causal_conv
 from .configuration_bicameral import BicameralConfig, next_power_of_two
@@ -320,6 +321,7 @@ class BicameralPreTrainedModel(ZooPreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["BicameralBlock"]
+    _can_record_outputs = {"hidden_states": BicameralBlock}
 
     def _init_weights(self, module: nn.Module) -> None:
         # The original's small initialisations: kernel N(0, 1e-3), convolution / fusion / FFN N(0, 0.01), context
@@ -370,6 +372,7 @@ class BicameralModel(BicameralPreTrainedModel):
         self.config.cutoff = self.config.validate_cutoff(cutoff)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -377,7 +380,6 @@ class BicameralModel(BicameralPreTrainedModel):
         cache: BicameralCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """Args:
@@ -386,7 +388,8 @@ class BicameralModel(BicameralPreTrainedModel):
             cache: a `BicameralCache` from a previous call (the model creates one when `use_cache=True`).
             inputs_embeds: `(batch, seq, hidden)` instead of `input_ids`.
             use_cache: return the decoding state (default `config.use_cache`; off for the leaky variants).
-            output_hidden_states: also return the embeddings and every block's output.
+            output_hidden_states: also return the embeddings and every block's output, the last one normalised
+                (keyword or config field, as in Llama).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -413,15 +416,11 @@ class BicameralModel(BicameralPreTrainedModel):
         else:
             mask = attention_mask[:, -length:].to(hidden_states.dtype)
 
-        all_hidden = (hidden_states,) if output_hidden_states else None
         for layer in self.layers:
             hidden_states = layer(hidden_states, mask, cache=cache)
-            if output_hidden_states:
-                all_hidden += (hidden_states,)
         if cache is not None:
             cache.advance_count(length)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache,
-                                       hidden_states=all_hidden)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
 
 
 class BicameralForCausalLM(BicameralPreTrainedModel, ZooStateCacheGenerationMixin, GenerationMixin):
@@ -460,6 +459,7 @@ class BicameralForCausalLM(BicameralPreTrainedModel, ZooStateCacheGenerationMixi
         self.config.token_vocab_size = 0
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -470,13 +470,13 @@ class BicameralForCausalLM(BicameralPreTrainedModel, ZooStateCacheGenerationMixi
         token_labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         return_token_logits: bool = False,
-        output_hidden_states: bool | None = None,
         logits_to_keep: int = 0,
         **kwargs,
     ) -> BicameralCausalLMOutput:
         """Args:
             labels: `(batch, seq)` byte ids; position `t` is scored against `labels[:, t + chunk_size]` (-100
-                ignored), like `input_ids` shifted inside the model.
+                ignored), like `input_ids` shifted inside the model. A pre-shifted `shift_labels` keyword (`(batch,
+                seq)`, position `t`'s target at `t`), as the Trainer passes under context parallelism, wins.
             token_labels: `(batch, seq)` teacher-token ids of the byte at each position (-100 ignored); the token
                 head's cross-entropy is returned as `token_loss` (the weighting is the trainer's).
             return_token_logits: also compute the token head's scores (never computed otherwise).
@@ -485,9 +485,9 @@ class BicameralForCausalLM(BicameralPreTrainedModel, ZooStateCacheGenerationMixi
         """
         if logits_to_keep and (labels is not None or token_labels is not None):
             raise ValueError("`labels` / `token_labels` score every position: pass them without `logits_to_keep`")
+        shift_labels = kwargs.pop("shift_labels", None)
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
-                             inputs_embeds=inputs_embeds, use_cache=use_cache,
-                             output_hidden_states=output_hidden_states)
+                             inputs_embeds=inputs_embeds, use_cache=use_cache, return_dict=True, **kwargs)
         hidden = outputs.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
@@ -495,9 +495,11 @@ class BicameralForCausalLM(BicameralPreTrainedModel, ZooStateCacheGenerationMixi
 
         loss = None
         if labels is not None:
-            shift = self.config.chunk_size
-            loss = F.cross_entropy(logits[:, :-shift].reshape(-1, logits.shape[-1]).float(),
-                                   labels[:, shift:].reshape(-1).to(logits.device), ignore_index=-100)
+            if shift_labels is None:
+                shift = self.config.chunk_size
+                shift_labels = F.pad(labels[:, shift:], (0, shift), value=-100)
+            loss = self.loss_function(logits=logits, labels=None, shift_labels=shift_labels,
+                                      vocab_size=self.config.vocab_size)
 
         token_logits = token_loss = None
         if return_token_logits or token_labels is not None:

@@ -53,6 +53,7 @@ block-wise decoding, with an approximate key/value cache of the positions outsid
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +63,8 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from ..modeling_zoo_common import ZooPreTrainedModel, ZooRotaryEmbedding, apply_rotary
 from .configuration_masked_diffusion import MaskedDiffusionConfig
@@ -102,9 +104,12 @@ class MaskedDiffusionAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         key_mask: torch.Tensor | None,
         cache: Cache | None = None,
-    ) -> torch.Tensor:
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`hidden_states` `(batch, seq, hidden)`; `key_mask` `(batch, 1, 1, keys)` boolean, `True` = attend, over the
-        cached keys (if `cache`) then the `seq` new ones, whose keys/values (rotated) are appended to `cache`."""
+        cached keys (if `cache`) then the `seq` new ones, whose keys/values (rotated) are appended to `cache`.
+        Returns the output `(batch, seq, hidden)` and, with `output_attentions` (eager attention instead of SDPA),
+        the weights `(batch, heads, seq, keys)`."""
         batch, seq, _ = hidden_states.shape
         shape = (batch, seq, self.num_heads, self.head_dim)
         query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
@@ -118,8 +123,16 @@ class MaskedDiffusionAttention(nn.Module):
             keys = key.shape[2]
             causal = torch.ones(seq, keys, dtype=torch.bool, device=hidden_states.device).tril(keys - seq)
             key_mask = causal if key_mask is None else key_mask & causal
-        output = F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask)
-        return self.o_proj(output.transpose(1, 2).reshape(batch, seq, -1))
+        weights = None
+        if output_attentions:
+            scores = query @ key.transpose(-1, -2) * self.head_dim ** -0.5
+            if key_mask is not None:
+                scores = scores.masked_fill(~key_mask, torch.finfo(scores.dtype).min)
+            weights = scores.float().softmax(dim=-1).to(query.dtype)
+            output = weights @ value
+        else:
+            output = F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask)
+        return self.o_proj(output.transpose(1, 2).reshape(batch, seq, -1)), weights
 
 
 class MaskedDiffusionMLP(nn.Module):
@@ -151,8 +164,10 @@ class MaskedDiffusionBlock(GradientCheckpointingLayer):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         key_mask: torch.Tensor | None,
         cache: Cache | None = None,
+        output_attentions: bool = False,
     ) -> torch.Tensor:
-        attention = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, key_mask, cache)
+        attention, _ = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, key_mask, cache,
+                                      output_attentions)
         hidden_states = hidden_states + attention
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -220,6 +235,8 @@ class MaskedDiffusionPreTrainedModel(ZooPreTrainedModel):
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MaskedDiffusionBlock"]
+    _can_record_outputs = {"hidden_states": MaskedDiffusionBlock,
+                           "attentions": OutputRecorder(MaskedDiffusionAttention, index=1)}
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -253,14 +270,15 @@ class MaskedDiffusionModel(MaskedDiffusionPreTrainedModel):
         self.post_init()
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
         cache: Cache | None = None,
+        **kwargs: Any,
     ) -> BaseModelOutput:
         r"""
         Args:
@@ -271,7 +289,10 @@ class MaskedDiffusionModel(MaskedDiffusionPreTrainedModel):
             position_ids (`torch.LongTensor` of shape `(batch, seq)`, *optional*): rotary positions (default
                 `cached .. cached + seq - 1`).
             inputs_embeds (`torch.Tensor` of shape `(batch, seq, hidden)`, *optional*): embeddings instead of ids.
-            output_hidden_states (`bool`, *optional*): also return the input of every block and the final states.
+            output_hidden_states (`bool`, *optional*): also return the input of every block and the final states
+                (keyword or config field).
+            output_attentions (`bool`, *optional*): also return each layer's attention weights `(batch, heads,
+                seq, keys)`, computed by eager attention instead of SDPA (keyword or config field).
             cache (`Cache`, *optional*): keys/values (rotated) of other positions, attended to besides the `seq` new
                 ones, whose keys/values are appended to it in place. Attention is bidirectional: the cached keys need
                 not be a prefix, and they are not updated by the new tokens (`decoding.py` uses this as an
@@ -285,18 +306,12 @@ class MaskedDiffusionModel(MaskedDiffusionPreTrainedModel):
             position_ids = torch.arange(cached, cached + hidden_states.shape[1], device=hidden_states.device)[None]
         key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
-        all_hidden_states = []
+        output_attentions = kwargs.get("output_attentions")
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
         for layer in self.layers:
-            if output_hidden_states:
-                all_hidden_states.append(hidden_states)
-            hidden_states = layer(hidden_states, position_embeddings, key_mask, cache=cache)
-        hidden_states = self.norm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states.append(hidden_states)
-        return BaseModelOutput(last_hidden_state=hidden_states,
-                               hidden_states=tuple(all_hidden_states) if output_hidden_states else None)
+            hidden_states = layer(hidden_states, position_embeddings, key_mask, cache=cache,
+                                  output_attentions=bool(output_attentions))
+        return BaseModelOutput(last_hidden_state=self.norm(hidden_states))
 
 
 class MaskedDiffusionForMaskedLM(MaskedDiffusionPreTrainedModel):
@@ -316,6 +331,7 @@ class MaskedDiffusionForMaskedLM(MaskedDiffusionPreTrainedModel):
         self.post_init()
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -323,8 +339,8 @@ class MaskedDiffusionForMaskedLM(MaskedDiffusionPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        output_hidden_states: bool | None = None,
         cache: Cache | None = None,
+        **kwargs: Any,
     ) -> MaskedDiffusionLMOutput:
         r"""
         Args:
@@ -335,14 +351,14 @@ class MaskedDiffusionForMaskedLM(MaskedDiffusionPreTrainedModel):
         `last_hidden_state` `(batch, seq, hidden)`.
         """
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states, cache=cache)
+                             inputs_embeds=inputs_embeds, cache=cache, return_dict=True, **kwargs)
         logits = self.lm_head(outputs.last_hidden_state).float()
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device),
                                    ignore_index=-100)
         return MaskedDiffusionLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
-                                       last_hidden_state=outputs.last_hidden_state)
+                                       attentions=outputs.attentions, last_hidden_state=outputs.last_hidden_state)
 
     # --- auxiliary heads ---------------------------------------------------------------------------------------
 

@@ -98,7 +98,9 @@ class NPTConfig(LlamaConfig):
             float32 whatever the activation dtype.
         npt_enabled_layers (`list[int]`, *optional*): the subset of `npt_layers` that runs as NPT at run time
             (the others behave exactly like Llama layers); `None` = all of them.
-        kwargs: every [`LlamaConfig`] field (`hidden_size`, `num_hidden_layers`, ...).
+        vocab_size, hidden_size, ..., head_dim: the [`LlamaConfig`] fields, keyword-only, with Llama's meanings
+            and defaults (explicit, so tools that read the signature see them).
+        kwargs: the generic [`PreTrainedConfig`] fields (`output_hidden_states`, `return_dict`, `dtype`, ...).
     """
 
     model_type = "npt_llama"
@@ -119,6 +121,28 @@ class NPTConfig(LlamaConfig):
         np_alpha: float = 1.0,
         np_fp32_modulation: bool = True,
         npt_enabled_layers: list[int] | None = None,
+        *,
+        vocab_size: int = 32000,
+        hidden_size: int = 4096,
+        intermediate_size: int = 11008,
+        num_hidden_layers: int = 32,
+        num_attention_heads: int = 32,
+        num_key_value_heads: int | None = None,
+        hidden_act: str = "silu",
+        max_position_embeddings: int = 2048,
+        initializer_range: float = 0.02,
+        rms_norm_eps: float = 1e-6,
+        use_cache: bool = True,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = 1,
+        eos_token_id: int | list[int] | None = 2,
+        pretraining_tp: int | None = 1,
+        tie_word_embeddings: bool = False,
+        rope_parameters: dict | None = None,
+        attention_bias: bool = False,
+        attention_dropout: float = 0.0,
+        mlp_bias: bool = False,
+        head_dim: int | None = None,
         **kwargs: Any,
     ) -> None:
         check_positive("np_rank", np_rank)
@@ -138,7 +162,7 @@ class NPTConfig(LlamaConfig):
         check_positive("np_init_scale", np_init_scale, integer=False)
         check_positive("np_alpha", np_alpha, allow_zero=True, integer=False)
         check_choice("np_fp32_modulation", np_fp32_modulation, (True, False))
-        num_layers = kwargs.get("num_hidden_layers", 32)
+        num_layers = num_hidden_layers
         check_positive("num_hidden_layers", num_layers)
         self.npt_layers = resolve_npt_layers(npt_layers, num_layers)
         if npt_enabled_layers is not None:
@@ -160,7 +184,16 @@ class NPTConfig(LlamaConfig):
         self.np_alpha = float(np_alpha)
         self.np_fp32_modulation = np_fp32_modulation
         self.npt_enabled_layers = npt_enabled_layers
-        super().__init__(**kwargs)
+        super().__init__(
+            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+            num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
+            num_key_value_heads=num_key_value_heads, hidden_act=hidden_act,
+            max_position_embeddings=max_position_embeddings, initializer_range=initializer_range,
+            rms_norm_eps=rms_norm_eps, use_cache=use_cache, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id, pretraining_tp=pretraining_tp, tie_word_embeddings=tie_word_embeddings,
+            rope_parameters=rope_parameters, attention_bias=attention_bias, attention_dropout=attention_dropout,
+            mlp_bias=mlp_bias, head_dim=head_dim, **kwargs,
+        )
         self.validate()  # `@strict` runs LlamaConfig's class validators for LlamaConfig itself, not for subclasses
 
     def save_pretrained(self, save_directory: str | Path, push_to_hub: bool = False, **kwargs: Any) -> None:

@@ -475,6 +475,7 @@ class NPTForCausalLM(NPTPreTrainedModel, LlamaForCausalLM):
                 cache=cache,
                 inputs_embeds=inputs_embeds,
                 use_cache=use_cache,
+                return_dict=True,
                 **kwargs,
             )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)

@@ -62,6 +62,8 @@ SPEC = register(
         seed_experiment="toeplitz_variants",
         card_tags=("toeplitz", "long-convolution", "attention-free", "token-mixer"),
         hard_context=True,
+        not_applicable={"attentions": "attention-free: each head mixes the sequence with a learned causal kernel, "
+                                      "so there are no attention weights"},
     )
 )
 

@@ -53,6 +53,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import can_return_tuple
+from transformers.utils.output_capturing import capture_outputs
 
 from ..modeling_zoo_common import (
     ZooPreTrainedModel,
@@ -414,6 +415,7 @@ class ToeplitzMixerPreTrainedModel(ZooPreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["ToeplitzMixerBlock"]
+    _can_record_outputs = {"hidden_states": ToeplitzMixerBlock}
 
     def _init_weights(self, module: nn.Module) -> None:
         # The seed's initialisation: every Linear / Embedding weight and the raw kernels ~ N(0, 0.2²) by default.
@@ -483,7 +485,7 @@ class ToeplitzMixerModel(ToeplitzMixerPreTrainedModel):
         return mode == "static" or (mode == "auto" and torch.compiler.is_compiling())
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
-    @can_return_tuple
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -507,6 +509,8 @@ class ToeplitzMixerModel(ToeplitzMixerPreTrainedModel):
             inputs_embeds (`torch.Tensor` of shape `(batch, seq, hidden)`, *optional*): instead of `input_ids`.
             use_cache (`bool`, *optional*): create (if missing) and return the cache.
             parallel_heads (`bool`, *optional*): head schedule of this call (default `config.parallel_heads`).
+            output_hidden_states (`bool`, *optional*): also return the embeddings and every block's output, the
+                last one normalised (keyword or config field, as in Llama).
 
         Raises:
             ValueError: the cached plus new tokens exceed `max_position_embeddings` under
@@ -663,13 +667,16 @@ class ToeplitzMixerForCausalLM(ToeplitzMixerPreTrainedModel, ZooStateCacheGenera
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             parallel_heads=parallel_heads,
+            return_dict=True,
+            **kwargs,
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         loss = None
         if labels is not None:
             labels = labels[:, -outputs.last_hidden_state.shape[1]:]
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
+                                      hidden_states=outputs.hidden_states)
 
 
 __all__ = [
