@@ -17,7 +17,8 @@ from transformers import AutoConfig, AutoModelForMaskedLM, TrainerCallback, Trai
 
 from benchmarks import diffusion_plateau, sampler_coherence
 from hf_models.masked_diffusion import MaskedDiffusionConfig, MaskedDiffusionForMaskedLM, MaskedDiffusionLMOutput
-from hf_models.masked_diffusion.modeling_masked_diffusion import _TokenSampler, filled_neighbour, wavefront_fill
+from hf_models.masked_diffusion.modeling_masked_diffusion import filled_neighbour, wavefront_fill
+from hf_models.masked_diffusion.sampling import TokenSampler
 from training import train
 from training.common import UsageError
 from training.diffusion import (
@@ -174,7 +175,7 @@ def test_sampler_training_and_wavefront_use_the_same_head_path():
     seq = torch.tensor([[10, MASK, 20]])
     outputs = model(seq)
     filled, _ = wavefront_fill(model, seq, outputs, fillable=seq == MASK, budget=torch.tensor([1]),
-                               valid=torch.ones_like(seq, dtype=torch.bool), sample=_TokenSampler(0, 1, MASK, None),
+                               valid=torch.ones_like(seq, dtype=torch.bool), sample=TokenSampler(0, 1, MASK, None),
                                bootstrap_ratio=0.01)
     logits = model.sampler_logits(model.sampler_inputs(seq, outputs.last_hidden_state))[0, 1]
     logits[MASK] = -math.inf
@@ -404,7 +405,7 @@ def test_wavefront_fills_only_positions_with_a_filled_neighbour():
     a, b, c = 10, 20, 30
     x = torch.tensor([[a, MASK, MASK, b, MASK, MASK, MASK, MASK, c, MASK]])
     outputs = model(x)
-    sampler = _TokenSampler(1.0, 1.0, MASK, torch.Generator().manual_seed(0))
+    sampler = TokenSampler(1.0, 1.0, MASK, torch.Generator().manual_seed(0))
     valid = torch.ones_like(x, dtype=torch.bool)
     filled, fills = wavefront_fill(model, x, outputs, fillable=x == MASK, budget=torch.tensor([10]), valid=valid,
                                    sample=sampler, bootstrap_ratio=0.01)
@@ -414,7 +415,7 @@ def test_wavefront_fills_only_positions_with_a_filled_neighbour():
 
     # A budget of 3: the wave's three most confident positions, all with a filled neighbour.
     _, fills = wavefront_fill(model, x, outputs, fillable=x == MASK, budget=torch.tensor([3]), valid=valid,
-                              sample=_TokenSampler(0, 1.0, MASK, None), bootstrap_ratio=0.01)
+                              sample=TokenSampler(0, 1.0, MASK, None), bootstrap_ratio=0.01)
     assert len(fills) == 1 and fills[0][1].sum() == 3
     assert set(fills[0][1][0].nonzero().flatten().tolist()) <= {1, 2, 4, 7, 9}
 
@@ -435,7 +436,7 @@ def test_bootstrap_fires_only_without_neighbours_and_fills_the_share_by_confiden
     logits[0, :, 10] = 2 * scores
     outputs = MaskedDiffusionLMOutput(logits=logits, last_hidden_state=model(x).last_hidden_state)
     filled, fills = wavefront_fill(model, x, outputs, fillable=x == MASK, budget=torch.tensor([12]),
-                                   valid=torch.ones_like(x, dtype=torch.bool), sample=_TokenSampler(0, 1, MASK, None),
+                                   valid=torch.ones_like(x, dtype=torch.bool), sample=TokenSampler(0, 1, MASK, None),
                                    bootstrap_ratio=0.25)
     assert fills[0][0] == "bootstrap" and fills[0][1][0].nonzero().flatten().tolist() == [1, 4, 7]
     assert (filled[0, [1, 4, 7]] == 10).all() and all(kind == "wave" for kind, _ in fills[1:])

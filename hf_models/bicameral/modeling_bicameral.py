@@ -47,15 +47,11 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import ModelOutput, can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
-from ..modeling_zoo_common import ZooPreTrainedModel, ZooStateCache, ZooStateCacheGenerationMixin, fft_causal_conv
+from ..modeling_zoo_common import ZooPreTrainedModel, ZooStateCacheGenerationMixin, fft_causal_conv
+from .cache_bicameral import BicameralCache, work_dtype
 from .configuration_bicameral import BicameralConfig, next_power_of_two
 
 FUSION_CROSS_SCALE = 0.1  # the original's fixed weight of the cross-hemisphere projection
-
-
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """FFTs and running sums run in at least float32 (half precision FFTs lose too much)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def cutoff_mask(num_bins: int, cutoff: int | None, transition_bins: int, *, device=None,
@@ -82,85 +78,6 @@ def direct_causal_conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     padded = F.pad(x.transpose(1, 2), (taps - 1, 0))  # (batch, channels, taps - 1 + seq)
     weight = kernel.flip(0).to(x.dtype).expand(x.shape[-1], 1, taps)
     return F.conv1d(padded, weight, groups=x.shape[-1]).transpose(1, 2)
-
-
-class BicameralCache(ZooStateCache):
-    """State of the Bicameral LM during decoding (not a key/value cache).
-
-    Per layer: `inputs` `(batch, history, hidden)`, a ring buffer of the last `history = max(kernel_len,
-    time_kernel_size) - 1` normalised, masked block inputs (position `p` in slot `p % history`); `context_sum`
-    `(batch, hidden)` and `context_count` `(batch, 1)`, the running sum and number of real bytes behind the causal
-    context mean. The size does not grow with the sequence. Every layer is a transformers linear-attention cache
-    layer ([`ZooStateLayer`], `config.layer_types` is `"linear_attention"`): `inputs` is its convolution state, the
-    two sums its recurrent states. The effective kernels (which depend only on the weights
-    and the cutoff) are computed once per generation and kept in `kernels`, with the cutoff they were built for.
-
-    Args:
-        config: the model's configuration.
-        batch_size: rows being decoded.
-        device / dtype: where and in which precision the state lives.
-    """
-
-    def __init__(self, config: BicameralConfig, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
-        super().__init__(config.num_hidden_layers)
-        self.history = max(config.kernel_len, config.time_kernel_size) - 1
-        self.kernels: dict[int, tuple[int | None, torch.Tensor]] = {}  # layer -> (the cutoff it was built for, kernel)
-        for layer_idx in range(config.num_hidden_layers):
-            self.set_state(layer_idx, "inputs",
-                           torch.zeros(batch_size, self.history, config.hidden_size, device=device, dtype=dtype),
-                           kind="conv")
-            self.set_state(layer_idx, "context_sum", torch.zeros(batch_size, config.hidden_size, device=device,
-                                                                 dtype=_work_dtype(dtype)), kind="recurrent")
-            self.set_state(layer_idx, "context_count", torch.zeros(batch_size, 1, device=device,
-                                                                   dtype=_work_dtype(dtype)), kind="recurrent")
-
-    def reset(self) -> None:
-        super().reset()
-        self.kernels.clear()
-
-    @property
-    def is_compileable(self) -> bool:
-        # The ring buffer is indexed by the Python position count and the sums are replaced, not copied in place:
-        # a compiled step would depend on per-step Python values and lose the tensors' static addresses.
-        return False
-
-    def check_cutoff(self, cutoff: int | None) -> None:
-        """Refuse to go on when the cutoff changed (`set_cutoff`) since the state was filled and the model has 2+
-        layers: the cached inputs of layers >= 1 were computed under the old cutoff, so the continuation would
-        silently differ from a fresh forward. One layer is fine (its inputs are the embeddings; its kernel is
-        rebuilt)."""
-        if self.seen_tokens and len(self.layers) > 1 and any(old != cutoff for old, _ in self.kernels.values()):
-            raise ValueError(
-                f"The cutoff changed (to {cutoff}) while a filled BicameralCache is in use: the cached inputs of "
-                "layers >= 1 were computed under the old cutoff. Re-prefill (a new cache, or `cache.reset()` and "
-                "the whole sequence) after `set_cutoff`.")
-
-    def past_inputs(self, layer_idx: int, count: int) -> torch.Tensor:
-        """The last `count` (`<= history`) inputs of layer `layer_idx` in time order, `(batch, count, hidden)`;
-        positions before the start read as zeros."""
-        inputs = self.get_state(layer_idx, "inputs")
-        if count == 0:
-            return inputs[:, :0]
-        start = self.seen_tokens - count
-        slots = torch.arange(start, self.seen_tokens, device=self.get_state(layer_idx, "inputs").device) % self.history
-        return self.get_state(layer_idx, "inputs")[:, slots]
-
-    def store_inputs(self, layer_idx: int, x: torch.Tensor) -> None:
-        """Write the new inputs `x` `(batch, new, hidden)` (positions `seen_tokens ...`) into the ring buffer."""
-        if self.history == 0:
-            return
-        keep = min(x.shape[1], self.history)
-        positions = torch.arange(self.seen_tokens + x.shape[1] - keep, self.seen_tokens + x.shape[1], device=x.device)
-        self.get_state(layer_idx, "inputs").index_copy_(1, positions % self.history, x[:, -keep:])
-
-    def update_context(self, layer_idx: int, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Running context mean at each new position, `(batch, new, hidden)`, and advance the sums."""
-        work = self.get_state(layer_idx, "context_sum").dtype
-        sums = self.get_state(layer_idx, "context_sum")[:, None] + torch.cumsum(x.to(work), dim=1)
-        counts = self.get_state(layer_idx, "context_count")[:, None] + torch.cumsum(mask.to(work), dim=1)[..., None]
-        self.set_state(layer_idx, "context_sum", sums[:, -1])
-        self.set_state(layer_idx, "context_count", counts[:, -1])
-        return (sums / counts.clamp(min=1.0)).to(x.dtype)
 
 
 class BicameralBlock(GradientCheckpointingLayer):
@@ -200,7 +117,7 @@ class BicameralBlock(GradientCheckpointingLayer):
 
     def spectral_filter(self) -> torch.Tensor:
         """Per-bin gains `sigmoid(g_f) * M_f` on the grid, `(num_freq_bins,)` (at least float32)."""
-        config, work = self.config, _work_dtype(self.kernel.dtype)
+        config, work = self.config, work_dtype(self.kernel.dtype)
         mask = cutoff_mask(config.num_freq_bins, config.cutoff, config.transition_bins,
                            device=self.kernel.device, dtype=work)
         return torch.sigmoid(self.freq_gate_logits.to(work)) * mask
@@ -209,7 +126,7 @@ class BicameralBlock(GradientCheckpointingLayer):
         """The causal kernel `k_eff` `(kernel_len,)`: the gated, low-passed kernel spectrum back in time, first
         `kernel_len` taps (everything the grid's inverse transform puts after them is dropped)."""
         size = self.config.fft_size
-        spectrum = torch.fft.rfft(self.kernel.to(_work_dtype(self.kernel.dtype)), n=size) * self.spectral_filter()
+        spectrum = torch.fft.rfft(self.kernel.to(work_dtype(self.kernel.dtype)), n=size) * self.spectral_filter()
         return torch.fft.irfft(spectrum, n=size)[: self.config.kernel_len]
 
     def _signal_gated_conv(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,7 +136,7 @@ class BicameralBlock(GradientCheckpointingLayer):
         if x.shape[1] + self.config.kernel_len - 1 > size:
             raise ValueError(f"spectral_gating='signal' supports at most max_position_embeddings="
                              f"{self.config.max_position_embeddings} bytes, got {x.shape[1]}")
-        work = _work_dtype(x.dtype)
+        work = work_dtype(x.dtype)
         kernel_spectrum = torch.fft.rfft(self.kernel.to(work), n=size) * self.spectral_filter()
         spectrum = torch.fft.rfft(x.to(work), n=size, dim=1) * kernel_spectrum[None, :, None]
         if self.phase is not None:
@@ -278,7 +195,7 @@ class BicameralBlock(GradientCheckpointingLayer):
             return (x.sum(1, keepdim=True) / mask.sum(1).clamp(min=1)[:, None, None].to(x.dtype))
         if cache is not None:
             return cache.update_context(self.layer_idx, x, mask)
-        work = _work_dtype(x.dtype)
+        work = work_dtype(x.dtype)
         counts = torch.cumsum(mask.to(work), dim=1).clamp(min=1.0)[..., None]
         return (torch.cumsum(x.to(work), dim=1) / counts).to(x.dtype)
 

@@ -36,7 +36,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from .configuration_masked_diffusion import MaskedDiffusionConfig
-from .modeling_masked_diffusion import DiffusionGenerateOutput, _ceil_div, _TokenSampler, _top_k_per_row
+from .sampling import DiffusionGenerateOutput, TokenSampler, ceil_div, top_k_per_row
 
 if TYPE_CHECKING:
     from .modeling_masked_diffusion import MaskedDiffusionForMaskedLM
@@ -105,7 +105,7 @@ def decode(
     prompt_length: int,
     sampler: str,
     steps: int,
-    sample: _TokenSampler,
+    sample: TokenSampler,
     threshold: float | None,
     block_size: int | None,
     use_prefix_cache: bool,
@@ -162,18 +162,18 @@ def decode(
             calls += active
             block = x[:, start:end]
             if sampler == "left_to_right":
-                budget = _ceil_div(fillable.sum(dim=1), steps_per_block - step)
+                budget = ceil_div(fillable.sum(dim=1), steps_per_block - step)
                 leftmost = -torch.arange(size, device=x.device, dtype=torch.float).expand(batch, size)
-                chosen = _top_k_per_row(leftmost, fillable, budget)
+                chosen = top_k_per_row(leftmost, fillable, budget)
                 tokens, _ = sample.at(logits[chosen], chosen, fill_value=mask_id)
             else:
                 tokens, confidence = sample.at(logits[fillable], fillable, fill_value=mask_id)
                 if sampler == "threshold":
-                    most_confident = _top_k_per_row(confidence, fillable, torch.ones_like(calls))
+                    most_confident = top_k_per_row(confidence, fillable, torch.ones_like(calls))
                     chosen = fillable & (confidence >= tau) | most_confident
                 else:
-                    chosen = _top_k_per_row(confidence, fillable,
-                                            _ceil_div(fillable.sum(dim=1), steps_per_block - step))
+                    chosen = top_k_per_row(confidence, fillable,
+                                            ceil_div(fillable.sum(dim=1), steps_per_block - step))
             x = x.clone()
             x[:, start:end] = torch.where(chosen, tokens, block)
             step += 1

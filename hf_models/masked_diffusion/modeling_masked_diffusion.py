@@ -63,11 +63,12 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
-from transformers.utils import ModelOutput, can_return_tuple
+from transformers.utils import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from ..modeling_zoo_common import ZooPreTrainedModel, ZooRotaryEmbedding, apply_rotary
 from .configuration_masked_diffusion import MaskedDiffusionConfig
+from .sampling import DiffusionGenerateOutput, TokenSampler, ceil_div, top_k_per_row
 
 SAMPLERS = ("auto", "naive", "wavefront", "left_to_right", "threshold")
 
@@ -200,32 +201,6 @@ class MaskedDiffusionLMOutput(MaskedLMOutput):
     """
 
     last_hidden_state: torch.Tensor | None = None
-
-
-@dataclass
-class DiffusionGenerateOutput(ModelOutput):
-    """What `diffusion_generate(..., return_dict_in_generate=True)` returns.
-
-    Args:
-        sequences (`torch.LongTensor` of shape `(batch, prompt + new)`): prompt and generated tokens.
-        history (`tuple[torch.LongTensor]`, *optional*): with `output_history`, the sequence after each step
-            (masks included), `steps` tensors of shape `(batch, prompt + new)`.
-        waves (`tuple[tuple[tuple[str, torch.BoolTensor], ...], ...]`, *optional*): with `output_history` and the
-            wavefront sampler, for each step the fills in order: `("bootstrap" | "wave", positions filled (batch,
-            prompt + new))`.
-        num_remasked (`torch.LongTensor` of shape `(batch,)`): tokens re-masked by the critic over all steps.
-        num_model_calls (`torch.LongTensor` of shape `(batch,)`): trunk passes while the row still had masks (what the
-            row costs alone).
-        num_tokens_processed (`torch.LongTensor` of shape `(batch,)`): positions fed through the trunk in those
-            passes (less than passes x length with `use_prefix_cache`).
-    """
-
-    sequences: torch.LongTensor | None = None
-    history: tuple[torch.LongTensor, ...] | None = None
-    waves: tuple[tuple[tuple[str, torch.BoolTensor], ...], ...] | None = None
-    num_remasked: torch.LongTensor | None = None
-    num_model_calls: torch.LongTensor | None = None
-    num_tokens_processed: torch.LongTensor | None = None
 
 
 class MaskedDiffusionPreTrainedModel(ZooPreTrainedModel):
@@ -521,7 +496,7 @@ class MaskedDiffusionForMaskedLM(MaskedDiffusionPreTrainedModel):
         generated = torch.zeros(batch, total, dtype=torch.bool, device=device)
         generated[:, prompt_length:] = True
         x = torch.cat((input_ids, input_ids.new_full((batch, max_new_tokens), mask_id)), dim=1)
-        sample = _TokenSampler(temperature, top_p, mask_id, generator)
+        sample = TokenSampler(temperature, top_p, mask_id, generator)
         if use_decoder:
             output = decode(self, x, valid=valid, position_ids=position_ids, prompt_length=prompt_length,
                             sampler=sampler, steps=steps, sample=sample, threshold=threshold, block_size=block_size,
@@ -540,10 +515,10 @@ class MaskedDiffusionForMaskedLM(MaskedDiffusionPreTrainedModel):
                 remask = self._critic_remask(outputs.last_hidden_state, x, generated, limit, critic_threshold)
                 x = x.masked_fill(remask, mask_id)
                 num_remasked += remask.sum(dim=1)
-            budget = _ceil_div((x == mask_id).sum(dim=1), steps - step).clamp(max=fillable.sum(dim=1))
+            budget = ceil_div((x == mask_id).sum(dim=1), steps - step).clamp(max=fillable.sum(dim=1))
             if sampler == "naive":
                 tokens, confidence = sample.at(outputs.logits[fillable], fillable, fill_value=mask_id)
-                chosen = _top_k_per_row(confidence, fillable, budget)
+                chosen = top_k_per_row(confidence, fillable, budget)
                 x = torch.where(chosen, tokens, x)
                 step_waves = ()
             else:
@@ -576,60 +551,7 @@ class MaskedDiffusionForMaskedLM(MaskedDiffusionPreTrainedModel):
         `threshold`, worst first, at most `limit` per row."""
         wrong = torch.sigmoid(self.critic_logits(hidden_states))
         candidates = generated & (x != self.config.mask_token_id) & (wrong > threshold)
-        return _top_k_per_row(wrong, candidates, limit)
-
-
-class _TokenSampler:
-    """Draws one token per position from logits with temperature and top-p, never the mask token, and reports
-    each draw's confidence: its probability under the model's plain softmax (temperature 1, no top-p)."""
-
-    def __init__(self, temperature: float, top_p: float, mask_id: int, generator: torch.Generator | None) -> None:
-        self.temperature, self.top_p, self.mask_id, self.generator = temperature, top_p, mask_id, generator
-
-    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`logits` `(n, vocab)` → tokens `(n,)` and confidences `(n,)`."""
-        logits = logits.float().clone()
-        logits[:, self.mask_id] = float("-inf")
-        if self.temperature == 0:
-            tokens = logits.argmax(dim=-1)
-        else:
-            filtered = _top_p_filter(logits / self.temperature, self.top_p)
-            tokens = torch.multinomial(filtered.softmax(dim=-1), 1, generator=self.generator).squeeze(-1)
-        confidence = logits.softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-        return tokens, confidence
-
-    def at(self, logits: torch.Tensor, where: torch.Tensor, fill_value: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample at the positions `where` `(batch, seq)` from their logits `(where.sum(), vocab)`; returns tokens and
-        confidences `(batch, seq)`, `fill_value` and 0 elsewhere."""
-        tokens, confidence = self(logits)
-        all_tokens = torch.full(where.shape, fill_value, dtype=torch.long, device=where.device)
-        all_confidence = torch.zeros(where.shape, dtype=confidence.dtype, device=where.device)
-        return all_tokens.masked_scatter(where, tokens), all_confidence.masked_scatter(where, confidence)
-
-
-def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Set to -inf the logits outside the smallest set of tokens whose probability reaches `top_p`."""
-    if top_p >= 1:
-        return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # the token that crosses top_p is kept
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
-
-
-def _ceil_div(numerator: torch.Tensor, denominator: int) -> torch.Tensor:
-    return (numerator + denominator - 1) // denominator
-
-
-def _top_k_per_row(scores: torch.Tensor, allowed: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Boolean `(batch, seq)`: in each row the `k[row]` allowed positions with the highest scores (ties: lower
-    position first)."""
-    scores = scores.float().masked_fill(~allowed, float("-inf"))
-    order = scores.argsort(dim=1, descending=True, stable=True)
-    positions = torch.arange(scores.shape[1], device=scores.device).expand_as(order)
-    ranks = torch.empty_like(order).scatter_(1, order, positions)
-    return allowed & (ranks < k[:, None])
+        return top_k_per_row(wrong, candidates, limit)
 
 
 def filled_neighbour(is_mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -648,7 +570,7 @@ def wavefront_fill(
     fillable: torch.Tensor,
     budget: torch.Tensor,
     valid: torch.Tensor,
-    sample: _TokenSampler,
+    sample: TokenSampler,
     bootstrap_ratio: float,
 ) -> tuple[torch.LongTensor, tuple[tuple[str, torch.Tensor], ...]]:
     """Fill up to `budget[row]` of the `fillable` masked positions of `x` in waves with the sampler head.
@@ -687,14 +609,14 @@ def wavefront_fill(
             tokens, confidence = sample.at(outputs.logits[candidates], candidates, fill_value=mask_id)
             count = torch.ceil(candidates.sum(dim=1).float() * bootstrap_ratio).long().clamp(min=1)
             count = torch.minimum(count, remaining) * stuck
-            chosen = _top_k_per_row(confidence, candidates, count)
+            chosen = top_k_per_row(confidence, candidates, count)
             x = torch.where(chosen, tokens, x)
             remaining = remaining - chosen.sum(dim=1)
             fills.append(("bootstrap", chosen))
             continue
         inputs = model.sampler_inputs(x, outputs.last_hidden_state, valid)[eligible]
         tokens, confidence = sample.at(model.sampler_logits(inputs), eligible, fill_value=mask_id)
-        chosen = _top_k_per_row(confidence, eligible, remaining)
+        chosen = top_k_per_row(confidence, eligible, remaining)
         x = torch.where(chosen, tokens, x)
         remaining = remaining - chosen.sum(dim=1)
         fills.append(("wave", chosen))
