@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import TrainingArguments, set_seed
 
@@ -40,6 +39,7 @@ from hf_models.nanohead import NanoheadConfig, NanoheadForCausalLM, calculate_na
 from hf_models.registry import get_spec
 from training.common import UsageError, run_cli
 from training.data import DataArguments, default_data_dir, load_documents, tokenize_and_pack
+from training.metrics import exact_bits_per_byte
 from training.tokenization import token_byte_lengths, train_bpe_tokenizer
 from training.trainer import resolve_trainer
 
@@ -128,29 +128,6 @@ def estimate_config(
     intermediate = max(1, round((target_params - count(depth, hidden, 0)) / (2 * depth * hidden)))
     return {"hidden_size": hidden, "num_hidden_layers": depth, "num_attention_heads": heads,
             "num_key_value_heads": heads // kv_group, "intermediate_size": intermediate}
-
-
-@torch.no_grad()
-def bits_per_byte(model: torch.nn.Module, blocks: Sequence[dict[str, list[int]]], *, token_bytes: torch.Tensor,
-                  batch_size: int) -> float:
-    """Validation bits per byte, as nanochat reports it: the summed next-token losses (nats) of the predicted tokens
-    over ln 2 × the UTF-8 bytes those tokens stand for (`token_bytes`, see `training.tokenization.
-    token_byte_lengths`); special tokens (the EOS) count no bytes and their losses are left out. Tokenizer-independent.
-    """
-    model.eval()
-    device = next(iter(model.parameters()), torch.empty(0)).device
-    token_bytes = token_bytes.to(device)
-    nats, num_bytes = 0.0, 0
-    for start in range(0, len(blocks), batch_size):
-        batch = [blocks[i] for i in range(start, min(start + batch_size, len(blocks)))]
-        input_ids = torch.tensor([row["input_ids"] for row in batch], device=device)
-        targets = torch.tensor([row["labels"] for row in batch], device=device)[:, 1:]
-        logits = model(input_ids=input_ids).logits[:, :-1].float()
-        losses = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
-        weights = torch.where(targets >= 0, token_bytes[targets.clamp(min=0)], 0)
-        nats += float((losses * (weights > 0)).sum())
-        num_bytes += int(weights.sum())
-    return nats / (math.log(2) * num_bytes)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -353,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         result = trainer.train()
         seconds = time.perf_counter() - start
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            bpb = bits_per_byte(trainer.model, eval_blocks, token_bytes=token_bytes, batch_size=settings["batch_size"])
+            bpb = exact_bits_per_byte(trainer.model, eval_blocks, token_bytes=token_bytes, batch_size=settings["batch_size"])
         split = config.nanohead_split
         runs.append({
             "arm": arm, "proportion": proportion, "seed": seed, "achieved_proportion": split.proportion,

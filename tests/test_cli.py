@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,6 +14,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from training import train
+from training.data import DataArguments, load_documents, tokenize_and_pack
+from training.metrics import exact_bits_per_byte
+from training.tokenization import token_byte_lengths
 from training.common import run_cli
 
 TINY = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=4,num_key_value_heads=2"
@@ -49,6 +53,24 @@ def test_cli_writes_a_complete_hub_ready_folder(trained):
     assert model.config.vocab_size == len(tokenizer) == 300
     assert model.config.use_cache is True  # the Trainer turns it off for training; the saved model decodes cached
     assert trainer.state.global_step == 12
+
+
+def test_held_out_file_is_evaluated_with_the_exact_bits_per_byte(stories_file, shakespeare_file, tmp_path):
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text(shakespeare_file.read_text(encoding="utf-8")[:6000], encoding="utf-8")
+    output_dir = tmp_path / "run"
+    args = cli_args(stories_file, output_dir, "--validation_file", str(held_out))
+    args[args.index("--max_steps") + 1] = "4"
+    train.main(args)
+    metrics = json.loads((output_dir / "all_results.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(output_dir)
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    documents = load_documents(DataArguments(train_file=str(stories_file), validation_file=str(held_out)), seed=0)
+    validation = tokenize_and_pack(documents["validation"], tokenizer, 64, split_name="validation")
+    exact = exact_bits_per_byte(model, validation.blocks, token_bytes=token_byte_lengths(tokenizer), batch_size=8)
+    assert metrics["eval_bits_per_byte"] == pytest.approx(exact, rel=1e-5)
+    approximate = metrics["eval_loss"] * validation.tokens_per_byte / math.log(2)
+    assert abs(metrics["eval_bits_per_byte"] - approximate) > 1e-4, "the approximation, not the exact figure"
 
 
 def test_model_card_is_filled_from_the_run(trained):

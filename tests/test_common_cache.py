@@ -12,6 +12,7 @@ from transformers import AutoTokenizer, DynamicCache, StaticCache
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer, LinearAttentionCacheLayerMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from hf_models.modeling_zoo_common import ZooStateCache
 from hf_models.registry import ArchitectureSpec
 from hf_models.tokenization_byte import ByteTokenizer
 from training.push import stage_repository
@@ -249,3 +250,17 @@ def test_batch_selected_cache_continues_each_selected_row(spec: ArchitectureSpec
         logits = model(step, cache=cache, use_cache=True).logits[:, -1]
         expected = model(torch.cat([prompt[rows], step], dim=1)).logits[:, -1]
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("spec", CACHED_SPECS, ids=spec_id)
+def test_training_mode_builds_no_state_cache_unless_asked(spec: ArchitectureSpec):
+    model = tiny_model(spec)
+    input_ids = random_ids(spec, 2, 5)
+    with torch.no_grad():
+        cache = model(input_ids).cache  # eval mode: the config's use_cache=True
+    if not isinstance(cache, ZooStateCache):
+        pytest.skip("a key/value cache grows with the tokens fed (transformers' DynamicCache, as in Llama): "
+                    "nothing is preallocated")
+    model.train()
+    assert model(input_ids).cache is None, "a training forward pass allocated a decoding state nobody asked for"
+    assert isinstance(model(input_ids, use_cache=True).cache, ZooStateCache)

@@ -493,23 +493,6 @@ def test_parameter_estimator_hits_its_target(target):
         assert abs(nanohead_sweep.count_parameters(config) / target - 1) <= 0.02
 
 
-def test_bits_per_byte_on_a_hand_made_example():
-    """Uniform logits over 8 tokens cost ln 8 nats = 3 bits per predicted token. Targets 2, 3, 4, 5 of a block stand
-    for 1, 2, 0 (a special token: its loss is left out) and 3 bytes: 3 scored tokens x 3 bits / 6 bytes = 1.5."""
-
-    class Uniform(torch.nn.Module):
-        def forward(self, input_ids):
-            return type("Output", (), {"logits": torch.zeros(*input_ids.shape, 8)})()
-
-    token_bytes = torch.tensor([1, 1, 1, 2, 0, 3, 1, 1])
-    blocks = [{"input_ids": [1, 2, 3, 4, 5], "labels": [1, 2, 3, 4, 5]}] * 3
-    bpb = nanohead_sweep.bits_per_byte(Uniform(), blocks, token_bytes=token_bytes, batch_size=2)
-    assert bpb == pytest.approx(3 * 3 / 6)
-    padded = [{"input_ids": [1, 2, 3, 4, 5], "labels": [1, 2, 3, -100, -100]}]  # ignored targets count nothing
-    assert nanohead_sweep.bits_per_byte(Uniform(), padded, token_bytes=token_bytes, batch_size=1) == \
-        pytest.approx(2 * 3 / 3)
-
-
 def test_token_byte_lengths_count_the_bytes_each_token_holds():
     bpe = train_bpe_tokenizer(["the cat sat on the mat, naïve 😀"] * 20, vocab_size=300)
     lengths = token_byte_lengths(bpe)

@@ -35,7 +35,8 @@ from model_cards import BENCHMARK_FILE, LOSS_CURVE_FILE, plot_loss_curve, write_
 
 from .common import UsageError, run_cli
 from .data import DataArguments, PackedSplit, load_documents, tokenize_and_pack
-from .tokenization import load_tokenizer, record_model_max_length, train_bpe_tokenizer
+from .metrics import exact_bits_per_byte
+from .tokenization import load_tokenizer, record_model_max_length, token_byte_lengths, train_bpe_tokenizer
 from .trainer import ZooTrainer, resolve_trainer
 
 logger = logging.getLogger(__name__)
@@ -215,13 +216,17 @@ def sample_text(spec: ArchitectureSpec, model: PreTrainedModel, tokenizer: PreTr
     return tokenizer.decode(sequences[0], skip_special_tokens=False)
 
 
-def language_model_metrics(eval_loss: float, validation: PackedSplit, *, bound: bool = False) -> dict[str, float]:
+def language_model_metrics(eval_loss: float, validation: PackedSplit, *, bound: bool = False,
+                           exact_bpb: float | None = None) -> dict[str, float]:
     """Perplexity and bits per byte from the mean evaluation loss (nats per token); with `bound` (the loss is an
-    upper bound on the NLL, see `ArchitectureSpec.eval_loss_is_bound`) the names end in `_bound`."""
+    upper bound on the NLL, see `ArchitectureSpec.eval_loss_is_bound`) the names end in `_bound`. `exact_bpb` (see
+    `training.metrics.exact_bits_per_byte`) is reported as the bits per byte; without it (a bound) the figure is the
+    mean loss × tokens per byte, the EOS counted as one byte."""
     suffix = "_bound" if bound else ""
+    bits_per_byte = exact_bpb if exact_bpb is not None else eval_loss * validation.tokens_per_byte / math.log(2)
     return {
         f"eval_perplexity{suffix}": math.exp(min(eval_loss, 50.0)),
-        f"eval_bits_per_byte{suffix}": eval_loss * validation.tokens_per_byte / math.log(2),
+        f"eval_bits_per_byte{suffix}": bits_per_byte,
         f"eval_bits_per_token{suffix}": eval_loss / math.log(2),
     }
 
@@ -268,7 +273,13 @@ def main(argv: Sequence[str] | None = None) -> ZooTrainer:
 
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = {**train_result.metrics, **trainer.evaluate()}
-    metrics.update(language_model_metrics(metrics["eval_loss"], validation, bound=spec.eval_loss_is_bound))
+    exact_bpb = None
+    if spec.task == "causal-lm":  # every rank runs it: a sharded (FSDP) model gathers its weights in each forward
+        exact_bpb = exact_bits_per_byte(trainer.model, validation.blocks, token_bytes=token_byte_lengths(tokenizer),
+                                        batch_size=training_args.per_device_eval_batch_size,
+                                        shift=getattr(trainer.model.config, "chunk_size", 1))
+    metrics.update(language_model_metrics(metrics["eval_loss"], validation, bound=spec.eval_loss_is_bound,
+                                          exact_bpb=exact_bpb))
     if not trainer.is_world_process_zero():
         return trainer
 
@@ -331,12 +342,15 @@ def _write_card(spec, trainer, data_args, training_args, train, validation, metr
                                                "eval_bits_per_token", "eval_perplexity_bound",
                                                "eval_bits_per_byte_bound", "eval_bits_per_token_bound")
                  if key in metrics},
-        bpb_note=("Loss in nats per token. Bits per byte = loss × tokens / UTF-8 bytes / ln 2 over the validation "
-                  f"documents ({validation.tokens_per_byte:.4f} tokens per byte, each document end counted as one "
-                  "byte); it does not depend on the tokenizer."
-                  + (" The evaluation loss is an upper bound on the negative log-likelihood (the model's "
-                     "variational bound), so the figures marked `_bound` bound perplexity and bits per byte from "
-                     "above." if spec.eval_loss_is_bound else "")),
+        bpb_note=("Loss in nats per token. " + (
+            "Bits per byte = loss × tokens / UTF-8 bytes / ln 2 over the validation documents "
+            f"({validation.tokens_per_byte:.4f} tokens per byte, each document end counted as one byte). The "
+            "evaluation loss is an upper bound on the negative log-likelihood (the model's variational bound), so "
+            "the figures marked `_bound` bound perplexity and bits per byte from above."
+            if spec.eval_loss_is_bound else
+            "Bits per byte (exact) = the summed next-token losses of the validation tokens / ln 2 / the UTF-8 "
+            "bytes those tokens stand for (document ends count no bytes and are not scored); it does not depend "
+            "on the tokenizer.")),
         sample_prompt=model_args.sample_prompt,
         sample_text=sample,
         sample_settings=", ".join(f"{k}={v}" for k, v in spec.sample_kwargs.items()) or "greedy",

@@ -304,7 +304,8 @@ class BicameralModel(BicameralPreTrainedModel):
             attention_mask: `(batch, seq)` or `(batch, past + seq)`, 1 for real bytes, 0 for (left) padding.
             cache: a `BicameralCache` from a previous call (the model creates one when `use_cache=True`).
             inputs_embeds: `(batch, seq, hidden)` instead of `input_ids`.
-            use_cache: return the decoding state (default `config.use_cache`; off for the leaky variants).
+            use_cache: return the decoding state (default `config.use_cache` in eval mode, off in training mode and
+                for the leaky variants).
             output_hidden_states: also return the embeddings and every block's output, the last one normalised
                 (keyword or config field, as in Llama).
         """
@@ -319,7 +320,8 @@ class BicameralModel(BicameralPreTrainedModel):
                     "phase_activation): every output depends on later bytes, so a cache would replay a different "
                     "model than the one trained. Generate with use_cache=False.")
             use_cache = False
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache is None:  # the config's default builds a decoding state in eval mode only, never in training
+            use_cache = self.config.use_cache and not self.training
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             use_cache = False  # checkpointed blocks run without a cache
         if use_cache and cache is None:

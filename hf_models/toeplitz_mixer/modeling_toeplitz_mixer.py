@@ -364,7 +364,8 @@ class ToeplitzMixerModel(ToeplitzMixerPreTrainedModel):
                 the last `seq` columns of `attention_mask` are read).
             cache ([`ToeplitzMixerCache`], *optional*): the decoding state of the previous tokens.
             inputs_embeds (`torch.Tensor` of shape `(batch, seq, hidden)`, *optional*): instead of `input_ids`.
-            use_cache (`bool`, *optional*): create (if missing) and return the cache.
+            use_cache (`bool`, *optional*): create (if missing) and return the cache (default: `config.use_cache` in
+                eval mode, off in training mode, where a preallocated history would only cost time).
             parallel_heads (`bool`, *optional*): head schedule of this call (default `config.parallel_heads`).
             output_hidden_states (`bool`, *optional*): also return the embeddings and every block's output, the
                 last one normalised (keyword or config field, as in Llama).
@@ -377,7 +378,8 @@ class ToeplitzMixerModel(ToeplitzMixerPreTrainedModel):
             raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(f"`attention_mask` must be a 2-D padding mask (batch, seq), got {attention_mask.dim()}-D")
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache is None:  # the config's default builds a decoding cache in eval mode only, never in training
+            use_cache = self.config.use_cache and not self.training
         parallel = self.config.parallel_heads if parallel_heads is None else parallel_heads
         if cache is not None and not isinstance(cache, ToeplitzMixerCache):
             if cache.get_seq_length() > 0:
