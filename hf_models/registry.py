@@ -79,6 +79,9 @@ class ArchitectureSpec:
         card_tags: extra Hub tags for model cards.
         hard_context: the model cannot read more than `max_position_embeddings` tokens in one forward pass (e.g.
             kernels of that length); its saved tokenizer then says so in `model_max_length`.
+        base_model_required: the architecture is a conversion of a pretrained base (e.g. NPT of a Llama): the
+            training CLI refuses to start one from random weights and says this instead (it names the option,
+            `--model_name_or_path`, and what the base may be).
         not_applicable: common-battery checks that cannot apply to this architecture, each with its reason in one
             line (as transformers' Mamba tests set `has_attentions = False`); known keys: `"attentions"` (the model
             has no attention weights: `output_attentions=True` returns none).
@@ -109,6 +112,7 @@ class ArchitectureSpec:
     seed_experiment: str | None = None
     card_tags: tuple[str, ...] = ()
     hard_context: bool = False
+    base_model_required: str | None = None
     not_applicable: Mapping[str, str] = field(default_factory=dict)
 
     def make_config(self, overrides: Mapping[str, Any] | None = None, *, tiny: bool = False) -> PreTrainedConfig:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -97,6 +98,36 @@ def test_continue_from_checkpoint_keeps_weights_and_tokenizer(trained, stories_f
     assert len(trainer.processing_class) == 300
 
 
+def test_npt_converts_the_llama_the_cli_trained(trained, stories_file, tmp_path):
+    llama_dir, _ = trained
+    args = cli_args(stories_file, tmp_path / "npt", "--model_name_or_path", str(llama_dir))
+    args[args.index("--model_type") + 1] = "npt_llama"
+    args[args.index("--config_overrides") + 1] = "np_rank=8"
+    args[args.index("--max_steps") + 1] = "6"
+    trainer = train.main(args)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "npt")
+    assert model.config.model_type == "npt_llama"
+    assert model.config.npt_layers == [1]  # the default follows the depth: the upper half of 2 layers
+    llama = AutoModelForCausalLM.from_pretrained(llama_dir)
+    base = {k: v for k, v in model.state_dict().items() if "np_" not in k and ".modulator" not in k}
+    assert set(base) == set(llama.state_dict()), "the converted model keeps every base weight"
+    torch.testing.assert_close(base["model.embed_tokens.weight"], llama.state_dict()["model.embed_tokens.weight"])
+    metrics = json.loads((tmp_path / "npt" / "all_results.json").read_text())
+    llama_metrics = json.loads((llama_dir / "all_results.json").read_text())
+    # distilled from the trained base, it stays near the base and below the uniform ln V (measured: 5.28 against
+    # the base's 5.22 and ln 300 = 5.70); distilling from a random base stays above ln V
+    assert metrics["eval_loss"] < llama_metrics["eval_loss"] + 0.25
+    assert metrics["eval_loss"] < math.log(300) - 0.25
+    assert trainer.state.global_step == 6
+
+
+def test_npt_default_layers_follow_the_depth():
+    from hf_models.registry import get_spec
+
+    assert get_spec("npt_llama").make_config({"num_hidden_layers": 2}).npt_layers == [1]
+    assert get_spec("npt_llama").make_config({"num_hidden_layers": 6}).npt_layers == [3, 4, 5]
+
+
 def test_resume_from_checkpoint_reaches_the_same_weights(stories_file, tmp_path):
     constant = ("--lr_scheduler_type", "constant")  # the 3-step run's schedule must match the 6-step run's
     straight = train.main(cli_args(stories_file, tmp_path / "straight", "--max_steps", "6", *constant))
@@ -125,6 +156,7 @@ def test_resume_from_checkpoint_reaches_the_same_weights(stories_file, tmp_path)
         ({"--model_name_or_path": "NOWEIGHTS"}, "has no weights"),
         ({"--resume_from_checkpoint": "missing_checkpoint"}, "no such checkpoint folder"),
         ({"--objective_args": "alpha"}, "objective argument"),
+        ({"--model_type": "npt_llama"}, "--model_name_or_path"),  # NPT converts a base, never trains from random
     ],
 )
 def test_bad_input_is_one_line_and_leaves_no_output_folder(change, expected, stories_file, tmp_path, capsys):

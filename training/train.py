@@ -56,7 +56,8 @@ class ModelArguments:
         default=None, metadata={"help": "Config fields to change, e.g. 'hidden_size=128,num_hidden_layers=4'."}
     )
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Continue from this checkpoint (folder or Hub id) instead of a new model."}
+        default=None, metadata={"help": "Continue from this checkpoint (folder or Hub id) instead of a new model; "
+                                "for npt_llama, the Llama base to convert (required)."}
     )
     tokenizer_name: str | None = field(
         default=None,
@@ -248,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> ZooTrainer:
         objective_args = parse_config_overrides(model_args.objective_args)
     except ValueError as error:
         raise UsageError(str(error).replace("config override", "objective argument")) from None
+    if spec.base_model_required and not model_args.model_name_or_path:
+        raise UsageError(spec.base_model_required)
     if not model_args.model_name_or_path:  # a bad override fails now, not after the corpus and tokenizer
         try:
             spec.make_config(parse_config_overrides(model_args.config_overrides))

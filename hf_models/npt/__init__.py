@@ -69,7 +69,6 @@ SPEC = register(
             num_key_value_heads=4,
             max_position_embeddings=1024,
             tie_word_embeddings=False,
-            npt_layers=[2],
             np_rank=64,
         ),
         tiny_config=dict(
@@ -110,6 +109,9 @@ SPEC = register(
         ),
         lora_target_modules=("q_proj", "v_proj"),
         pretrained_loader=load_npt_or_convert_llama,
+        base_model_required="NPT converts a pretrained Llama: pass --model_name_or_path with a Llama folder or Hub id "
+                            "(e.g. the output of `python -m training.train --model_type llama ...`), or an NPT "
+                            "checkpoint to continue",
         seed_experiment="benchmarks.npt_losses",
         card_tags=("npt", "llama", "distillation"),
     )
