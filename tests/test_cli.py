@@ -121,6 +121,35 @@ def test_npt_converts_the_llama_the_cli_trained(trained, stories_file, tmp_path)
     assert trainer.state.global_step == 6
 
 
+def test_lora_fine_tunes_a_cli_checkpoint_and_merges(trained, stories_file, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    llama_dir, _ = trained
+    output_dir = tmp_path / "lora"
+    args = cli_args(stories_file, output_dir, "--model_name_or_path", str(llama_dir), "--lora_r", "4",
+                    "--merge_lora", "--learning_rate", "3e-2")
+    args[args.index("--max_steps") + 1] = "6"
+    trainer = train.main(args)
+    names = {path.name for path in output_dir.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "merged"} <= names
+    assert "model.safetensors" not in names, "only the adapter is saved, not a copy of the base"
+    adapter = load_file(output_dir / "adapter_model.safetensors")
+    assert adapter and all("lora_" in name for name in adapter)
+    assert {name.split(".")[-3] for name in adapter} == {"q_proj", "v_proj"}  # the registry's default targets
+    assert "PEFT LoRA r=4" in (output_dir / "README.md").read_text()
+    assert trainer.state.global_step == 6
+
+    ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
+    with torch.no_grad():
+        peft_logits = AutoPeftModelForCausalLM.from_pretrained(output_dir).eval()(ids).logits
+        merged_logits = AutoModelForCausalLM.from_pretrained(output_dir / "merged").eval()(ids).logits
+        base_logits = AutoModelForCausalLM.from_pretrained(llama_dir).eval()(ids).logits
+    torch.testing.assert_close(merged_logits, peft_logits, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(merged_logits, base_logits, atol=1e-4), "the adapters changed nothing"
+    assert (output_dir / "merged" / "tokenizer.json").exists()
+    assert not any(path.name.startswith("adapter") for path in (output_dir / "merged").iterdir())
+
+
 def test_npt_default_layers_follow_the_depth():
     from hf_models.registry import get_spec
 
@@ -156,7 +185,8 @@ def test_resume_from_checkpoint_reaches_the_same_weights(stories_file, tmp_path)
         ({"--model_name_or_path": "NOWEIGHTS"}, "has no weights"),
         ({"--resume_from_checkpoint": "missing_checkpoint"}, "no such checkpoint folder"),
         ({"--objective_args": "alpha"}, "objective argument"),
-        ({"--model_type": "npt_llama"}, "--model_name_or_path"),  # NPT converts a base, never trains from random
+        ({"--model_type": "npt_llama"}, "--model_name_or_path"),
+        ({"--merge_lora": "true"}, "--lora_r"),  # NPT converts a base, never trains from random
     ],
 )
 def test_bad_input_is_one_line_and_leaves_no_output_folder(change, expected, stories_file, tmp_path, capsys):

@@ -75,6 +75,20 @@ class ModelArguments:
         default=False,
         metadata={"help": "Train into a non-empty --output_dir (refused otherwise, unless resuming from a checkpoint)."},
     )
+    lora_r: int = field(
+        default=0, metadata={"help": "Train PEFT LoRA adapters of this rank instead of every weight (0: off); the "
+                             "output folder then holds the adapter (adapter_model.safetensors)."}
+    )
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator (the update is alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA inputs."})
+    lora_target_modules: str | None = field(
+        default=None, metadata={"help": "Comma-separated module names LoRA adapts (default: the architecture's, "
+                                "e.g. q_proj,v_proj for Llama)."}
+    )
+    merge_lora: bool = field(
+        default=False, metadata={"help": "Also save the adapters merged into the base weights in <output_dir>/merged, "
+                                 "a folder that loads without PEFT."}
+    )
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
@@ -203,6 +217,31 @@ def build_model(
     return model
 
 
+def wrap_with_lora(spec: ArchitectureSpec, model: PreTrainedModel, model_args: ModelArguments) -> PreTrainedModel:
+    """The model wrapped by PEFT's `get_peft_model` with LoRA adapters (`--lora_*`), or the model itself when
+    `--lora_r` is 0."""
+    if model_args.lora_r <= 0:
+        if model_args.merge_lora:
+            raise UsageError("--merge_lora needs adapters to merge: pass --lora_r (e.g. --lora_r 8)")
+        return model
+    if spec.lora_target_modules is None and not model_args.lora_target_modules:
+        raise UsageError(f"LoRA has no default target modules for {spec.model_type}: pass --lora_target_modules")
+    if spec.model_type == "npt_llama":
+        raise UsageError("npt_llama trains only its NP parameters (the base stays frozen): LoRA does not apply")
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UsageError("LoRA needs PEFT: pip install peft (or the package's [lora] extra)") from None
+    targets = ([name.strip() for name in model_args.lora_target_modules.split(",") if name.strip()]
+               if model_args.lora_target_modules else list(spec.lora_target_modules))
+    config = LoraConfig(r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout,
+                        target_modules=targets, task_type="CAUSAL_LM" if spec.task == "causal-lm" else None)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:
+        raise UsageError(" ".join(str(error).split())) from None
+
+
 def sample_text(spec: ArchitectureSpec, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                 prompt: str, max_new_tokens: int, seed: int) -> str:
     """Generate a continuation of `prompt` with the architecture's generation method and sampling settings."""
@@ -262,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> ZooTrainer:
     set_seed(training_args.seed)  # before the model exists: the initial weights are seeded too
     model = build_model(spec, model_args, tokenizer, data_args.block_size)
     record_model_max_length(tokenizer, spec, model.config)
+    model = wrap_with_lora(spec, model, model_args)
     train = tokenize_and_pack(documents["train"], tokenizer, data_args.block_size, split_name="train",
                               num_proc=data_args.preprocessing_num_workers)
     validation = tokenize_and_pack(documents["validation"], tokenizer, data_args.block_size, split_name="validation",
@@ -302,6 +342,11 @@ def main(argv: Sequence[str] | None = None) -> ZooTrainer:
     trainer.save_metrics("all", metrics)
     plot_loss_curve(trainer.state.log_history, output_dir / LOSS_CURVE_FILE)
     _write_card(spec, trainer, data_args, training_args, train, validation, metrics, model_args, sample)
+    if model_args.merge_lora:
+        merged = trainer.model.merge_and_unload()
+        merged.save_pretrained(output_dir / "merged")
+        tokenizer.save_pretrained(output_dir / "merged")
+        logger.info("adapters merged into the base weights: %s", output_dir / "merged")
     print(json.dumps({key: metrics[key] for key in ("eval_loss", "eval_perplexity", "eval_bits_per_byte",
                                                     "eval_perplexity_bound", "eval_bits_per_byte_bound")
                       if key in metrics}, indent=2))
@@ -335,6 +380,11 @@ def _write_card(spec, trainer, data_args, training_args, train, validation, metr
             "learning rate": f"{training_args.learning_rate} ({training_args.lr_scheduler_type.value}, warm-up "
                              f"{training_args.get_warmup_steps(trainer.state.max_steps)} steps)",
             "seed": training_args.seed,
+            **({"adapters": f"PEFT LoRA r={model_args.lora_r}, alpha={model_args.lora_alpha}, on "
+                            f"{', '.join(sorted(model.peft_config['default'].target_modules))} (this folder holds "
+                            "the adapter; load it with `peft.AutoPeftModelForCausalLM`"
+                            + ("; `merged/` holds the merged weights" if model_args.merge_lora else "") + ")"}
+               if model_args.lora_r > 0 else {}),
             "device": str(training_args.device),
             "runtime (s)": metrics.get("train_runtime"),
             "final training loss (last log)": next(
