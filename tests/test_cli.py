@@ -229,7 +229,28 @@ def test_help_prints_the_options(capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.parse_args(["--help"])
     assert exit_info.value.code == 0
-    assert "--overwrite_output_dir" in capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--overwrite_output_dir" in out and "--lora_r" in out
+    from hf_models.registry import all_specs
+
+    for spec in all_specs():  # --model_type's help lists the architectures
+        assert spec.model_type in out
+
+
+def test_the_hub_clients_retry_warnings_are_silenced_for_the_one_line_error():
+    import logging
+
+    from training.common import HUB_RETRY_LOGGER
+
+    logger = logging.getLogger(HUB_RETRY_LOGGER)
+    previous = logger.level
+    try:
+        logger.setLevel(logging.NOTSET)
+        with pytest.raises(SystemExit):
+            run_cli(lambda argv: (_ for _ in ()).throw(train.UsageError("could not load")), [])
+        assert not logger.isEnabledFor(logging.WARNING)
+    finally:
+        logger.setLevel(previous)
 
 
 def test_entry_point_without_data_offline_names_train_file(tmp_path):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+import re
 
 import pytest
 from datasets import Dataset
@@ -128,3 +130,27 @@ def test_hub_dataset_path_with_a_mocked_hub(monkeypatch):
     corpus = load_documents(DataArguments(), seed=0)
     assert calls == [("SimpleStories/SimpleStories", None)]
     assert corpus["train"].column_names == ["text"] and len(corpus["train"]) == 38 and len(corpus["validation"]) == 2
+
+
+def test_a_file_that_is_not_utf8_text_is_refused_with_the_share_of_invalid_bytes(tmp_path, caplog):
+    binary = tmp_path / "weights.bin.txt"
+    binary.write_bytes(bytes(random.Random(0).randrange(128, 256) for _ in range(4000)))  # no NUL, mostly invalid
+    message = _error(load_documents, DataArguments(train_file=str(binary)))
+    assert str(binary) in message and "invalid UTF-8 bytes" in message
+    share = float(re.search(r"has ([\d.]+)% invalid", message).group(1))
+    assert 30 < share <= 100
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes(b"a story\n\n\x00\x00 another story\n")
+    assert "NUL bytes" in _error(load_documents, DataArguments(train_file=str(nul)))
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(json.dumps({"text": "café crème brûlée " * 20}, ensure_ascii=False).encode("latin-1"))
+    assert "invalid UTF-8 bytes" in _error(load_documents, DataArguments(train_file=str(latin1)))
+
+
+def test_a_stray_invalid_byte_is_replaced_with_a_warning(tmp_path, caplog):
+    text = tmp_path / "mostly.txt"
+    text.write_bytes(("Once upon a time. " * 300 + "\n\n").encode() + b"\xff" + ("The end. " * 300).encode())
+    with caplog.at_level("WARNING"):
+        documents = load_documents(DataArguments(train_file=str(text), validation_split_percentage=50.0), seed=0)
+    assert any("\ufffd" in row for split in documents.values() for row in split["text"])
+    assert "1 invalid UTF-8 sequences" in caplog.text

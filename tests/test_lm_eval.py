@@ -44,10 +44,15 @@ def trained(stories_file, tmp_path_factory) -> dict[str, Path]:
     """A tiny model of every architecture, trained for 8 steps with the training CLI."""
     root = tmp_path_factory.mktemp("lm_eval_models")
     folders = {}
-    for spec in SPECS:
+    for spec in sorted(SPECS, key=lambda spec: spec.base_model_required is not None):  # bases first
         folders[spec.model_type] = root / spec.model_type
+        overrides = _overrides(spec)
+        base = []
+        if spec.base_model_required:  # NPT converts the Llama trained here; only its own fields are overridden
+            base = ["--model_name_or_path", str(folders["llama"])]
+            overrides = ",".join(item for item in overrides.split(",") if item.startswith(("np_", "npt_")))
         train.main([
-            "--model_type", spec.model_type, "--config_overrides", _overrides(spec), "--train_file", str(stories_file),
+            *base, "--model_type", spec.model_type, "--config_overrides", overrides, "--train_file", str(stories_file),
             "--max_train_documents", "200", "--vocab_size", "300", "--block_size", "64", "--max_steps", "8",
             "--per_device_train_batch_size", "8", "--learning_rate", "3e-3", "--save_strategy", "no",
             "--report_to", "none", "--use_cpu", "--disable_tqdm", "true", "--sample_max_new_tokens", "4",

@@ -29,6 +29,8 @@ DATA_DIR_ENV = "HF_ZOO_DATA"
 END_OF_TEXT = "<|endoftext|>"
 DOC_SEPARATORS = ("auto", "eot", "blank_line", "line", "none")
 _TEXT_COLUMNS = ("text", "story", "content")
+# Above this share of bytes that are not UTF-8 (or with any NUL byte) a corpus file is refused as binary / not text.
+MAX_INVALID_UTF8_SHARE = 0.01
 
 
 @dataclass
@@ -108,6 +110,29 @@ def split_documents(text: str, separator: str = "auto") -> list[str]:
     return [part.strip() for part in parts if part.strip()]
 
 
+def read_corpus_text(file: Path) -> str:
+    """The UTF-8 text of a corpus file; a few invalid bytes become U+FFFD (with a warning).
+
+    Raises:
+        UsageError: the file holds a NUL byte or more than `MAX_INVALID_UTF8_SHARE` of invalid UTF-8 bytes (a
+            binary file, or text in another encoding), named with the share.
+    """
+    raw = file.read_bytes()
+    text = raw.decode("utf-8", errors="replace")
+    # each invalid sequence (a maximal invalid subpart, mostly one byte) becomes one U+FFFD
+    invalid = text.count("\ufffd") - raw.count("\ufffd".encode())
+    share = invalid / max(len(raw), 1)
+    if b"\x00" in raw or share > MAX_INVALID_UTF8_SHARE:
+        reason = "holds NUL bytes" if b"\x00" in raw and share <= MAX_INVALID_UTF8_SHARE else \
+            f"has {share:.1%} invalid UTF-8 bytes"
+        raise UsageError(f"{file} {reason}: it is not UTF-8 text (a binary file, or another encoding; convert it "
+                         "with e.g. `iconv -t utf-8`)")
+    if invalid:
+        logger.warning("%s has %d invalid UTF-8 sequences (%.3f%% of its bytes): each became U+FFFD", file,
+                       invalid, 100 * share)
+    return text
+
+
 def _read_file_documents(path: str, data_args: DataArguments) -> list[str]:
     file = Path(path)
     if not file.is_file():
@@ -115,11 +140,7 @@ def _read_file_documents(path: str, data_args: DataArguments) -> list[str]:
     if file.suffix in (".jsonl", ".json"):
         documents = [text.strip() for text in _json_texts(file, data_args.text_column) if text and text.strip()]
     else:
-        raw = file.read_bytes()
-        text = raw.decode("utf-8", errors="replace")
-        if "\ufffd" in text and "\ufffd".encode() not in raw:
-            logger.warning("%s is not valid UTF-8: invalid bytes were replaced by U+FFFD", path)
-        documents = split_documents(text, data_args.doc_separator)
+        documents = split_documents(read_corpus_text(file), data_args.doc_separator)
     if not documents:
         raise UsageError(f"data file {path} holds no text")
     return documents
@@ -144,7 +165,7 @@ def _json_records(file: Path, lines: list[str]) -> list[dict]:
 
 
 def _json_texts(file: Path, text_column: str | None) -> Iterator[str]:
-    lines = file.read_text(encoding="utf-8", errors="replace").splitlines()
+    lines = read_corpus_text(file).splitlines()
     for record in _json_records(file, lines):
         column = text_column or next((name for name in _TEXT_COLUMNS if name in record), None)
         if column is None or column not in record:

@@ -30,7 +30,7 @@ from transformers import (
 )
 
 import hf_models
-from hf_models.registry import ArchitectureSpec, get_spec, parse_config_overrides
+from hf_models.registry import ArchitectureSpec, all_specs, get_spec, parse_config_overrides
 from model_cards import BENCHMARK_FILE, LOSS_CURVE_FILE, plot_loss_curve, write_model_card
 
 from .common import UsageError, run_cli
@@ -50,7 +50,8 @@ class ModelArguments:
     """Which architecture, at what size, from which starting point, with which tokenizer."""
 
     model_type: str | None = field(
-        default=None, metadata={"help": "A registered architecture (default: llama, or the checkpoint's type)."}
+        default=None, metadata={"help": "A registered architecture: " + ", ".join(s.model_type for s in all_specs())
+                                + " (default: llama, or the checkpoint's type)."}
     )
     config_overrides: str | None = field(
         default=None, metadata={"help": "Config fields to change, e.g. 'hidden_size=128,num_hidden_layers=4'."}
@@ -148,7 +149,8 @@ def _load_config(path: str, trust_remote_code: bool):
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        raise UsageError(f"could not load a config from '{path}': {str(error).splitlines()[0]}") from None
+        hint = "" if Path(path).exists() else " (a Hub id: offline, set HF_HUB_OFFLINE=1 to fail at once, or pass a local folder)"
+        raise UsageError(f"could not load a config from '{path}': {str(error).splitlines()[0]}{hint}") from None
 
 
 def resolve_tokenizer(
