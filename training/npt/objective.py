@@ -4,8 +4,8 @@ NPT layer with the schedule and the adaptive weighting."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,7 @@ from torch import nn
 from hf_models.npt import NPTForCausalLM
 from hf_models.npt.modeling_npt import NPTLayerRecord
 
+from ..options import ObjectiveOptions
 from .losses import (
     AttentionEncodingLoss,
     CurriculumMask,
@@ -38,7 +39,7 @@ _NEVER_BALANCED = ("regularization",)
 
 
 @dataclass
-class NPTLossOptions:
+class NPTLossOptions(ObjectiveOptions):
     """Options of the NPT objective (`--objective_args key=value,...`).
 
     `losses` is a `+`-joined subset of `direct, attention, fidelity, regularization, mg, decomposed, ib, projection,
@@ -47,23 +48,25 @@ class NPTLossOptions:
     first four); `adaptive` is `none`, `invgrad`, `gradnorm`, `uncertainty` or `seed`.
     """
 
-    losses: str | list[str] = "direct+fidelity+regularization"
-    direct_impl: str = "nmse"
-    fidelity_impl: str = "kl"
-    reg_kind: str = "element"
-    mg_impl: str = "exact"
+    objective_name: ClassVar[str] = "the NPT objective"
+
+    losses: list[str] = field(default_factory=lambda: ["direct", "fidelity", "regularization"])
+    direct_impl: Literal["nmse", "repo"] = "nmse"
+    fidelity_impl: Literal["kl", "mse"] = "kl"
+    reg_kind: Literal["element", "token", "delta_norm", "modulation"] = "element"
+    mg_impl: Literal["exact", "seed"] = "exact"
     mg_min_std: float = 0.0
-    decomposed_impl: str = "delta"
-    ib_impl: str = "rate"
+    decomposed_impl: Literal["delta", "seed"] = "delta"
+    ib_impl: Literal["rate", "seed"] = "rate"
     ib_beta: float = 0.01
-    projection_impl: str = "direction"
-    orth_impl: str = "pca"
+    projection_impl: Literal["direction", "seed"] = "direction"
+    orth_impl: Literal["pca", "seed"] = "pca"
     orth_components: int = 10
     orth_refresh: int = 100
-    curriculum: str = "none"
+    curriculum: Literal["none", "valid", "seed"] = "none"
     curriculum_steps: list[int] = field(default_factory=lambda: [500, 1000])
     curriculum_quantiles: list[float] = field(default_factory=lambda: [0.3, 0.7])
-    schedule: str = "none"
+    schedule: Literal["none", "repo", "smooth"] = "none"
     stage1_steps: int = 1000
     weight_direct: float = 1.0
     weight_attention: float = 1.0
@@ -74,29 +77,22 @@ class NPTLossOptions:
     weight_ib: float = 0.5
     weight_projection: float = 1.0
     weight_orthogonality: float = 0.01
-    adaptive: str = "none"
+    adaptive: Literal["none", "invgrad", "gradnorm", "uncertainty", "seed"] = "none"
     adaptive_every: int = 10
     adaptive_beta: float = 0.9
     gradnorm_alpha: float = 1.5
     gradnorm_lr: float = 0.025
 
-    CHOICES = {
-        "direct_impl": ("nmse", "repo"), "fidelity_impl": ("kl", "mse"),
-        "reg_kind": ("element", "token", "delta_norm", "modulation"), "mg_impl": ("exact", "seed"),
-        "decomposed_impl": ("delta", "seed"), "ib_impl": ("rate", "seed"), "projection_impl": ("direction", "seed"),
-        "orth_impl": ("pca", "seed"), "curriculum": ("none", "valid", "seed"), "schedule": ("none", "repo", "smooth"),
-        "adaptive": ("none", "invgrad", "gradnorm", "uncertainty", "seed"),
-    }
+    def prepare(self) -> None:
+        # "direct+mg" (the --objective_args form) or ["direct+mg"] (a command-line flag) -> ["direct", "mg"]
+        parts = [self.losses] if isinstance(self.losses, str) else self.losses
+        if isinstance(parts, list) and all(isinstance(part, str) for part in parts):
+            self.losses = [name.strip() for part in parts for name in part.split("+") if name.strip()]
 
-    def __post_init__(self) -> None:
-        if isinstance(self.losses, str):
-            self.losses = [name.strip() for name in self.losses.split("+") if name.strip()]
+    def validate(self) -> None:
         unknown = sorted(set(self.losses) - set(LOSS_NAMES))
         if unknown or not self.losses:
             raise ValueError(f"`losses` must be a '+'-joined subset of {LOSS_NAMES}, got {self.losses!r}")
-        for name, choices in self.CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"`{name}` must be one of {choices}, got {getattr(self, name)!r}")
         if self.adaptive == "uncertainty":
             seedy = [n for n in self.losses if self.impl_is_seed(n)]
             if seedy:
@@ -107,19 +103,6 @@ class NPTLossOptions:
         attr = {"mg": "mg_impl", "decomposed": "decomposed_impl", "ib": "ib_impl", "projection": "projection_impl",
                 "orthogonality": "orth_impl"}.get(name)
         return attr is not None and getattr(self, attr) == "seed"
-
-    @classmethod
-    def from_args(cls, objective_args: Mapping[str, Any]) -> NPTLossOptions:
-        """Build from parsed `--objective_args`.
-
-        Raises:
-            ValueError: an unknown option or an invalid value.
-        """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(objective_args) - known)
-        if unknown:
-            raise ValueError(f"unknown NPT objective argument(s) {unknown}; known: {', '.join(sorted(known))}")
-        return cls(**dict(objective_args))
 
 
 @dataclass
