@@ -11,6 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_models.npt import NPTForCausalLM
 from training.npt import (
+    LOSS_FUNCTIONS,
+    LOSS_NAMES,
     AttentionEncodingLoss,
     CurriculumMask,
     DecomposedTargetLoss,
@@ -296,3 +298,23 @@ def test_seed_options_run_and_stage_is_reported():
     assert values["ib"] < 0
     assert all(w == pytest.approx(1 / 8) for w in result.weights.values())  # the seed's uniform weights
     assert result.metrics["stage"] == 1.0
+
+
+@pytest.mark.parametrize("name,impl", [(name, {}) for name in LOSS_NAMES] + [
+    ("direct", {"direct_impl": "repo"}), ("fidelity", {"fidelity_impl": "mse"}), ("mg", {"mg_impl": "seed"}),
+    ("decomposed", {"decomposed_impl": "seed"}), ("ib", {"ib_impl": "seed"}), ("projection", {"projection_impl": "seed"}),
+])
+def test_every_loss_of_the_table_is_reachable_alone(name, impl):
+    assert LOSS_NAMES == tuple(LOSS_FUNCTIONS)
+    model = tiny_npt(npt_layers=[0, 1], np_modulation="gate_up_down")
+    input_ids = torch.randint(2, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    values, result = loss_values(model, input_ids, torch.ones_like(input_ids), NPTLossOptions(losses=name, **impl))
+    assert list(values) == [name] and math.isfinite(values[name])
+    assert result.total.requires_grad
+
+
+def test_unknown_loss_name_is_refused_naming_it():
+    with pytest.raises(ValueError, match=r"`losses` must be a '\+'-joined subset of .*'magic'"):
+        NPTLossOptions.from_args({"losses": "direct+magic"})
+    with pytest.raises(ValueError, match="`losses`"):
+        NPTLossOptions(losses="")

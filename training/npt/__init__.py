@@ -2,7 +2,7 @@
 original repository's, the seed's seven proposals as written, and the sound versions), stage schedules, adaptive
 loss weighting, evaluation, and the `NPTTrainer` that `python -m training.train --model_type npt_llama` runs.
 Sub-modules: `losses` (each loss, the curriculum, the stage schedule), `weighting` (adaptive weighting), `teacher`
-(capture), `objective` (options and `NPTLossModule`), `evaluation`, `trainer`; every public name is importable
+(capture), `objective` (options, the table of losses `LOSS_FUNCTIONS` and `NPTLossModule`), `evaluation`, `trainer`; every public name is importable
 from `training.npt`.
 
 The teacher is the same model under `model.npt_disabled()`, captured with hooks on the real forward pass (true
@@ -50,13 +50,14 @@ from .losses import (
     StageSchedule,
     masked_mean,
 )
-from .objective import LOSS_NAMES, NPTLossModule, NPTLossOptions, NPTLossOutput
+from .objective import LOSS_FUNCTIONS, LOSS_NAMES, LayerInputs, NPTLossModule, NPTLossOptions, NPTLossOutput
 from .teacher import TeacherCapture, TeacherLayer, capture_teacher
 from .trainer import LOSS_WEIGHTING_FILE, NPTTrainer, freeze_base
 from .weighting import GradNormWeighting, InverseGradNormWeighting, SeedAdaptiveWeighting, UncertaintyWeighting
 
 
 __all__ = [
+    "LOSS_FUNCTIONS",
     "LOSS_NAMES",
     "LOSS_WEIGHTING_FILE",
     "AttentionEncodingLoss",
@@ -67,6 +68,7 @@ __all__ = [
     "GradNormWeighting",
     "InformationBottleneckLoss",
     "InverseGradNormWeighting",
+    "LayerInputs",
     "ModulationGuidanceLoss",
     "NPTLossModule",
     "NPTLossOptions",

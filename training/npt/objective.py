@@ -3,8 +3,9 @@ NPT layer with the schedule and the adaptive weighting."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -32,8 +33,116 @@ from .teacher import TeacherCapture, TeacherLayer
 from .weighting import GradNormWeighting, InverseGradNormWeighting, SeedAdaptiveWeighting, UncertaintyWeighting
 
 
-LOSS_NAMES = ("direct", "attention", "fidelity", "regularization", "mg", "decomposed", "ib", "projection",
-              "orthogonality")
+@dataclass
+class LayerInputs:
+    """What the losses of one NPT layer read: the student's record, the teacher's capture, the masks, and the
+    quantities several losses share (`vectors`, `exact_targets`), computed once when first asked for."""
+
+    losses: NPTLossModule
+    model: NPTForCausalLM
+    index: int
+    record: NPTLayerRecord
+    teacher: TeacherLayer
+    student_logits: torch.Tensor
+    teacher_logits: torch.Tensor
+    mask: torch.Tensor
+    local: torch.Tensor  # the mask of token-local losses (after the curriculum)
+
+    @property
+    def layer(self) -> nn.Module:
+        return self.model.model.layers[self.index]
+
+    @cached_property
+    def target(self) -> torch.Tensor:
+        return self.losses.direct_target(self.model, self.teacher)
+
+    @cached_property
+    def vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(v_a, v_b)` of the first rank of the projection that reads the hidden state (the first one if none
+        does) `(batch, seq, out)`, `(batch, seq, in)`."""
+        projections = self.record.projections.values()
+        first = next(iter(projections))
+        proj = next((p for p in projections if p.modulator.in_features == self.model.config.hidden_size), first)
+        v_a, v_b = proj.modulator.vectors(proj.z)
+        return v_a[..., 0, :], v_b[..., 0, :]
+
+    @cached_property
+    def exact_targets(self) -> dict[str, torch.Tensor]:
+        return self.losses.exact_modulation_targets(self.layer, self.record, self.teacher, self.target)
+
+
+def _direct(x: LayerInputs) -> torch.Tensor:
+    return x.losses.direct(x.record.mlp_output, x.target, x.local)
+
+
+def _attention(x: LayerInputs) -> torch.Tensor:
+    return x.losses.attention(x.vectors[0], x.teacher.attn_output, x.local)
+
+
+def _fidelity(x: LayerInputs) -> torch.Tensor:
+    return x.losses.fidelity(x.student_logits, x.teacher_logits, x.mask)
+
+
+def _regularization(x: LayerInputs) -> torch.Tensor:
+    terms = []
+    for proj in x.record.projections.values():
+        sq_a, sq_b = proj.modulator.squared_norms(proj.z)
+        terms.append(x.losses.regularization(sq_a, sq_b, proj.modulator.in_features, proj.modulator.out_features,
+                                             proj.m, x.local))
+    return torch.stack(terms).sum()
+
+
+def _mg(x: LayerInputs) -> torch.Tensor:
+    if x.losses.options.mg_impl == "seed":
+        return x.losses.mg.seed(x.vectors[0], x.teacher.hidden_in.float(), x.teacher.attn_output.float())
+    return torch.stack([x.losses.mg(proj.m, x.exact_targets[name], x.local, proj.s)
+                        for name, proj in x.record.projections.items()]).mean()
+
+
+def _decomposed(x: LayerInputs) -> torch.Tensor:
+    if x.losses.options.decomposed_impl == "seed":
+        return x.losses.decomposed.seed_parts(x.record.mlp_output.float(), x.teacher.attn_output.float(),
+                                              x.teacher.mlp_output.float())[0]
+    with torch.no_grad():
+        unmodulated = x.layer.mlp(x.record.mlp_input)
+    return x.losses.decomposed(x.record.mlp_output, x.target, unmodulated, x.local)
+
+
+def _ib(x: LayerInputs) -> torch.Tensor:
+    if x.losses.options.ib_impl == "seed":
+        return x.losses.ib.seed(x.vectors[0], x.teacher.attn_output.float(), x.teacher.hidden_in.float(),
+                                x.losses.options.ib_beta)
+    return torch.stack([x.losses.ib(p.z, x.local) for p in x.record.projections.values()]).mean()
+
+
+def _projection(x: LayerInputs) -> torch.Tensor:
+    if x.losses.options.projection_impl == "seed":
+        return x.losses.projection.seed(x.vectors[1].float(), x.layer.mlp.gate_proj.weight.float(),
+                                        x.teacher.attn_output.float())
+    name = "gate" if "gate" in x.record.projections else next(iter(x.record.projections))
+    return x.losses.projection(x.record.projections[name].m, x.exact_targets[name], x.local)
+
+
+def _orthogonality(x: LayerInputs) -> torch.Tensor:
+    if x.losses.options.orth_impl == "seed":
+        return x.losses.orthogonality.seed(x.vectors[0], x.teacher.hidden_in.float())
+    return x.losses.orthogonality(x.vectors[0], x.record.mlp_input, x.local, key=x.index)
+
+
+# Each loss of one NPT layer (the way transformers' `loss/loss_utils.py` maps names to losses); `forward` computes
+# the chosen ones in this order.
+LOSS_FUNCTIONS: dict[str, Callable[[LayerInputs], torch.Tensor]] = {
+    "direct": _direct,
+    "attention": _attention,
+    "fidelity": _fidelity,
+    "regularization": _regularization,
+    "mg": _mg,
+    "decomposed": _decomposed,
+    "ib": _ib,
+    "projection": _projection,
+    "orthogonality": _orthogonality,
+}
+LOSS_NAMES = tuple(LOSS_FUNCTIONS)
 # Losses that can be negative (the seed's versions) or that must not be balanced (the regulariser) keep their weight.
 _NEVER_BALANCED = ("regularization",)
 
@@ -205,7 +314,7 @@ class NPTLossModule(nn.Module):
 
     def forward(self, model: NPTForCausalLM, records: Mapping[int, NPTLayerRecord], teacher: TeacherCapture,
                 student_logits: torch.Tensor, mask: torch.Tensor, step: int = 0) -> NPTLossOutput:
-        """Compute every chosen loss (mean over NPT layers), weight and sum them.
+        """Compute every chosen loss (`LOSS_FUNCTIONS`, mean over NPT layers), weight and sum them.
 
         Args:
             model: the NPT model (for the frozen MLP weights and the NP parameters).
@@ -215,74 +324,18 @@ class NPTLossModule(nn.Module):
             mask: valid tokens `(batch, seq)` (bool).
             step: the optimizer step (schedule, curriculum, adaptive weighting).
         """
-        options, chosen = self.options, self.options.losses
+        chosen = [name for name in LOSS_FUNCTIONS if name in self.options.losses]
         mask = mask.bool()
         sums: dict[str, torch.Tensor] = {}
         metrics: dict[str, float] = {}
         for index, record in records.items():
-            layer, tea = model.model.layers[index], teacher.layers[index]
+            tea = teacher.layers[index]
             local = self.curriculum(tea.attn_output, mask, step) if self.curriculum is not None else mask
-            target = self.direct_target(model, tea)
-            first = next(iter(record.projections.values()))
-            hidden_proj = next((p for p in record.projections.values()
-                                if p.modulator.in_features == model.config.hidden_size), first)
-            parts: dict[str, torch.Tensor] = {}
-            needs_vectors = "attention" in chosen or "orthogonality" in chosen or any(
-                options.impl_is_seed(n) for n in ("mg", "ib", "projection") if n in chosen)
-            v_a = v_b = None
-            if needs_vectors:
-                v_a, v_b = hidden_proj.modulator.vectors(hidden_proj.z)
-                v_a, v_b = v_a[..., 0, :], v_b[..., 0, :]
-            if "direct" in chosen:
-                parts["direct"] = self.direct(record.mlp_output, target, local)
-            if "attention" in chosen:
-                parts["attention"] = self.attention(v_a, tea.attn_output, local)
-            if "fidelity" in chosen:
-                parts["fidelity"] = self.fidelity(student_logits, teacher.logits, mask)
-            if "regularization" in chosen:
-                reg = []
-                for proj in record.projections.values():
-                    sq_a, sq_b = proj.modulator.squared_norms(proj.z)
-                    reg.append(self.regularization(sq_a, sq_b, proj.modulator.in_features,
-                                                   proj.modulator.out_features, proj.m, local))
-                parts["regularization"] = torch.stack(reg).sum()
-            exact = None
-            if ("mg" in chosen and options.mg_impl == "exact") or (
-                    "projection" in chosen and options.projection_impl == "direction"):
-                exact = self.exact_modulation_targets(layer, record, tea, target)
-            if "mg" in chosen:
-                if options.mg_impl == "seed":
-                    parts["mg"] = self.mg.seed(v_a, tea.hidden_in.float(), tea.attn_output.float())
-                else:
-                    parts["mg"] = torch.stack([self.mg(proj.m, exact[name], local, proj.s)
-                                               for name, proj in record.projections.items()]).mean()
-            if "decomposed" in chosen:
-                if options.decomposed_impl == "seed":
-                    parts["decomposed"] = self.decomposed.seed_parts(record.mlp_output.float(),
-                                                                     tea.attn_output.float(), tea.mlp_output.float())[0]
-                else:
-                    with torch.no_grad():
-                        unmodulated = layer.mlp(record.mlp_input)
-                    parts["decomposed"] = self.decomposed(record.mlp_output, target, unmodulated, local)
-            if "ib" in chosen:
-                parts["ib"] = (self.ib.seed(v_a, tea.attn_output.float(), tea.hidden_in.float(), options.ib_beta)
-                               if options.ib_impl == "seed" else
-                               torch.stack([self.ib(p.z, local) for p in record.projections.values()]).mean())
-            if "projection" in chosen:
-                if options.projection_impl == "seed":
-                    parts["projection"] = self.projection.seed(v_b.float(), layer.mlp.gate_proj.weight.float(),
-                                                               tea.attn_output.float())
-                else:
-                    name = "gate" if "gate" in record.projections else next(iter(record.projections))
-                    parts["projection"] = self.projection(record.projections[name].m, exact[name], local)
-            if "orthogonality" in chosen:
-                parts["orthogonality"] = (self.orthogonality.seed(v_a, tea.hidden_in.float())
-                                          if options.orth_impl == "seed" else
-                                          self.orthogonality(v_a, record.mlp_input, local, key=index))
-            for name, value in parts.items():
-                sums[name] = sums.get(name, 0.0) + value / len(records)
+            inputs = LayerInputs(self, model, index, record, tea, student_logits, teacher.logits, mask, local)
+            for name in chosen:
+                sums[name] = sums.get(name, 0.0) + LOSS_FUNCTIONS[name](inputs) / len(records)
             with torch.no_grad():
-                s = first.s.float()[mask]
+                s = next(iter(record.projections.values())).s.float()[mask]
                 metrics[f"s_var_l{index}"] = float(s.var()) if s.numel() > 1 else 0.0
                 metrics[f"s_small_l{index}"] = float((s.abs() < 1e-3).float().mean())
         weights, stage = self.schedule(step)
