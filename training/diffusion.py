@@ -1,4 +1,4 @@
-"""The staged training objective of the masked diffusion LM (seed 002) and its `Trainer`.
+"""The staged training objective of the masked diffusion LM and its `Trainer`.
 
 Per batch of token rows x (packed blocks; positions whose label is -100 are never masked nor scored):
 

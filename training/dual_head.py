@@ -1,4 +1,4 @@
-"""The dual-head objective of the Bicameral byte LM (seed 000): byte cross-entropy plus a teacher-token
+"""The dual-head objective of the Bicameral byte LM: byte cross-entropy plus a teacher-token
 cross-entropy, and the frequency-cutoff curriculum.
 
     total = char_loss_weight * CE(byte head, byte t + chunk_size) + token_loss_weight * CE(token head, token(t))

@@ -79,7 +79,7 @@ class ObjectiveOptions:
             old = getattr(self, name)
             if isinstance(old, str) and old in renames:
                 warnings.warn(f"{name}={old} is deprecated and will be removed; use {name}={renames[old]}",
-                              FutureWarning, stacklevel=4)
+                              FutureWarning, stacklevel=3)
                 object.__setattr__(self, name, renames[old])  # also for frozen dataclasses
         hints = get_type_hints(type(self))
         for option in fields(self):

@@ -30,7 +30,7 @@ from .losses import (
     StageSchedule,
 )
 from .teacher import TeacherCapture, TeacherLayer
-from .weighting import GradNormWeighting, InverseGradNormWeighting, SeedAdaptiveWeighting, UncertaintyWeighting
+from .weighting import GradNormWeighting, InverseGradNormWeighting, OriginalAdaptiveWeighting, UncertaintyWeighting
 
 
 @dataclass
@@ -93,15 +93,15 @@ def _regularization(x: LayerInputs) -> torch.Tensor:
 
 
 def _mg(x: LayerInputs) -> torch.Tensor:
-    if x.losses.options.mg_impl == "seed":
-        return x.losses.mg.seed(x.vectors[0], x.teacher.hidden_in.float(), x.teacher.attn_output.float())
+    if x.losses.options.mg_impl == "original":
+        return x.losses.mg.original(x.vectors[0], x.teacher.hidden_in.float(), x.teacher.attn_output.float())
     return torch.stack([x.losses.mg(proj.m, x.exact_targets[name], x.local, proj.s)
                         for name, proj in x.record.projections.items()]).mean()
 
 
 def _decomposed(x: LayerInputs) -> torch.Tensor:
-    if x.losses.options.decomposed_impl == "seed":
-        return x.losses.decomposed.seed_parts(x.record.mlp_output.float(), x.teacher.attn_output.float(),
+    if x.losses.options.decomposed_impl == "original":
+        return x.losses.decomposed.original_parts(x.record.mlp_output.float(), x.teacher.attn_output.float(),
                                               x.teacher.mlp_output.float())[0]
     with torch.no_grad():
         unmodulated = x.layer.mlp(x.record.mlp_input)
@@ -109,23 +109,23 @@ def _decomposed(x: LayerInputs) -> torch.Tensor:
 
 
 def _ib(x: LayerInputs) -> torch.Tensor:
-    if x.losses.options.ib_impl == "seed":
-        return x.losses.ib.seed(x.vectors[0], x.teacher.attn_output.float(), x.teacher.hidden_in.float(),
+    if x.losses.options.ib_impl == "original":
+        return x.losses.ib.original(x.vectors[0], x.teacher.attn_output.float(), x.teacher.hidden_in.float(),
                                 x.losses.options.ib_beta)
     return torch.stack([x.losses.ib(p.z, x.local) for p in x.record.projections.values()]).mean()
 
 
 def _projection(x: LayerInputs) -> torch.Tensor:
-    if x.losses.options.projection_impl == "seed":
-        return x.losses.projection.seed(x.vectors[1].float(), x.layer.mlp.gate_proj.weight.float(),
+    if x.losses.options.projection_impl == "original":
+        return x.losses.projection.original(x.vectors[1].float(), x.layer.mlp.gate_proj.weight.float(),
                                         x.teacher.attn_output.float())
     name = "gate" if "gate" in x.record.projections else next(iter(x.record.projections))
     return x.losses.projection(x.record.projections[name].m, x.exact_targets[name], x.local)
 
 
 def _orthogonality(x: LayerInputs) -> torch.Tensor:
-    if x.losses.options.orth_impl == "seed":
-        return x.losses.orthogonality.seed(x.vectors[0], x.teacher.hidden_in.float())
+    if x.losses.options.orth_impl == "original":
+        return x.losses.orthogonality.original(x.vectors[0], x.teacher.hidden_in.float())
     return x.losses.orthogonality(x.vectors[0], x.record.mlp_input, x.local, key=x.index)
 
 
@@ -143,7 +143,8 @@ LOSS_FUNCTIONS: dict[str, Callable[[LayerInputs], torch.Tensor]] = {
     "orthogonality": _orthogonality,
 }
 LOSS_NAMES = tuple(LOSS_FUNCTIONS)
-# Losses that can be negative (the seed's versions) or that must not be balanced (the regulariser) keep their weight.
+# Losses that can be negative (the original code's versions) or that must not be balanced (the regulariser) keep
+# their weight.
 _NEVER_BALANCED = ("regularization",)
 
 
@@ -152,27 +153,32 @@ class NPTLossOptions(ObjectiveOptions):
     """Options of the NPT objective (`--objective_args key=value,...`).
 
     `losses` is a `+`-joined subset of `direct, attention, fidelity, regularization, mg, decomposed, ib, projection,
-    orthogonality` (or a JSON list); each loss's `*_impl` chooses the sound version (default) or the seed's
-    (`seed`) / the repository's (`repo`, `mse`); `weight_*` are the static weights (the schedule overrides the
-    first four); `adaptive` is `none`, `invgrad`, `gradnorm`, `uncertainty` or `seed`.
+    orthogonality` (or a JSON list); each loss's `*_impl` chooses the sound version (default), the proposal's
+    original code (`original`) or the repository's (`repo`, `mse`); `weight_*` are the static weights (the schedule
+    overrides the first four); `adaptive` is `none`, `invgrad`, `gradnorm`, `uncertainty` or `original`. The old
+    spelling `seed` of `original` still works, with a `FutureWarning`.
     """
 
     objective_name: ClassVar[str] = "the NPT objective"
+    DEPRECATED_VALUES: ClassVar[dict[str, dict[str, str]]] = {
+        name: {"seed": "original"}
+        for name in ("mg_impl", "decomposed_impl", "ib_impl", "projection_impl", "orth_impl", "curriculum", "adaptive")
+    }
 
     losses: list[str] = field(default_factory=lambda: ["direct", "fidelity", "regularization"])
     direct_impl: Literal["nmse", "repo"] = "nmse"
     fidelity_impl: Literal["kl", "mse"] = "kl"
     reg_kind: Literal["element", "token", "delta_norm", "modulation"] = "element"
-    mg_impl: Literal["exact", "seed"] = "exact"
+    mg_impl: Literal["exact", "original"] = "exact"
     mg_min_std: float = 0.0
-    decomposed_impl: Literal["delta", "seed"] = "delta"
-    ib_impl: Literal["rate", "seed"] = "rate"
+    decomposed_impl: Literal["delta", "original"] = "delta"
+    ib_impl: Literal["rate", "original"] = "rate"
     ib_beta: float = 0.01
-    projection_impl: Literal["direction", "seed"] = "direction"
-    orth_impl: Literal["pca", "seed"] = "pca"
+    projection_impl: Literal["direction", "original"] = "direction"
+    orth_impl: Literal["pca", "original"] = "pca"
     orth_components: int = 10
     orth_refresh: int = 100
-    curriculum: Literal["none", "valid", "seed"] = "none"
+    curriculum: Literal["none", "valid", "original"] = "none"
     curriculum_steps: list[int] = field(default_factory=lambda: [500, 1000])
     curriculum_quantiles: list[float] = field(default_factory=lambda: [0.3, 0.7])
     schedule: Literal["none", "repo", "smooth"] = "none"
@@ -186,7 +192,7 @@ class NPTLossOptions(ObjectiveOptions):
     weight_ib: float = 0.5
     weight_projection: float = 1.0
     weight_orthogonality: float = 0.01
-    adaptive: Literal["none", "invgrad", "gradnorm", "uncertainty", "seed"] = "none"
+    adaptive: Literal["none", "invgrad", "gradnorm", "uncertainty", "original"] = "none"
     adaptive_every: int = 10
     adaptive_beta: float = 0.9
     gradnorm_alpha: float = 1.5
@@ -203,15 +209,16 @@ class NPTLossOptions(ObjectiveOptions):
         if unknown or not self.losses:
             raise ValueError(f"`losses` must be a '+'-joined subset of {LOSS_NAMES}, got {self.losses!r}")
         if self.adaptive == "uncertainty":
-            seedy = [n for n in self.losses if self.impl_is_seed(n)]
-            if seedy:
-                raise ValueError(f"`adaptive`=uncertainty needs non-negative losses; {seedy} use the seed version")
+            negative = [n for n in self.losses if self.impl_is_original(n)]
+            if negative:
+                raise ValueError(f"`adaptive`=uncertainty needs non-negative losses; {negative} use the original "
+                                 "version")
 
-    def impl_is_seed(self, name: str) -> bool:
-        """Whether loss `name` runs the seed's version (which may be negative)."""
+    def impl_is_original(self, name: str) -> bool:
+        """Whether loss `name` runs the original code's version (which may be negative)."""
         attr = {"mg": "mg_impl", "decomposed": "decomposed_impl", "ib": "ib_impl", "projection": "projection_impl",
                 "orthogonality": "orth_impl"}.get(name)
-        return attr is not None and getattr(self, attr) == "seed"
+        return attr is not None and getattr(self, attr) == "original"
 
 
 @dataclass
@@ -248,14 +255,15 @@ class NPTLossModule(nn.Module):
             options.curriculum, options.curriculum_quantiles, options.curriculum_steps)
         self.schedule = StageSchedule(options.schedule, options.stage1_steps,
                                       {name: getattr(options, f"weight_{name}") for name in LOSS_NAMES})
-        balanced = [n for n in options.losses if n not in _NEVER_BALANCED and not options.impl_is_seed(n)]
+        balanced = [n for n in options.losses if n not in _NEVER_BALANCED and not options.impl_is_original(n)]
         self.balanced = balanced
         self.invgrad = InverseGradNormWeighting(options.adaptive_every, options.adaptive_beta) \
             if options.adaptive == "invgrad" else None
         self.gradnorm = GradNormWeighting(balanced, options.gradnorm_alpha, options.gradnorm_lr, options.adaptive_every) \
             if options.adaptive == "gradnorm" else None
         self.uncertainty = UncertaintyWeighting(balanced) if options.adaptive == "uncertainty" else None
-        self.seed_weighting = SeedAdaptiveWeighting(len(options.losses)) if options.adaptive == "seed" else None
+        self.original_weighting = OriginalAdaptiveWeighting(len(options.losses)) \
+            if options.adaptive == "original" else None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the model's optimizer must also train (the uncertainty log-variances)."""
@@ -349,11 +357,11 @@ class NPTLossModule(nn.Module):
         fixed = {n: priors[n] for n in losses if n not in self.balanced}
         balanced = {n: losses[n] for n in losses if n in self.balanced}
         parameters = [p for _, p in model.np_parameters() if p.requires_grad]
-        if self.seed_weighting is not None:
-            # The seed's code takes a gradient (and crashes without autograd); its weights are always uniform.
-            seed_weights = (self.seed_weighting.update_weights(list(losses.values())) if torch.is_grad_enabled()
+        if self.original_weighting is not None:
+            # The original code takes a gradient (and crashes without autograd); its weights are always uniform.
+            original_weights = (self.original_weighting.update_weights(list(losses.values())) if torch.is_grad_enabled()
                             else [1.0 / len(losses)] * len(losses))
-            applied = {n: float(w) for n, w in zip(losses, seed_weights)}
+            applied = {n: float(w) for n, w in zip(losses, original_weights)}
             return sum(applied[n] * losses[n] for n in losses), applied
         if self.uncertainty is not None:
             total = self.uncertainty.combine(balanced, priors) + sum(fixed[n] * losses[n] for n in fixed)
