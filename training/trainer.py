@@ -17,6 +17,18 @@ from hf_models.registry import ArchitectureSpec
 from .options import ObjectiveOptions
 
 
+@dataclass(frozen=True)
+class CLIInputs:
+    """What the training CLI hands `ZooTrainer.from_cli` besides the objective arguments (see there)."""
+
+    model: PreTrainedModel
+    args: TrainingArguments
+    tokenizer: PreTrainedTokenizerBase
+    train_dataset: Dataset
+    eval_dataset: Dataset
+    train_texts: Dataset
+
+
 class ZooTrainer(Trainer):
     """`Trainer` for the plain language-model loss (the one the model computes from `labels`).
 
@@ -104,18 +116,6 @@ class ZooTrainer(Trainer):
         arguments the objective adds or replaces (e.g. `{"objective": options}`, or a `train_dataset` with extra
         columns). The plain language-model loss adds none."""
         return {}
-
-
-@dataclass(frozen=True)
-class CLIInputs:
-    """What the training CLI hands `ZooTrainer.from_cli` besides the objective arguments (see there)."""
-
-    model: PreTrainedModel
-    args: TrainingArguments
-    tokenizer: PreTrainedTokenizerBase
-    train_dataset: Dataset
-    eval_dataset: Dataset
-    train_texts: Dataset
 
 
 def resolve_trainer(spec: ArchitectureSpec) -> type[ZooTrainer]:
