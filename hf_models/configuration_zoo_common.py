@@ -86,6 +86,13 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
         raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
 
 
+def check_bool(name: str, value: Any) -> None:
+    """Raise a `ValueError` naming `name` unless `value` is `True` or `False` (not `1`, `0.0` or `"true"`, which
+    `check_choice(name, value, (True, False))` would let through because `1 == True`)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be a bool (true or false), got {value!r}.")
+
+
 def check_interval(name: str, value: Any, low: float, high: float, *, closed_high: bool = False) -> None:
     """Raise a `ValueError` naming `name` unless `low <= value < high` (or `<= high` when `closed_high`)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

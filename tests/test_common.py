@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, TrainingArguments
 
 import hf_models
+from hf_models.configuration_zoo_common import check_bool
 from hf_models.registry import ArchitectureSpec
 from training.data import DataArguments, load_documents, tokenize_and_pack
 from training.tokenization import train_bpe_tokenizer
@@ -54,6 +55,15 @@ def test_config_rejects_invalid_values(spec: ArchitectureSpec, overrides, field)
     with pytest.raises(ValueError) as error:
         spec.make_config(overrides, tiny=True)
     assert re.search(field.replace("_", "[ _]"), str(error.value)), str(error.value)
+
+
+@pytest.mark.parametrize("value", [1, 0, 0.0, 1.0, "true", None])
+def test_config_bool_check_refuses_non_bools(value):
+    # check_choice(name, value, (True, False)) let 1 and 0.0 through (1 == True); check_bool does not
+    check_bool("add_sampler_head", True)
+    check_bool("add_sampler_head", False)
+    with pytest.raises(ValueError, match="`add_sampler_head` must be a bool"):
+        check_bool("add_sampler_head", value)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=spec_id)

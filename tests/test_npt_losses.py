@@ -1,4 +1,4 @@
-"""NPT losses (training/npt.py): each against a hand-computed value, the seed's bugs reproduced behind their flags,
+"""NPT losses (training/npt/): each against a hand-computed value, the original code's bugs reproduced behind their flags,
 schedules, adaptive weighting and masking."""
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_models.npt import NPTForCausalLM
 from training.npt import (
+    LOSS_FUNCTIONS,
+    LOSS_NAMES,
     AttentionEncodingLoss,
     CurriculumMask,
     DecomposedTargetLoss,
@@ -25,7 +27,7 @@ from training.npt import (
     OrthogonalityLoss,
     ProjectionConsistencyLoss,
     RegularizationLoss,
-    SeedAdaptiveWeighting,
+    OriginalAdaptiveWeighting,
     StageSchedule,
     UncertaintyWeighting,
     capture_teacher,
@@ -68,18 +70,18 @@ def test_exact_modulation_guidance_value():
     assert float(hinge) == pytest.approx(3.0 + 1.0)  # constant scalars: std 0 → hinge 1
 
 
-def test_seed_modulation_guidance_value_and_unboundedness():
+def test_original_modulation_guidance_value_and_unboundedness():
     h = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
     v_a = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
     a = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
-    assert float(ModulationGuidanceLoss.seed(v_a, h, a)) == pytest.approx(0.0725032 - 0.05, abs=1e-6)
-    assert float(ModulationGuidanceLoss.seed(1000 * v_a, h, a)) < -1000  # −Var(s) rewards blowing s up
+    assert float(ModulationGuidanceLoss.original(v_a, h, a)) == pytest.approx(0.0725032 - 0.05, abs=1e-6)
+    assert float(ModulationGuidanceLoss.original(1000 * v_a, h, a)) < -1000  # −Var(s) rewards blowing s up
 
 
-def test_seed_modulation_guidance_rank_k_broadcasts_seq_against_k():
+def test_original_modulation_guidance_rank_k_broadcasts_seq_against_k():
     v_a = torch.randn(1, 3, 4, 8)  # (batch, seq, k, d) with k=4 != seq=3
     with pytest.raises(RuntimeError):
-        ModulationGuidanceLoss.seed(v_a, torch.randn(1, 3, 8), torch.randn(1, 3, 8))
+        ModulationGuidanceLoss.original(v_a, torch.randn(1, 3, 8), torch.randn(1, 3, 8))
 
 
 def test_kl_fidelity_value_and_chunking():
@@ -90,9 +92,9 @@ def test_kl_fidelity_value_and_chunking():
     assert float(FidelityLoss("kl", chunk_size=2)(s, t, mask)) == pytest.approx(float(FidelityLoss("kl")(s, t, mask)))
 
 
-def test_seed_decomposed_target_has_an_identically_zero_mlp_part():
+def test_original_decomposed_target_has_an_identically_zero_mlp_part():
     y, a, mlp = torch.randn(2, 3, 8, requires_grad=True), torch.randn(2, 3, 8), torch.randn(2, 3, 8)
-    loss, attn_part, mlp_part = DecomposedTargetLoss.seed_parts(y, a, mlp)
+    loss, attn_part, mlp_part = DecomposedTargetLoss.original_parts(y, a, mlp)
     assert torch.equal(attn_part, y) and torch.equal(mlp_part, torch.zeros_like(y))
     loss.backward()
     torch.testing.assert_close(y.grad, 0.5 * 2 * (y - a).detach() / y.numel())  # trains y ≈ a only
@@ -103,11 +105,11 @@ def test_delta_decomposition_supervises_what_the_modulation_adds():
     assert float(DecomposedTargetLoss()(tok(1.0, 2.0), target, base, ONE)) == pytest.approx(1.0 / 4.0)
 
 
-def test_information_bottleneck_rate_is_nonnegative_and_seed_is_negative():
+def test_information_bottleneck_rate_is_nonnegative_and_original_is_negative():
     z = tok(3.0, 4.0)
     assert float(InformationBottleneckLoss()(z, ONE)) == pytest.approx(12.5)
     v_a, a, h = tok(1.0, 0.0), tok(1.0, 0.0), tok(0.0, 1.0)
-    assert float(InformationBottleneckLoss.seed(v_a, a, h)) == pytest.approx(-1.0)
+    assert float(InformationBottleneckLoss.original(v_a, a, h)) == pytest.approx(-1.0)
 
 
 def test_projection_consistency_is_sign_aware():
@@ -115,13 +117,13 @@ def test_projection_consistency_is_sign_aware():
     assert float(ProjectionConsistencyLoss()(-target, target, ONE)) == pytest.approx(2.0)
     assert float(ProjectionConsistencyLoss()(3 * target, target, ONE)) == pytest.approx(0.0, abs=1e-6)
     v_b = torch.randn(1, 4, 6)
-    seed = ProjectionConsistencyLoss.seed(v_b, torch.randn(6, 5), torch.randn(1, 4, 5))
-    assert float(ProjectionConsistencyLoss.seed(-v_b, torch.randn(6, 5), torch.randn(1, 4, 5))) != float(seed)
+    original = ProjectionConsistencyLoss.original(v_b, torch.randn(6, 5), torch.randn(1, 4, 5))
+    assert float(ProjectionConsistencyLoss.original(-v_b, torch.randn(6, 5), torch.randn(1, 4, 5))) != float(original)
 
 
-def test_seed_orthogonality_raises_unless_width_is_ten_and_pca_version_works():
+def test_original_orthogonality_raises_unless_width_is_ten_and_pca_version_works():
     with pytest.raises(RuntimeError):
-        OrthogonalityLoss.seed(torch.randn(2, 12, 16), torch.randn(2, 12, 16))
+        OrthogonalityLoss.original(torch.randn(2, 12, 16), torch.randn(2, 12, 16))
     torch.manual_seed(0)
     x = torch.randn(64, 8) * torch.tensor([10.0, 1, 1, 1, 1, 1, 1, 1])
     loss = OrthogonalityLoss(components=1)
@@ -149,9 +151,9 @@ def test_curriculum_quantile_over_valid_tokens_only():
     a = torch.tensor([[1.0, 2.0, 3.0, 4.0, 100.0, 100.0]]).unsqueeze(-1)
     mask = torch.tensor([[True, True, True, True, False, False]])
     valid = CurriculumMask("valid", quantiles=(0.5, 0.9), steps=(10, 20))
-    seed = CurriculumMask("seed", quantiles=(0.5, 0.9), steps=(10, 20))
+    original = CurriculumMask("original", quantiles=(0.5, 0.9), steps=(10, 20))
     assert valid(a, mask, 0).tolist() == [[True, True, False, False, False, False]]
-    assert seed(a, mask, 0).tolist() == [[True, True, True, False, False, False]]  # pads move the threshold
+    assert original(a, mask, 0).tolist() == [[True, True, True, False, False, False]]  # pads move the threshold
     assert torch.equal(valid(a, mask, 25), mask)
     assert valid(a.bfloat16(), mask, 0).tolist() == [[True, True, False, False, False, False]]
 
@@ -203,9 +205,9 @@ def test_uncertainty_weighting_values():
     assert float(weighting.log_vars.detach()) == pytest.approx(math.log(2.0), abs=1e-3)
 
 
-def test_seed_adaptive_weighting_is_always_uniform():
+def test_original_adaptive_weighting_is_always_uniform():
     theta = torch.tensor(3.0, requires_grad=True)
-    weights = SeedAdaptiveWeighting(3).update_weights([theta, 100 * theta ** 2, 1e-3 * theta])
+    weights = OriginalAdaptiveWeighting(3).update_weights([theta, 100 * theta ** 2, 1e-3 * theta])
     torch.testing.assert_close(weights, torch.full((3,), 1 / 3))
 
 
@@ -214,10 +216,10 @@ def test_options_reject_unknown_values():
         NPTLossOptions(losses="direct+magic")
     with pytest.raises(ValueError, match="mg_impl"):
         NPTLossOptions(mg_impl="exactish")
-    with pytest.raises(ValueError, match="unknown NPT objective"):
+    with pytest.raises(ValueError, match="unknown objective argument.*the NPT objective"):
         NPTLossOptions.from_args({"lr": 1})
     with pytest.raises(ValueError, match="uncertainty"):
-        NPTLossOptions(losses="direct+mg", mg_impl="seed", adaptive="uncertainty")
+        NPTLossOptions(losses="direct+mg", mg_impl="original", adaptive="uncertainty")
 
 
 # ------------------------------------------------------------------------------------- the loss module end to end
@@ -286,13 +288,52 @@ def test_exact_down_target_makes_the_layer_output_the_teachers(mode):
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_seed_options_run_and_stage_is_reported():
+def test_original_options_run_and_stage_is_reported():
     model = tiny_npt(npt_layers=[1])
     input_ids = torch.randint(2, 64, (2, 10), generator=torch.Generator().manual_seed(0))
     options = NPTLossOptions(losses="direct+attention+fidelity+regularization+mg+decomposed+ib+projection",
-                             mg_impl="seed", decomposed_impl="seed", ib_impl="seed", projection_impl="seed",
-                             direct_impl="repo", fidelity_impl="mse", schedule="repo", adaptive="seed")
+                             mg_impl="original", decomposed_impl="original", ib_impl="original", projection_impl="original",
+                             direct_impl="repo", fidelity_impl="mse", schedule="repo", adaptive="original")
     values, result = loss_values(model, input_ids, torch.ones_like(input_ids), options)
     assert values["ib"] < 0
-    assert all(w == pytest.approx(1 / 8) for w in result.weights.values())  # the seed's uniform weights
+    assert all(w == pytest.approx(1 / 8) for w in result.weights.values())  # the original code's uniform weights
     assert result.metrics["stage"] == 1.0
+
+
+@pytest.mark.parametrize("name,impl", [(name, {}) for name in LOSS_NAMES] + [
+    ("direct", {"direct_impl": "repo"}), ("fidelity", {"fidelity_impl": "mse"}), ("mg", {"mg_impl": "original"}),
+    ("decomposed", {"decomposed_impl": "original"}), ("ib", {"ib_impl": "original"}),
+    ("projection", {"projection_impl": "original"}),
+])
+def test_every_loss_of_the_table_is_reachable_alone(name, impl):
+    assert LOSS_NAMES == tuple(LOSS_FUNCTIONS)
+    model = tiny_npt(npt_layers=[0, 1], np_modulation="gate_up_down")
+    input_ids = torch.randint(2, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    values, result = loss_values(model, input_ids, torch.ones_like(input_ids), NPTLossOptions(losses=name, **impl))
+    assert list(values) == [name] and math.isfinite(values[name])
+    assert result.total.requires_grad
+
+
+def test_unknown_loss_name_is_refused_naming_it():
+    with pytest.raises(ValueError, match=r"`losses` must be a '\+'-joined subset of .*'magic'"):
+        NPTLossOptions.from_args({"losses": "direct+magic"})
+    with pytest.raises(ValueError, match="`losses`"):
+        NPTLossOptions(losses="")
+
+
+@pytest.mark.parametrize("name", ["mg_impl", "decomposed_impl", "ib_impl", "projection_impl", "orth_impl", "curriculum",
+                                  "adaptive"])
+def test_old_seed_spelling_maps_to_original_with_a_future_warning(name):
+    with pytest.warns(FutureWarning, match=f"{name}=seed is deprecated.*{name}=original"):
+        options = NPTLossOptions.from_args({name: "seed"})
+    assert getattr(options, name) == "original"
+    assert NPTLossModule(options).options == NPTLossOptions(**{name: "original"})
+
+
+def test_old_class_name_keeps_working_with_a_future_warning():
+    import training.npt
+    import training.npt.weighting
+
+    for module in (training.npt, training.npt.weighting):
+        with pytest.warns(FutureWarning, match="SeedAdaptiveWeighting is deprecated"):
+            assert module.SeedAdaptiveWeighting is OriginalAdaptiveWeighting

@@ -10,9 +10,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .options import ObjectiveOptions
 from .trainer import ZooTrainer
 
-__all__ = ["ZooTrainer"]
+__all__ = ["ObjectiveOptions", "ZooTrainer"]
 
 
 def __getattr__(name: str) -> Any:

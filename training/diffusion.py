@@ -1,4 +1,4 @@
-"""The staged training objective of the masked diffusion LM (seed 002) and its `Trainer`.
+"""The staged training objective of the masked diffusion LM and its `Trainer`.
 
 Per batch of token rows x (packed blocks; positions whose label is -100 are never masked nor scored):
 
@@ -32,31 +32,38 @@ be a multiple of L); the sampler and critic losses of active stages see the same
 on a unigram plateau until attention learns to find a [MASK] position's neighbours, and a low fixed rate on short
 blocks gets it there far sooner than the ELBO objective (measured: `benchmarks/diffusion_plateau.py`; the smoke
 preset of `benchmarks/sampler_coherence.py` uses it). Evaluation is unaffected (always the ELBO on whole rows).
+
+The stage schedule of the auxiliary heads (`start_sampler_step`, `start_critic_step`, `end_critic_step`,
+`critic_alpha`) stays in `MaskedDiffusionConfig` rather than in `DiffusionObjective`: the config already decides
+which heads exist (`add_sampler_head`, `add_critic_head`), and the steps at which they start training belong with
+them in the saved checkpoint, so a run continued or resumed from a folder follows the same stages without the
+command line repeating them, and the card's config shows the recipe. The options here change only the main loss.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments, default_data_collator
+from transformers import PreTrainedModel
 
-from .trainer import ZooTrainer
+from hf_models.configuration_zoo_common import check_interval, check_positive
+
+from .options import ObjectiveOptions
+from .trainer import CLIInputs, ZooTrainer
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-WEIGHTINGS = ("elbo", "mean")
 
 
 @dataclass(frozen=True)
-class DiffusionObjective:
-    """Options of the main diffusion loss.
+class DiffusionObjective(ObjectiveOptions):
+    """Options of the main diffusion loss (`--objective_args`).
 
     Attributes:
         loss_weighting: `"elbo"` (CE / t, the NLL bound) or `"mean"` (plain mean CE over masked tokens).
@@ -66,25 +73,23 @@ class DiffusionObjective:
         mask_warmup_block: sub-block length the rows are re-cut into during the warm-up (0: whole rows).
     """
 
-    loss_weighting: str = "elbo"
+    objective_name: ClassVar[str] = "the masked diffusion objective"
+
+    loss_weighting: Literal["elbo", "mean"] = "elbo"
     min_mask_rate: float = 1e-3
     mask_warmup_steps: int = 0
     mask_warmup_rate: float = 0.15
     mask_warmup_block: int = 0
 
-    def __post_init__(self) -> None:
-        if self.loss_weighting not in WEIGHTINGS:
-            raise ValueError(f"loss_weighting must be one of {WEIGHTINGS}, got {self.loss_weighting!r}")
-        if isinstance(self.min_mask_rate, bool) or not isinstance(self.min_mask_rate, (int, float)) \
-                or not 0 < self.min_mask_rate < 1:
-            raise ValueError(f"min_mask_rate must lie in (0, 1), got {self.min_mask_rate!r}")
-        for name in ("mask_warmup_steps", "mask_warmup_block"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        rate = self.mask_warmup_rate
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
-            raise ValueError(f"mask_warmup_rate must lie in (0, 1], got {rate!r}")
+    def validate(self) -> None:
+        check_interval("min_mask_rate", self.min_mask_rate, 0.0, 1.0)
+        if self.min_mask_rate == 0:
+            raise ValueError("`min_mask_rate` must lie in (0, 1), got 0.")
+        check_positive("mask_warmup_steps", self.mask_warmup_steps, allow_zero=True)
+        check_positive("mask_warmup_block", self.mask_warmup_block, allow_zero=True)
+        check_interval("mask_warmup_rate", self.mask_warmup_rate, 0.0, 1.0, closed_high=True)
+        if self.mask_warmup_rate == 0:
+            raise ValueError("`mask_warmup_rate` must lie in (0, 1], got 0.")
 
     def in_warmup(self, step: int) -> bool:
         """Whether optimizer step `step` (from 0) uses the fixed-rate warm-up loss."""
@@ -98,20 +103,6 @@ class DiffusionObjective:
             text += (f"; BERT-style warm-up for {self.mask_warmup_steps} steps: mask rate {self.mask_warmup_rate}, "
                      f"mean CE, blocks of {block}")
         return text
-
-    @classmethod
-    def from_args(cls, objective_args: Mapping[str, Any]) -> DiffusionObjective:
-        """Build from `--objective_args`.
-
-        Raises:
-            ValueError: an unknown argument or a value out of range.
-        """
-        known = {field.name for field in fields(cls)}
-        unknown = sorted(set(objective_args) - known)
-        if unknown:
-            raise ValueError(f"unknown objective argument(s) {unknown} for the masked diffusion objective; "
-                             f"known: {sorted(known)}")
-        return cls(**objective_args)
 
 
 def sample_mask_rates(batch: int, min_rate: float, *, device: torch.device,
@@ -254,6 +245,8 @@ class DiffusionTrainer(ZooTrainer):
     re-seeded (`args.seed`) at every evaluation, so `eval_loss` is a reproducible NLL bound.
     """
 
+    options_class = DiffusionObjective
+
     def __init__(self, *args: Any, objective: DiffusionObjective | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.objective = objective or DiffusionObjective()
@@ -293,40 +286,20 @@ class DiffusionTrainer(ZooTrainer):
         return super().evaluate(*args, **kwargs)
 
     @classmethod
-    def from_cli(
-        cls,
-        *,
-        model: PreTrainedModel,
-        args: TrainingArguments,
-        tokenizer: PreTrainedTokenizerBase,
-        train_dataset: Dataset,
-        eval_dataset: Dataset,
-        objective_args: Mapping[str, Any],
-        train_texts: Dataset,
-    ) -> DiffusionTrainer:
-        """Build the trainer the training CLI runs; `objective_args`: `loss_weighting`, `min_mask_rate`,
-        `mask_warmup_steps`, `mask_warmup_rate`, `mask_warmup_block` (see `DiffusionObjective`).
+    def objective_kwargs(cls, options: DiffusionObjective, inputs: CLIInputs) -> dict[str, Any]:
+        """`from_cli`'s hook: the objective (see `DiffusionObjective`), checked against the model and the blocks.
 
         Raises:
-            ValueError: an unknown objective argument or value, or a model without a mask token.
+            ValueError: a model without a mask token, or a `mask_warmup_block` that does not divide the block size.
         """
-        objective = DiffusionObjective.from_args(objective_args)
-        if getattr(model.config, "mask_token_id", None) is None:
+        if getattr(inputs.model.config, "mask_token_id", None) is None:
             raise ValueError("the masked diffusion objective needs config.mask_token_id")
-        if objective.mask_warmup_steps and objective.mask_warmup_block and len(train_dataset):
-            row_length = len(train_dataset[0]["input_ids"])
-            if row_length % objective.mask_warmup_block:
-                raise ValueError(f"mask_warmup_block={objective.mask_warmup_block} must divide the block size "
+        if options.mask_warmup_steps and options.mask_warmup_block and len(inputs.train_dataset):
+            row_length = len(inputs.train_dataset[0]["input_ids"])
+            if row_length % options.mask_warmup_block:
+                raise ValueError(f"mask_warmup_block={options.mask_warmup_block} must divide the block size "
                                  f"{row_length}")
-        return cls(
-            model=model,
-            args=args,
-            processing_class=tokenizer,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            data_collator=default_data_collator,
-            objective=objective,
-        )
+        return {"objective": options}
 
 
 ELBO_FORMS = ("count", "time")

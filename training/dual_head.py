@@ -1,4 +1,4 @@
-"""The dual-head objective of the Bicameral byte LM (seed 000): byte cross-entropy plus a teacher-token
+"""The dual-head objective of the Bicameral byte LM: byte cross-entropy plus a teacher-token
 cross-entropy, and the frequency-cutoff curriculum.
 
     total = char_loss_weight * CE(byte head, byte t + chunk_size) + token_loss_weight * CE(token head, token(t))
@@ -38,10 +38,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from datasets import Dataset
@@ -53,12 +53,14 @@ from transformers import (
     TrainerControl,
     TrainerState,
     TrainingArguments,
-    default_data_collator,
 )
 
+from hf_models.configuration_zoo_common import check_positive
+
 from .data import tokenize_and_pack
+from .options import ObjectiveOptions
 from .tokenization import MIN_BPE_VOCAB, load_tokenizer, train_bpe_tokenizer
-from .trainer import ZooTrainer
+from .trainer import CLIInputs, ZooTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -301,39 +303,30 @@ def curriculum_stages(current: int | None, schedule: Sequence[int]) -> list[int 
 
 
 @dataclass
-class DualHeadOptions:
+class DualHeadOptions(ObjectiveOptions):
     """The `--objective_args` of `DualHeadTrainer.from_cli` (see the module docstring)."""
+
+    objective_name: ClassVar[str] = "the dual-head objective"
 
     teacher_tokenizer: str | None = None
     teacher_vocab_size: int | None = None
     char_loss_weight: float | None = None
     token_loss_weight: float | None = None
-    char_supervision: str = "all"
+    char_supervision: Literal["all", "last_chunk"] = "all"
     curriculum: bool | None = None
     cutoff_schedule: list[int] = field(default_factory=lambda: [128, 512])
     plateau_window: int = 10
     plateau_patience: int = 50
     plateau_threshold: float = 0.01
-    lr_on_raise: str = "halve"
+    lr_on_raise: Literal["halve", "keep"] = "halve"
 
-    @classmethod
-    def from_args(cls, objective_args: Mapping[str, Any]) -> DualHeadOptions:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(objective_args) - known)
-        if unknown:
-            raise ValueError(f"unknown objective argument(s) {unknown} for DualHeadTrainer; known: {sorted(known)}")
-        options = cls(**objective_args)
-        if options.char_supervision not in ("all", "last_chunk"):
-            raise ValueError(f"char_supervision must be 'all' or 'last_chunk', got {options.char_supervision!r}")
+    def validate(self) -> None:
         for name in ("char_loss_weight", "token_loss_weight"):
-            value = getattr(options, name)
-            if value is not None and (not isinstance(value, (int, float)) or value < 0):
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-        if not isinstance(options.cutoff_schedule, list) or not all(
-                isinstance(c, int) and c > 0 for c in options.cutoff_schedule):
-            raise ValueError(f"cutoff_schedule must be a list of positive bin counts, e.g. [128,512], got "
-                             f"{options.cutoff_schedule!r}")
-        return options
+            if getattr(self, name) is not None:
+                check_positive(name, getattr(self, name), allow_zero=True, integer=False)
+        if not all(cutoff > 0 for cutoff in self.cutoff_schedule):
+            raise ValueError(f"`cutoff_schedule` must be a list of positive bin counts, e.g. [128,512], got "
+                             f"{self.cutoff_schedule!r}")
 
 
 class DualHeadTrainer(ZooTrainer):
@@ -349,6 +342,8 @@ class DualHeadTrainer(ZooTrainer):
         curriculum: the `CutoffCurriculum` callback, if any (also passed in `callbacks`).
         Other arguments: those of `Trainer`.
     """
+
+    options_class = DualHeadOptions
 
     def __init__(self, *args: Any, char_supervision: str = "all", curriculum: CutoffCurriculum | None = None,
                  **kwargs: Any) -> None:
@@ -391,30 +386,19 @@ class DualHeadTrainer(ZooTrainer):
         super().log(logs, start_time)
 
     @classmethod
-    def from_cli(
-        cls,
-        *,
-        model: PreTrainedModel,
-        args: TrainingArguments,
-        tokenizer: PreTrainedTokenizerBase,
-        train_dataset: Dataset,
-        eval_dataset: Dataset,
-        objective_args: Mapping[str, Any],
-        train_texts: Dataset,
-    ) -> DualHeadTrainer:
-        """Build the trainer the CLI runs: teacher (loaded or fitted on `train_texts`), token targets aligned with the
-        packed byte blocks, curriculum. The fitted teacher is saved to `<output_dir>/teacher_tokenizer`."""
-        options = DualHeadOptions.from_args(objective_args)
-        config = model.config
+    def objective_kwargs(cls, options: DualHeadOptions, inputs: CLIInputs) -> dict[str, Any]:
+        """`from_cli`'s hook: teacher (loaded or fitted on the training texts), token targets aligned with the packed
+        byte blocks, curriculum. The fitted teacher is saved to `<output_dir>/teacher_tokenizer`."""
+        config, train_dataset = inputs.model.config, inputs.train_dataset
         for name in ("char_loss_weight", "token_loss_weight"):
             if getattr(options, name) is not None:
                 setattr(config, name, float(getattr(options, name)))
         wants_tokens = config.token_vocab_size > 0 and config.token_loss_weight > 0
         if wants_tokens and "token_labels" not in train_dataset.column_names:
-            teacher = prepare_teacher(options, config.token_vocab_size, train_texts["text"])
-            if args.process_index == 0:
-                teacher.save_pretrained(str(Path(args.output_dir) / TEACHER_FOLDER))
-            train_dataset = add_token_labels(train_dataset, train_texts, teacher, tokenizer)
+            teacher = prepare_teacher(options, config.token_vocab_size, inputs.train_texts["text"])
+            if inputs.args.process_index == 0:
+                teacher.save_pretrained(str(Path(inputs.args.output_dir) / TEACHER_FOLDER))
+            train_dataset = add_token_labels(train_dataset, inputs.train_texts, teacher, inputs.tokenizer)
         use_curriculum = options.curriculum if options.curriculum is not None else config.cutoff is not None
         curriculum = None
         if use_curriculum:
@@ -424,16 +408,8 @@ class DualHeadTrainer(ZooTrainer):
                 curriculum_stages(config.cutoff, [c for c in options.cutoff_schedule if c < config.num_freq_bins]),
                 window=options.plateau_window, patience=options.plateau_patience,
                 threshold=options.plateau_threshold, lr_on_raise=options.lr_on_raise)
-        return cls(
-            model=model,
-            args=args,
-            processing_class=tokenizer,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            data_collator=default_data_collator,
-            char_supervision=options.char_supervision,
-            curriculum=curriculum,
-        )
+        return {"train_dataset": train_dataset, "char_supervision": options.char_supervision,
+                "curriculum": curriculum}
 
 
 def prepare_teacher(options: DualHeadOptions, token_vocab_size: int, texts: Sequence[str]) -> PreTrainedTokenizerBase:

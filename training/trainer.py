@@ -5,13 +5,28 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, default_data_collator
 
 from hf_models.registry import ArchitectureSpec
+
+from .options import ObjectiveOptions
+
+
+@dataclass(frozen=True)
+class CLIInputs:
+    """What the training CLI hands `ZooTrainer.from_cli` besides the objective arguments (see there)."""
+
+    model: PreTrainedModel
+    args: TrainingArguments
+    tokenizer: PreTrainedTokenizerBase
+    train_dataset: Dataset
+    eval_dataset: Dataset
+    train_texts: Dataset
 
 
 class ZooTrainer(Trainer):
@@ -22,8 +37,11 @@ class ZooTrainer(Trainer):
     optimizer steps since the last log and appear in the Trainer's logs as `loss_<name>` beside `loss`. Such a
     `compute_loss` returns a per-batch mean, so the Trainer divides it by the gradient-accumulation steps
     (`loss_is_scaled_for_ga = False`, set for every subclass that overrides `compute_loss` unless it says otherwise).
-    Subclasses that need their own collator, callbacks or options override `from_cli`.
+    An objective with `--objective_args` sets `options_class` (an `ObjectiveOptions` dataclass) and overrides
+    `objective_kwargs`, the hook through which `from_cli` passes the options (and anything built from them) on.
     """
+
+    options_class: ClassVar[type[ObjectiveOptions] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -63,7 +81,8 @@ class ZooTrainer(Trainer):
         objective_args: Mapping[str, Any],
         train_texts: Dataset,
     ) -> ZooTrainer:
-        """Build the trainer the training CLI runs.
+        """Build the trainer the training CLI runs: `objective_args` become `cls.options_class` (refused when the
+        class has none), then `objective_kwargs` adds what the objective needs to the `Trainer` arguments.
 
         Args:
             model: the model to train.
@@ -74,17 +93,29 @@ class ZooTrainer(Trainer):
                 language-model loss).
             train_texts: the training documents (a `text` column), for objectives that need the raw text, e.g.
                 to fit a teacher tokenizer.
+
+        Raises:
+            ValueError: an unknown or invalid objective argument, or options that do not fit the model or data.
         """
-        if objective_args:
-            raise ValueError(f"{cls.__name__} takes no --objective_args, got {sorted(objective_args)}")
-        return cls(
-            model=model,
-            args=args,
-            processing_class=tokenizer,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            data_collator=default_data_collator,
-        )
+        if cls.options_class is None:
+            if objective_args:
+                raise ValueError(f"{cls.__name__} takes no --objective_args, got {sorted(objective_args)}")
+            options = None
+        else:
+            options = cls.options_class.from_args(objective_args)
+        inputs = CLIInputs(model=model, args=args, tokenizer=tokenizer, train_dataset=train_dataset,
+                           eval_dataset=eval_dataset, train_texts=train_texts)
+        kwargs = {"model": model, "args": args, "processing_class": tokenizer, "train_dataset": train_dataset,
+                  "eval_dataset": eval_dataset, "data_collator": default_data_collator}
+        kwargs.update(cls.objective_kwargs(options, inputs))
+        return cls(**kwargs)
+
+    @classmethod
+    def objective_kwargs(cls, options: ObjectiveOptions | None, inputs: CLIInputs) -> dict[str, Any]:
+        """The hook of `from_cli`: check `options` against the model and data, and return the `__init__` keyword
+        arguments the objective adds or replaces (e.g. `{"objective": options}`, or a `train_dataset` with extra
+        columns). The plain language-model loss adds none."""
+        return {}
 
 
 def resolve_trainer(spec: ArchitectureSpec) -> type[ZooTrainer]:

@@ -75,6 +75,7 @@ SPEC = register(
             ({"spectral_gating": "both"}, "spectral_gating"),
             ({"phase_activation": True}, "phase_activation"),
             ({"dropout": 1.0}, "dropout"),
+            ({"phase_activation": 0.0}, "phase_activation"),
         ),
         lora_target_modules=("ffn_up", "ffn_down"),
         auxiliary_parameters=("token_head",),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..configuration_zoo_common import ZooConfig, check_choice, check_interval, check_positive
+from ..configuration_zoo_common import ZooConfig, check_bool, check_choice, check_interval, check_positive
 
 CONTEXT_POOLINGS = ("causal", "global")
 SPECTRAL_GATINGS = ("kernel", "signal")
@@ -126,7 +126,7 @@ class BicameralConfig(ZooConfig):
         check_positive("token_loss_weight", token_loss_weight, allow_zero=True, integer=False)
         check_choice("context_pooling", context_pooling, CONTEXT_POOLINGS)
         check_choice("spectral_gating", spectral_gating, SPECTRAL_GATINGS)
-        check_choice("phase_activation", phase_activation, (False, True))
+        check_bool("phase_activation", phase_activation)
         if phase_activation and spectral_gating != "signal":
             raise ValueError("`phase_activation` rotates the signal's spectrum and has no causal form: it requires "
                              "`spectral_gating='signal'`.")

@@ -66,6 +66,8 @@ SPEC = register(
             ({"start_sampler_step": -1}, "start_sampler_step"),
             ({"start_critic_step": 10, "end_critic_step": 5}, "end_critic_step"),
             ({"critic_alpha": -0.5}, "critic_alpha"),
+            ({"add_sampler_head": 1}, "add_sampler_head"),
+            ({"tie_word_embeddings": 0.0}, "tie_word_embeddings"),
         ),
         benchmark_modes={
             "naive": {"sampler": "naive"},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..configuration_zoo_common import ZooConfig, check_choice, check_interval, check_positive
+from ..configuration_zoo_common import ZooConfig, check_bool, check_choice, check_interval, check_positive
 
 ATTENTION_TYPES = ("bidirectional", "causal")
 
@@ -97,13 +97,13 @@ class MaskedDiffusionConfig(ZooConfig):
         check_positive("rope_theta", rope_theta, integer=False)
         check_positive("rms_norm_eps", rms_norm_eps, integer=False)
         check_positive("initializer_range", initializer_range, allow_zero=True, integer=False)
-        check_choice("tie_word_embeddings", tie_word_embeddings, (True, False))
+        check_bool("tie_word_embeddings", tie_word_embeddings)
         if mask_token_id is not None:
             check_positive("mask_token_id", mask_token_id, allow_zero=True)
             if mask_token_id >= vocab_size:
                 raise ValueError(f"`mask_token_id` ({mask_token_id}) must be smaller than `vocab_size` ({vocab_size}).")
-        check_choice("add_sampler_head", add_sampler_head, (True, False))
-        check_choice("add_critic_head", add_critic_head, (True, False))
+        check_bool("add_sampler_head", add_sampler_head)
+        check_bool("add_critic_head", add_critic_head)
         if add_sampler_head and attention_type != "bidirectional":
             raise ValueError("`add_sampler_head` requires `attention_type='bidirectional'`: the sampler conditions on "
                              f"the right neighbour too (got attention_type={attention_type!r}).")

@@ -62,6 +62,7 @@ SPEC = register(
             ({"nanohead_proportion": 0.0, "hidden_size": 44}, "hidden_size"),
             ({"hidden_size": 0}, "hidden_size"),
             ({"final_logit_softcapping": -1.0}, "final_logit_softcapping"),
+            ({"learnable_logit_scale": 1}, "learnable_logit_scale"),
         ),
         lora_target_modules=("qkv_proj", "o_proj"),
         baseline_config=parameter_matched_llama_config,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..configuration_zoo_common import ZooConfig, check_choice, check_interval, check_positive
+from ..configuration_zoo_common import ZooConfig, check_bool, check_choice, check_interval, check_positive
 
 
 @dataclass(frozen=True)
@@ -205,8 +205,7 @@ class NanoheadConfig(ZooConfig):
         check_positive("initializer_range", initializer_range, allow_zero=True, integer=False)
         if final_logit_softcapping is not None:
             check_positive("final_logit_softcapping", final_logit_softcapping, integer=False)
-        if not isinstance(learnable_logit_scale, bool):
-            raise ValueError(f"`learnable_logit_scale` must be a bool, got {learnable_logit_scale!r}.")
+        check_bool("learnable_logit_scale", learnable_logit_scale)
         check_choice("hidden_act", hidden_act, ("relu2", "relu", "gelu", "silu"))
         calculate_nanohead_split(hidden_size, num_attention_heads, num_key_value_heads, nanohead_proportion,
                                  nanohead_dim)  # raises a ValueError naming the field when no split exists

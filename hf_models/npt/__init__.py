@@ -106,6 +106,8 @@ SPEC = register(
             ({"np_alpha": -1.0}, "np_alpha"),
             ({"npt_enabled_layers": [0]}, "npt_enabled_layers"),
             ({"hidden_size": 30}, "hidden_size"),
+            ({"np_shared_bottleneck": 1}, "np_shared_bottleneck"),
+            ({"np_fp32_modulation": 0.0}, "np_fp32_modulation"),
         ),
         lora_target_modules=("q_proj", "v_proj"),
         pretrained_loader=load_npt_or_convert_llama,

@@ -13,7 +13,13 @@ from typing import Any
 
 from transformers import LlamaConfig
 
-from ..configuration_zoo_common import bundle_remote_code, check_choice, check_positive, parent_imports_skipped
+from ..configuration_zoo_common import (
+    bundle_remote_code,
+    check_bool,
+    check_choice,
+    check_positive,
+    parent_imports_skipped,
+)
 
 NP_MODULATIONS = {"gate": ("gate",), "gate_up": ("gate", "up"), "gate_up_down": ("gate", "up", "down")}
 NP_RESIDUAL_MODES = ("replace", "keep")
@@ -157,11 +163,11 @@ class NPTConfig(LlamaConfig):
         elif np_generator_act is not None:
             raise ValueError(f"`np_generator_act` only applies to np_generator='mlp', got {np_generator_act!r} "
                              f"with np_generator={np_generator!r}.")
-        check_choice("np_shared_bottleneck", np_shared_bottleneck, (True, False))
+        check_bool("np_shared_bottleneck", np_shared_bottleneck)
         check_choice("np_init", np_init, NP_INITS)
         check_positive("np_init_scale", np_init_scale, integer=False)
         check_positive("np_alpha", np_alpha, allow_zero=True, integer=False)
-        check_choice("np_fp32_modulation", np_fp32_modulation, (True, False))
+        check_bool("np_fp32_modulation", np_fp32_modulation)
         num_layers = num_hidden_layers
         check_positive("num_hidden_layers", num_layers)
         self.npt_layers = resolve_npt_layers(npt_layers, num_layers)

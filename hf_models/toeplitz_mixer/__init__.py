@@ -56,6 +56,7 @@ SPEC = register(
             ({"toep_norm_eps": -1.0}, "toep_norm_eps"),
             ({"parallel_heads": "yes"}, "parallel_heads"),
             ({"decode_step": "jit"}, "decode_step"),
+            ({"do_toep_mean": 1}, "do_toep_mean"),
         ),
         benchmark_modes={"parallel": {"parallel_heads": True}, "sequential": {"parallel_heads": False}},
         lora_target_modules=("fc1", "fc2"),

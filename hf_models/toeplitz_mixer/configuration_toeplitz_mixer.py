@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..configuration_zoo_common import ZooConfig, check_choice, check_positive
+from ..configuration_zoo_common import ZooConfig, check_bool, check_choice, check_positive
 
 KERNEL_PARAMETRISATIONS = ("identity", "softplus")
 MIXER_IMPLEMENTATIONS = ("dense", "fft", "auto")
@@ -112,10 +112,9 @@ class ToeplitzMixerConfig(ZooConfig):
             raise ValueError(f"`hidden_size` ({hidden_size}) must be divisible by `num_heads` ({num_heads}).")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"`dropout` must lie in [0, 1), got {dropout!r}.")
-        for name, value in (("do_toep_mean", do_toep_mean), ("do_toep_proj", do_toep_proj),
-                            ("parallel_heads", parallel_heads)):
-            if not isinstance(value, bool):
-                raise ValueError(f"`{name}` must be a bool, got {value!r}.")
+        check_bool("do_toep_mean", do_toep_mean)
+        check_bool("do_toep_proj", do_toep_proj)
+        check_bool("parallel_heads", parallel_heads)
         check_choice("hidden_act", hidden_act, ACTIVATIONS)
         check_choice("kernel_param", kernel_param, KERNEL_PARAMETRISATIONS)
         check_choice("mixer_impl", mixer_impl, MIXER_IMPLEMENTATIONS)

@@ -1,4 +1,4 @@
-"""The NPT losses (the repository's, the seed's proposals as written and the sound versions), the curriculum mask
+"""The NPT losses (the repository's, the proposals in their original code and the sound versions), the curriculum mask
 and the stage schedule; see `training.npt` for the formulas."""
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ class ModulationGuidanceLoss(nn.Module):
 
     Args:
         impl: `"exact"`: NMSE between the modulation `m` and the exact pre-activation change `Δ*` (+ the hinge
-            `relu(min_std - std_M(s))`); `"seed"`: the seed's `MSE(σ(v_a·h), σ(‖a‖/‖h‖)) - 0.1 Var(v_a·h)`
+            `relu(min_std - std_M(s))`); `"original"`: the original code's `MSE(σ(v_a·h), σ(‖a‖/‖h‖)) - 0.1 Var(v_a·h)`
             (unbounded below, pads included, broadcasting bug for rank k > 1 kept).
         min_std: the hinge's floor on the standard deviation of the scalars (0 = off).
     """
@@ -131,8 +131,8 @@ class ModulationGuidanceLoss(nn.Module):
         return loss
 
     @staticmethod
-    def seed(v_a: torch.Tensor, hidden_states: torch.Tensor, attention_output: torch.Tensor) -> torch.Tensor:
-        """The seed's code, verbatim."""
+    def original(v_a: torch.Tensor, hidden_states: torch.Tensor, attention_output: torch.Tensor) -> torch.Tensor:
+        """The original code, verbatim."""
         v_a_dot_h = torch.sum(v_a * hidden_states, dim=-1)
         attention_importance = attention_output.norm(dim=-1) / hidden_states.norm(dim=-1)
         scalar_loss = F.mse_loss(torch.sigmoid(v_a_dot_h), torch.sigmoid(attention_importance))
@@ -141,17 +141,17 @@ class ModulationGuidanceLoss(nn.Module):
 
 
 class DecomposedTargetLoss(nn.Module):
-    """`"delta"`: NMSE(y - MLP(x), τ - MLP(x)), the part of the target the modulation must add; `"seed"`: the seed's
-    decomposition (see `seed_parts`)."""
+    """`"delta"`: NMSE(y - MLP(x), τ - MLP(x)), the part of the target the modulation must add; `"original"`: the
+    original code's decomposition (see `original_parts`)."""
 
     def forward(self, y: torch.Tensor, target: torch.Tensor, unmodulated: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
         return _nmse(y - unmodulated.detach(), target - unmodulated.detach(), mask)
 
     @staticmethod
-    def seed_parts(mlp_modulated: torch.Tensor, attention_output: torch.Tensor,
+    def original_parts(mlp_modulated: torch.Tensor, attention_output: torch.Tensor,
                    mlp_with_attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The seed's code, verbatim: returns `(loss, attention part, MLP part)`; the slice covers all of `y`, so
+        """The original code, verbatim: returns `(loss, attention part, MLP part)`; the slice covers all of `y`, so
         the MLP part is identically zero and the loss trains `y ≈ a`."""
         attn_component = mlp_modulated[:, :, :attention_output.size(-1)]
         attn_loss = F.mse_loss(attn_component, attention_output)
@@ -163,15 +163,15 @@ class DecomposedTargetLoss(nn.Module):
 class InformationBottleneckLoss(nn.Module):
     """`"rate"`: ½ mean_t ‖z_t‖², the KL of the fixed-variance Gaussian code N(z, I) to the prior N(0, I) (the rate
     of a variational information bottleneck whose distortion is the direct / fidelity loss); always ≥ 0.
-    `"seed"`: the seed's `β|cos(v_a, h)| - |cos(v_a, a)|`."""
+    `"original"`: the original code's `β|cos(v_a, h)| - |cos(v_a, a)|`."""
 
     def forward(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return 0.5 * masked_mean(z.float().pow(2).sum(-1), mask)
 
     @staticmethod
-    def seed(v_a: torch.Tensor, attention_output: torch.Tensor, hidden_states: torch.Tensor,
+    def original(v_a: torch.Tensor, attention_output: torch.Tensor, hidden_states: torch.Tensor,
              beta: float = 0.01) -> torch.Tensor:
-        """The seed's code, verbatim."""
+        """The original code, verbatim."""
         h_corr = F.cosine_similarity(v_a, hidden_states, dim=-1).abs().mean()
         attn_corr = F.cosine_similarity(v_a, attention_output, dim=-1).abs().mean()
         return beta * h_corr - attn_corr
@@ -179,15 +179,15 @@ class InformationBottleneckLoss(nn.Module):
 
 class ProjectionConsistencyLoss(nn.Module):
     """`"direction"`: 1 - mean_t cos(m_gate, Δ*_gate), the direction of the signed modulation against the exact
-    change of the gate pre-activation; `"seed"`: the seed's consistency + alignment with `W_g a`."""
+    change of the gate pre-activation; `"original"`: the original code's consistency + alignment with `W_g a`."""
 
     def forward(self, modulation: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         cosine = F.cosine_similarity(modulation.float(), target.detach().float(), dim=-1, eps=1e-8)
         return 1.0 - masked_mean(cosine, mask)
 
     @staticmethod
-    def seed(v_b: torch.Tensor, mlp_gate_weight: torch.Tensor, attention_output: torch.Tensor) -> torch.Tensor:
-        """The seed's code, verbatim."""
+    def original(v_b: torch.Tensor, mlp_gate_weight: torch.Tensor, attention_output: torch.Tensor) -> torch.Tensor:
+        """The original code, verbatim."""
         gate_correction = F.linear(attention_output, mlp_gate_weight)
         v_b_mean = v_b.mean(dim=1, keepdim=True)
         consistency = F.mse_loss(v_b, v_b_mean.expand_as(v_b))
@@ -198,7 +198,7 @@ class ProjectionConsistencyLoss(nn.Module):
 class OrthogonalityLoss(nn.Module):
     """`"pca"`: mean_t ‖normalize(v_a) V_q‖² with `V_q` (n_in, q) the top-q principal directions of the centred
     MLP input over valid tokens, computed without gradient and refreshed every `refresh` calls.
-    `"seed"`: the seed's `v_a @ V.T` after `svd_lowrank(h, q=10)`.
+    `"original"`: the original code's `v_a @ V.T` after `svd_lowrank(h, q=10)`.
 
     Args:
         components: q.
@@ -224,8 +224,8 @@ class OrthogonalityLoss(nn.Module):
         return masked_mean(projection.pow(2).sum(-1), mask)
 
     @staticmethod
-    def seed(v_a: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The seed's code, verbatim (raises a shape error unless hidden_size == 10)."""
+    def original(v_a: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The original code, verbatim (raises a shape error unless hidden_size == 10)."""
         h_flat = hidden_states.reshape(-1, hidden_states.size(-1))
         u, s, v = torch.svd_lowrank(h_flat, q=10)
         v_a_flat = v_a.reshape(-1, v_a.size(-1))
@@ -234,11 +234,11 @@ class OrthogonalityLoss(nn.Module):
 
 
 class CurriculumMask:
-    """The seed's curriculum on the attention-output norm: before `steps[0]` keep tokens with ‖a‖ below the
+    """The original code's curriculum on the attention-output norm: before `steps[0]` keep tokens with ‖a‖ below the
     `quantiles[0]` quantile, before `steps[1]` below `quantiles[1]`, then all.
 
     Args:
-        impl: `"valid"`: quantiles over valid tokens, in float32 (the fix); `"seed"`: over every position, pads
+        impl: `"valid"`: quantiles over valid tokens, in float32 (the fix); `"original"`: over every position, pads
             included.
     """
 

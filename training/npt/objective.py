@@ -3,9 +3,10 @@ NPT layer with the schedule and the adaptive weighting."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ from torch import nn
 from hf_models.npt import NPTForCausalLM
 from hf_models.npt.modeling_npt import NPTLayerRecord
 
+from ..options import ObjectiveOptions
 from .losses import (
     AttentionEncodingLoss,
     CurriculumMask,
@@ -28,42 +30,158 @@ from .losses import (
     StageSchedule,
 )
 from .teacher import TeacherCapture, TeacherLayer
-from .weighting import GradNormWeighting, InverseGradNormWeighting, SeedAdaptiveWeighting, UncertaintyWeighting
+from .weighting import GradNormWeighting, InverseGradNormWeighting, OriginalAdaptiveWeighting, UncertaintyWeighting
 
 
-LOSS_NAMES = ("direct", "attention", "fidelity", "regularization", "mg", "decomposed", "ib", "projection",
-              "orthogonality")
-# Losses that can be negative (the seed's versions) or that must not be balanced (the regulariser) keep their weight.
+@dataclass
+class LayerInputs:
+    """What the losses of one NPT layer read: the student's record, the teacher's capture, the masks, and the
+    quantities several losses share (`vectors`, `exact_targets`), computed once when first asked for."""
+
+    losses: NPTLossModule
+    model: NPTForCausalLM
+    index: int
+    record: NPTLayerRecord
+    teacher: TeacherLayer
+    student_logits: torch.Tensor
+    teacher_logits: torch.Tensor
+    mask: torch.Tensor
+    local: torch.Tensor  # the mask of token-local losses (after the curriculum)
+
+    @property
+    def layer(self) -> nn.Module:
+        return self.model.model.layers[self.index]
+
+    @cached_property
+    def target(self) -> torch.Tensor:
+        return self.losses.direct_target(self.model, self.teacher)
+
+    @cached_property
+    def vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(v_a, v_b)` of the first rank of the projection that reads the hidden state (the first one if none
+        does) `(batch, seq, out)`, `(batch, seq, in)`."""
+        projections = self.record.projections.values()
+        first = next(iter(projections))
+        proj = next((p for p in projections if p.modulator.in_features == self.model.config.hidden_size), first)
+        v_a, v_b = proj.modulator.vectors(proj.z)
+        return v_a[..., 0, :], v_b[..., 0, :]
+
+    @cached_property
+    def exact_targets(self) -> dict[str, torch.Tensor]:
+        return self.losses.exact_modulation_targets(self.layer, self.record, self.teacher, self.target)
+
+
+def _direct(x: LayerInputs) -> torch.Tensor:
+    return x.losses.direct(x.record.mlp_output, x.target, x.local)
+
+
+def _attention(x: LayerInputs) -> torch.Tensor:
+    return x.losses.attention(x.vectors[0], x.teacher.attn_output, x.local)
+
+
+def _fidelity(x: LayerInputs) -> torch.Tensor:
+    return x.losses.fidelity(x.student_logits, x.teacher_logits, x.mask)
+
+
+def _regularization(x: LayerInputs) -> torch.Tensor:
+    terms = []
+    for proj in x.record.projections.values():
+        sq_a, sq_b = proj.modulator.squared_norms(proj.z)
+        terms.append(x.losses.regularization(sq_a, sq_b, proj.modulator.in_features, proj.modulator.out_features,
+                                             proj.m, x.local))
+    return torch.stack(terms).sum()
+
+
+def _mg(x: LayerInputs) -> torch.Tensor:
+    if x.losses.options.mg_impl == "original":
+        return x.losses.mg.original(x.vectors[0], x.teacher.hidden_in.float(), x.teacher.attn_output.float())
+    return torch.stack([x.losses.mg(proj.m, x.exact_targets[name], x.local, proj.s)
+                        for name, proj in x.record.projections.items()]).mean()
+
+
+def _decomposed(x: LayerInputs) -> torch.Tensor:
+    if x.losses.options.decomposed_impl == "original":
+        return x.losses.decomposed.original_parts(x.record.mlp_output.float(), x.teacher.attn_output.float(),
+                                              x.teacher.mlp_output.float())[0]
+    with torch.no_grad():
+        unmodulated = x.layer.mlp(x.record.mlp_input)
+    return x.losses.decomposed(x.record.mlp_output, x.target, unmodulated, x.local)
+
+
+def _ib(x: LayerInputs) -> torch.Tensor:
+    if x.losses.options.ib_impl == "original":
+        return x.losses.ib.original(x.vectors[0], x.teacher.attn_output.float(), x.teacher.hidden_in.float(),
+                                x.losses.options.ib_beta)
+    return torch.stack([x.losses.ib(p.z, x.local) for p in x.record.projections.values()]).mean()
+
+
+def _projection(x: LayerInputs) -> torch.Tensor:
+    if x.losses.options.projection_impl == "original":
+        return x.losses.projection.original(x.vectors[1].float(), x.layer.mlp.gate_proj.weight.float(),
+                                        x.teacher.attn_output.float())
+    name = "gate" if "gate" in x.record.projections else next(iter(x.record.projections))
+    return x.losses.projection(x.record.projections[name].m, x.exact_targets[name], x.local)
+
+
+def _orthogonality(x: LayerInputs) -> torch.Tensor:
+    if x.losses.options.orth_impl == "original":
+        return x.losses.orthogonality.original(x.vectors[0], x.teacher.hidden_in.float())
+    return x.losses.orthogonality(x.vectors[0], x.record.mlp_input, x.local, key=x.index)
+
+
+# Each loss of one NPT layer (the way transformers' `loss/loss_utils.py` maps names to losses); `forward` computes
+# the chosen ones in this order.
+LOSS_FUNCTIONS: dict[str, Callable[[LayerInputs], torch.Tensor]] = {
+    "direct": _direct,
+    "attention": _attention,
+    "fidelity": _fidelity,
+    "regularization": _regularization,
+    "mg": _mg,
+    "decomposed": _decomposed,
+    "ib": _ib,
+    "projection": _projection,
+    "orthogonality": _orthogonality,
+}
+LOSS_NAMES = tuple(LOSS_FUNCTIONS)
+# Losses that can be negative (the original code's versions) or that must not be balanced (the regulariser) keep
+# their weight.
 _NEVER_BALANCED = ("regularization",)
 
 
 @dataclass
-class NPTLossOptions:
+class NPTLossOptions(ObjectiveOptions):
     """Options of the NPT objective (`--objective_args key=value,...`).
 
     `losses` is a `+`-joined subset of `direct, attention, fidelity, regularization, mg, decomposed, ib, projection,
-    orthogonality` (or a JSON list); each loss's `*_impl` chooses the sound version (default) or the seed's
-    (`seed`) / the repository's (`repo`, `mse`); `weight_*` are the static weights (the schedule overrides the
-    first four); `adaptive` is `none`, `invgrad`, `gradnorm`, `uncertainty` or `seed`.
+    orthogonality` (or a JSON list); each loss's `*_impl` chooses the sound version (default), the proposal's
+    original code (`original`) or the repository's (`repo`, `mse`); `weight_*` are the static weights (the schedule
+    overrides the first four); `adaptive` is `none`, `invgrad`, `gradnorm`, `uncertainty` or `original`. The old
+    spelling `seed` of `original` still works, with a `FutureWarning`.
     """
 
-    losses: str | list[str] = "direct+fidelity+regularization"
-    direct_impl: str = "nmse"
-    fidelity_impl: str = "kl"
-    reg_kind: str = "element"
-    mg_impl: str = "exact"
+    objective_name: ClassVar[str] = "the NPT objective"
+    DEPRECATED_VALUES: ClassVar[dict[str, dict[str, str]]] = {
+        name: {"seed": "original"}
+        for name in ("mg_impl", "decomposed_impl", "ib_impl", "projection_impl", "orth_impl", "curriculum", "adaptive")
+    }
+
+    losses: list[str] = field(default_factory=lambda: ["direct", "fidelity", "regularization"])
+    direct_impl: Literal["nmse", "repo"] = "nmse"
+    fidelity_impl: Literal["kl", "mse"] = "kl"
+    reg_kind: Literal["element", "token", "delta_norm", "modulation"] = "element"
+    mg_impl: Literal["exact", "original"] = "exact"
     mg_min_std: float = 0.0
-    decomposed_impl: str = "delta"
-    ib_impl: str = "rate"
+    decomposed_impl: Literal["delta", "original"] = "delta"
+    ib_impl: Literal["rate", "original"] = "rate"
     ib_beta: float = 0.01
-    projection_impl: str = "direction"
-    orth_impl: str = "pca"
+    projection_impl: Literal["direction", "original"] = "direction"
+    orth_impl: Literal["pca", "original"] = "pca"
     orth_components: int = 10
     orth_refresh: int = 100
-    curriculum: str = "none"
+    curriculum: Literal["none", "valid", "original"] = "none"
     curriculum_steps: list[int] = field(default_factory=lambda: [500, 1000])
     curriculum_quantiles: list[float] = field(default_factory=lambda: [0.3, 0.7])
-    schedule: str = "none"
+    schedule: Literal["none", "repo", "smooth"] = "none"
     stage1_steps: int = 1000
     weight_direct: float = 1.0
     weight_attention: float = 1.0
@@ -74,52 +192,33 @@ class NPTLossOptions:
     weight_ib: float = 0.5
     weight_projection: float = 1.0
     weight_orthogonality: float = 0.01
-    adaptive: str = "none"
+    adaptive: Literal["none", "invgrad", "gradnorm", "uncertainty", "original"] = "none"
     adaptive_every: int = 10
     adaptive_beta: float = 0.9
     gradnorm_alpha: float = 1.5
     gradnorm_lr: float = 0.025
 
-    CHOICES = {
-        "direct_impl": ("nmse", "repo"), "fidelity_impl": ("kl", "mse"),
-        "reg_kind": ("element", "token", "delta_norm", "modulation"), "mg_impl": ("exact", "seed"),
-        "decomposed_impl": ("delta", "seed"), "ib_impl": ("rate", "seed"), "projection_impl": ("direction", "seed"),
-        "orth_impl": ("pca", "seed"), "curriculum": ("none", "valid", "seed"), "schedule": ("none", "repo", "smooth"),
-        "adaptive": ("none", "invgrad", "gradnorm", "uncertainty", "seed"),
-    }
+    def prepare(self) -> None:
+        # "direct+mg" (the --objective_args form) or ["direct+mg"] (a command-line flag) -> ["direct", "mg"]
+        parts = [self.losses] if isinstance(self.losses, str) else self.losses
+        if isinstance(parts, list) and all(isinstance(part, str) for part in parts):
+            self.losses = [name.strip() for part in parts for name in part.split("+") if name.strip()]
 
-    def __post_init__(self) -> None:
-        if isinstance(self.losses, str):
-            self.losses = [name.strip() for name in self.losses.split("+") if name.strip()]
+    def validate(self) -> None:
         unknown = sorted(set(self.losses) - set(LOSS_NAMES))
         if unknown or not self.losses:
             raise ValueError(f"`losses` must be a '+'-joined subset of {LOSS_NAMES}, got {self.losses!r}")
-        for name, choices in self.CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ValueError(f"`{name}` must be one of {choices}, got {getattr(self, name)!r}")
         if self.adaptive == "uncertainty":
-            seedy = [n for n in self.losses if self.impl_is_seed(n)]
-            if seedy:
-                raise ValueError(f"`adaptive`=uncertainty needs non-negative losses; {seedy} use the seed version")
+            negative = [n for n in self.losses if self.impl_is_original(n)]
+            if negative:
+                raise ValueError(f"`adaptive`=uncertainty needs non-negative losses; {negative} use the original "
+                                 "version")
 
-    def impl_is_seed(self, name: str) -> bool:
-        """Whether loss `name` runs the seed's version (which may be negative)."""
+    def impl_is_original(self, name: str) -> bool:
+        """Whether loss `name` runs the original code's version (which may be negative)."""
         attr = {"mg": "mg_impl", "decomposed": "decomposed_impl", "ib": "ib_impl", "projection": "projection_impl",
                 "orthogonality": "orth_impl"}.get(name)
-        return attr is not None and getattr(self, attr) == "seed"
-
-    @classmethod
-    def from_args(cls, objective_args: Mapping[str, Any]) -> NPTLossOptions:
-        """Build from parsed `--objective_args`.
-
-        Raises:
-            ValueError: an unknown option or an invalid value.
-        """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(objective_args) - known)
-        if unknown:
-            raise ValueError(f"unknown NPT objective argument(s) {unknown}; known: {', '.join(sorted(known))}")
-        return cls(**dict(objective_args))
+        return attr is not None and getattr(self, attr) == "original"
 
 
 @dataclass
@@ -156,14 +255,15 @@ class NPTLossModule(nn.Module):
             options.curriculum, options.curriculum_quantiles, options.curriculum_steps)
         self.schedule = StageSchedule(options.schedule, options.stage1_steps,
                                       {name: getattr(options, f"weight_{name}") for name in LOSS_NAMES})
-        balanced = [n for n in options.losses if n not in _NEVER_BALANCED and not options.impl_is_seed(n)]
+        balanced = [n for n in options.losses if n not in _NEVER_BALANCED and not options.impl_is_original(n)]
         self.balanced = balanced
         self.invgrad = InverseGradNormWeighting(options.adaptive_every, options.adaptive_beta) \
             if options.adaptive == "invgrad" else None
         self.gradnorm = GradNormWeighting(balanced, options.gradnorm_alpha, options.gradnorm_lr, options.adaptive_every) \
             if options.adaptive == "gradnorm" else None
         self.uncertainty = UncertaintyWeighting(balanced) if options.adaptive == "uncertainty" else None
-        self.seed_weighting = SeedAdaptiveWeighting(len(options.losses)) if options.adaptive == "seed" else None
+        self.original_weighting = OriginalAdaptiveWeighting(len(options.losses)) \
+            if options.adaptive == "original" else None
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the model's optimizer must also train (the uncertainty log-variances)."""
@@ -222,7 +322,7 @@ class NPTLossModule(nn.Module):
 
     def forward(self, model: NPTForCausalLM, records: Mapping[int, NPTLayerRecord], teacher: TeacherCapture,
                 student_logits: torch.Tensor, mask: torch.Tensor, step: int = 0) -> NPTLossOutput:
-        """Compute every chosen loss (mean over NPT layers), weight and sum them.
+        """Compute every chosen loss (`LOSS_FUNCTIONS`, mean over NPT layers), weight and sum them.
 
         Args:
             model: the NPT model (for the frozen MLP weights and the NP parameters).
@@ -232,74 +332,18 @@ class NPTLossModule(nn.Module):
             mask: valid tokens `(batch, seq)` (bool).
             step: the optimizer step (schedule, curriculum, adaptive weighting).
         """
-        options, chosen = self.options, self.options.losses
+        chosen = [name for name in LOSS_FUNCTIONS if name in self.options.losses]
         mask = mask.bool()
         sums: dict[str, torch.Tensor] = {}
         metrics: dict[str, float] = {}
         for index, record in records.items():
-            layer, tea = model.model.layers[index], teacher.layers[index]
+            tea = teacher.layers[index]
             local = self.curriculum(tea.attn_output, mask, step) if self.curriculum is not None else mask
-            target = self.direct_target(model, tea)
-            first = next(iter(record.projections.values()))
-            hidden_proj = next((p for p in record.projections.values()
-                                if p.modulator.in_features == model.config.hidden_size), first)
-            parts: dict[str, torch.Tensor] = {}
-            needs_vectors = "attention" in chosen or "orthogonality" in chosen or any(
-                options.impl_is_seed(n) for n in ("mg", "ib", "projection") if n in chosen)
-            v_a = v_b = None
-            if needs_vectors:
-                v_a, v_b = hidden_proj.modulator.vectors(hidden_proj.z)
-                v_a, v_b = v_a[..., 0, :], v_b[..., 0, :]
-            if "direct" in chosen:
-                parts["direct"] = self.direct(record.mlp_output, target, local)
-            if "attention" in chosen:
-                parts["attention"] = self.attention(v_a, tea.attn_output, local)
-            if "fidelity" in chosen:
-                parts["fidelity"] = self.fidelity(student_logits, teacher.logits, mask)
-            if "regularization" in chosen:
-                reg = []
-                for proj in record.projections.values():
-                    sq_a, sq_b = proj.modulator.squared_norms(proj.z)
-                    reg.append(self.regularization(sq_a, sq_b, proj.modulator.in_features,
-                                                   proj.modulator.out_features, proj.m, local))
-                parts["regularization"] = torch.stack(reg).sum()
-            exact = None
-            if ("mg" in chosen and options.mg_impl == "exact") or (
-                    "projection" in chosen and options.projection_impl == "direction"):
-                exact = self.exact_modulation_targets(layer, record, tea, target)
-            if "mg" in chosen:
-                if options.mg_impl == "seed":
-                    parts["mg"] = self.mg.seed(v_a, tea.hidden_in.float(), tea.attn_output.float())
-                else:
-                    parts["mg"] = torch.stack([self.mg(proj.m, exact[name], local, proj.s)
-                                               for name, proj in record.projections.items()]).mean()
-            if "decomposed" in chosen:
-                if options.decomposed_impl == "seed":
-                    parts["decomposed"] = self.decomposed.seed_parts(record.mlp_output.float(),
-                                                                     tea.attn_output.float(), tea.mlp_output.float())[0]
-                else:
-                    with torch.no_grad():
-                        unmodulated = layer.mlp(record.mlp_input)
-                    parts["decomposed"] = self.decomposed(record.mlp_output, target, unmodulated, local)
-            if "ib" in chosen:
-                parts["ib"] = (self.ib.seed(v_a, tea.attn_output.float(), tea.hidden_in.float(), options.ib_beta)
-                               if options.ib_impl == "seed" else
-                               torch.stack([self.ib(p.z, local) for p in record.projections.values()]).mean())
-            if "projection" in chosen:
-                if options.projection_impl == "seed":
-                    parts["projection"] = self.projection.seed(v_b.float(), layer.mlp.gate_proj.weight.float(),
-                                                               tea.attn_output.float())
-                else:
-                    name = "gate" if "gate" in record.projections else next(iter(record.projections))
-                    parts["projection"] = self.projection(record.projections[name].m, exact[name], local)
-            if "orthogonality" in chosen:
-                parts["orthogonality"] = (self.orthogonality.seed(v_a, tea.hidden_in.float())
-                                          if options.orth_impl == "seed" else
-                                          self.orthogonality(v_a, record.mlp_input, local, key=index))
-            for name, value in parts.items():
-                sums[name] = sums.get(name, 0.0) + value / len(records)
+            inputs = LayerInputs(self, model, index, record, tea, student_logits, teacher.logits, mask, local)
+            for name in chosen:
+                sums[name] = sums.get(name, 0.0) + LOSS_FUNCTIONS[name](inputs) / len(records)
             with torch.no_grad():
-                s = first.s.float()[mask]
+                s = next(iter(record.projections.values())).s.float()[mask]
                 metrics[f"s_var_l{index}"] = float(s.var()) if s.numel() > 1 else 0.0
                 metrics[f"s_small_l{index}"] = float((s.abs() < 1e-3).float().mean())
         weights, stage = self.schedule(step)
@@ -313,11 +357,11 @@ class NPTLossModule(nn.Module):
         fixed = {n: priors[n] for n in losses if n not in self.balanced}
         balanced = {n: losses[n] for n in losses if n in self.balanced}
         parameters = [p for _, p in model.np_parameters() if p.requires_grad]
-        if self.seed_weighting is not None:
-            # The seed's code takes a gradient (and crashes without autograd); its weights are always uniform.
-            seed_weights = (self.seed_weighting.update_weights(list(losses.values())) if torch.is_grad_enabled()
+        if self.original_weighting is not None:
+            # The original code takes a gradient (and crashes without autograd); its weights are always uniform.
+            original_weights = (self.original_weighting.update_weights(list(losses.values())) if torch.is_grad_enabled()
                             else [1.0 / len(losses)] * len(losses))
-            applied = {n: float(w) for n, w in zip(losses, seed_weights)}
+            applied = {n: float(w) for n, w in zip(losses, original_weights)}
             return sum(applied[n] * losses[n] for n in losses), applied
         if self.uncertainty is not None:
             total = self.uncertainty.combine(balanced, priors) + sum(fixed[n] * losses[n] for n in fixed)

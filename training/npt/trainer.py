@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from datasets import Dataset
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments, default_data_collator
 
 from hf_models.npt import NPTForCausalLM
 
-from ..trainer import ZooTrainer
+from ..trainer import CLIInputs, ZooTrainer
 from .objective import NPTLossModule, NPTLossOptions
 from .teacher import capture_teacher
 
@@ -32,6 +29,8 @@ class NPTTrainer(ZooTrainer):
     Args:
         loss_module: the `NPTLossModule` (default options when omitted).
     """
+
+    options_class = NPTLossOptions
 
     def __init__(self, *args: Any, loss_module: NPTLossModule | None = None, **kwargs: Any) -> None:
         model = kwargs.get("model") if "model" in kwargs else (args[0] if args else None)
@@ -83,29 +82,10 @@ class NPTTrainer(ZooTrainer):
         return (result.total, {"logits": output.logits}) if return_outputs else result.total
 
     @classmethod
-    def from_cli(
-        cls,
-        *,
-        model: PreTrainedModel,
-        args: TrainingArguments,
-        tokenizer: PreTrainedTokenizerBase,
-        train_dataset: Dataset,
-        eval_dataset: Dataset,
-        objective_args: Mapping[str, Any],
-        train_texts: Dataset,
-    ) -> NPTTrainer:
-        """The trainer of `python -m training.train --model_type npt_llama` (see `NPTLossOptions` for the
-        `--objective_args`)."""
-        options = NPTLossOptions.from_args(objective_args)
-        return cls(
-            model=model,
-            args=args,
-            processing_class=tokenizer,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            data_collator=default_data_collator,
-            loss_module=NPTLossModule(options),
-        )
+    def objective_kwargs(cls, options: NPTLossOptions, inputs: CLIInputs) -> dict[str, Any]:
+        """`from_cli`'s hook (`python -m training.train --model_type npt_llama`; see `NPTLossOptions` for the
+        `--objective_args`): the loss module of the options."""
+        return {"loss_module": NPTLossModule(options)}
 
 
 def freeze_base(model: NPTForCausalLM) -> list[str]:

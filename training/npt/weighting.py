@@ -1,9 +1,12 @@
-"""Adaptive weighting of the NPT losses: inverse gradient norm, GradNorm, uncertainty and the seed's version."""
+"""Adaptive weighting of the NPT losses: inverse gradient norm, GradNorm, uncertainty and the original code's
+version."""
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -91,9 +94,9 @@ class UncertaintyWeighting(nn.Module):
         return {n: 0.5 * priors[n] * math.exp(-float(self.log_vars[self.names.index(n)].detach())) for n in names}
 
 
-class SeedAdaptiveWeighting:
-    """The seed's `AdaptiveLossWeighting`, verbatim: the gradient of each loss with respect to *itself* is 1, so
-    the weights are always uniform (1/n), whatever the losses."""
+class OriginalAdaptiveWeighting:
+    """The original code's `AdaptiveLossWeighting`, verbatim: the gradient of each loss with respect to *itself* is 1,
+    so the weights are always uniform (1/n), whatever the losses."""
 
     def __init__(self, num_losses: int = 4) -> None:
         self.loss_weights = torch.ones(num_losses)
@@ -109,3 +112,14 @@ class SeedAdaptiveWeighting:
             self.loss_weights = mean_norm / (self.grad_norms + 1e-6)
             self.loss_weights = self.loss_weights / self.loss_weights.sum()
         return self.loss_weights
+
+
+DEPRECATED_NAMES = {"SeedAdaptiveWeighting": "OriginalAdaptiveWeighting"}  # old name -> new name
+
+
+def __getattr__(name: str) -> Any:
+    if name in DEPRECATED_NAMES:
+        warnings.warn(f"{name} is deprecated and will be removed; use {DEPRECATED_NAMES[name]}", FutureWarning,
+                      stacklevel=2)
+        return globals()[DEPRECATED_NAMES[name]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
