@@ -1,13 +1,10 @@
 """hf_models: the zoo's research language models as Hugging Face models.
 
-Importing the package imports every architecture sub-package; each registers its classes with the `Auto*`
-factories and its `ArchitectureSpec` with `hf_models.registry`, and lists its public classes in `__all__`,
-which are re-exported here (`hf_models.ToeplitzMixerConfig`, ...). Adding an architecture is adding a
-sub-package: nothing here changes.
+Importing the package imports every architecture sub-package listed below; each registers its `ArchitectureSpec`
+(`hf_models.registry.register`, which also registers its classes with the `Auto*` factories) and lists its public
+classes in `__all__`, which are re-exported here (`hf_models.ToeplitzMixerConfig`, ...). Adding an architecture is
+adding a sub-package and its line here.
 """
-
-import importlib
-import pkgutil
 
 from .registry import ArchitectureSpec, all_specs, get_spec, parse_config_overrides, register
 from .tokenization_byte import ByteTokenizer
@@ -16,9 +13,9 @@ ByteTokenizer.register_for_auto_class("AutoTokenizer")  # saved byte tokenizers 
 
 __all__ = ["ArchitectureSpec", "ByteTokenizer", "all_specs", "get_spec", "parse_config_overrides", "register"]
 
-for _module_info in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name):
-    if _module_info.ispkg:
-        _module = importlib.import_module(f"{__name__}.{_module_info.name}")
-        for _name in getattr(_module, "__all__", ()):
-            globals()[_name] = getattr(_module, _name)
-            __all__.append(_name)
+from . import bicameral, llama, masked_diffusion, nanohead, npt, toeplitz_mixer  # noqa: E402  (after the registry)
+
+for _module in (bicameral, llama, masked_diffusion, nanohead, npt, toeplitz_mixer):
+    for _name in _module.__all__:
+        globals()[_name] = getattr(_module, _name)
+        __all__.append(_name)

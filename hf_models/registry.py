@@ -14,9 +14,20 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from huggingface_hub.errors import StrictDataclassError
-from transformers import AutoConfig, LlamaConfig, PreTrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    LlamaConfig,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 Task = Literal["causal-lm", "masked-lm"]
+AUTO_FACTORY_FOR_TASK = {"causal-lm": AutoModelForCausalLM, "masked-lm": AutoModelForMaskedLM}
 
 
 def same_size_llama_config(config: PreTrainedConfig) -> LlamaConfig:
@@ -170,11 +181,32 @@ _REGISTRY: dict[str, ArchitectureSpec] = {}
 
 
 def register(spec: ArchitectureSpec) -> ArchitectureSpec:
-    """Add `spec` to the registry (an architecture's sub-package calls this on import)."""
+    """Add `spec` to the registry (an architecture's sub-package calls this on import) and, for an architecture that
+    transformers does not ship, register its classes with the `Auto*` factories and for remote code: the config
+    with `AutoConfig`, the headless model with `AutoModel`, the model with the task's factory
+    (`AutoModelForCausalLM` / `AutoModelForMaskedLM`) and, for byte models, the byte tokenizer with `AutoTokenizer`.
+    transformers' own models (the Llama baseline) are left as transformers registers them."""
     if spec.model_type in _REGISTRY and _REGISTRY[spec.model_type] is not spec:
         raise ValueError(f"model_type '{spec.model_type}' is already registered")
+    if spec.model_type not in CONFIG_MAPPING_NAMES:
+        _register_auto_classes(spec)
     _REGISTRY[spec.model_type] = spec
     return spec
+
+
+def _register_auto_classes(spec: ArchitectureSpec) -> None:
+    head_factory = AUTO_FACTORY_FOR_TASK[spec.task]
+    AutoConfig.register(spec.model_type, spec.config_class, exist_ok=True)
+    head_factory.register(spec.config_class, spec.model_class, exist_ok=True)
+    spec.config_class.register_for_auto_class()
+    spec.model_class.register_for_auto_class(head_factory.__name__)
+    if spec.base_model_class is not None:
+        AutoModel.register(spec.config_class, spec.base_model_class, exist_ok=True)
+        spec.base_model_class.register_for_auto_class("AutoModel")
+    if spec.tokenizer == "byte":
+        from .tokenization_byte import ByteTokenizer
+
+        AutoTokenizer.register(spec.config_class, slow_tokenizer_class=ByteTokenizer, exist_ok=True)
 
 
 def get_spec(model_type: str) -> ArchitectureSpec:

@@ -81,3 +81,38 @@ def test_importing_hf_models_leaves_transformers_unchanged():
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_registering_a_new_architecture_registers_its_auto_classes():
+    from torch import nn
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
+
+    from hf_models import registry
+
+    class ToyConfig(PreTrainedConfig):
+        model_type = "zoo_registry_toy"
+
+    class ToyPreTrained(PreTrainedModel):
+        config_class = ToyConfig
+
+    class ToyModel(ToyPreTrained):
+        def __init__(self, config):
+            super().__init__(config)
+            self.layer = nn.Linear(2, 2)
+            self.post_init()
+
+    class ToyForCausalLM(ToyModel):
+        pass
+
+    spec = ArchitectureSpec(model_type="zoo_registry_toy", config_class=ToyConfig, model_class=ToyForCausalLM,
+                            base_model_class=ToyModel, task="causal-lm", description="a toy")
+    try:
+        register(spec)
+        config = AutoConfig.for_model("zoo_registry_toy")
+        assert type(config) is ToyConfig
+        assert type(AutoModelForCausalLM.from_config(config)) is ToyForCausalLM
+        assert type(AutoModel.from_config(config)) is ToyModel
+        assert ToyConfig._auto_class == "AutoConfig" and ToyForCausalLM._auto_class == "AutoModelForCausalLM"
+        assert ToyModel._auto_class == "AutoModel"
+    finally:
+        registry._REGISTRY.pop("zoo_registry_toy", None)

@@ -1,10 +1,9 @@
 """Bicameral FFT byte LM with a dual head (seed 000): a byte model mixing positions with a causal FFT long
 convolution and a short convolution, with an optional teacher-token head trained by `training.dual_head`."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedConfig
+from transformers import LlamaConfig, PreTrainedConfig
 
 from ..registry import ArchitectureSpec, register, same_size_llama_config
-from ..tokenization_byte import ByteTokenizer
 from .configuration_bicameral import BicameralConfig
 from .modeling_bicameral import (
     BicameralCache,
@@ -13,14 +12,6 @@ from .modeling_bicameral import (
     BicameralModel,
     BicameralPreTrainedModel,
 )
-
-AutoConfig.register(BicameralConfig.model_type, BicameralConfig)
-AutoModel.register(BicameralConfig, BicameralModel)
-AutoModelForCausalLM.register(BicameralConfig, BicameralForCausalLM)
-AutoTokenizer.register(BicameralConfig, slow_tokenizer_class=ByteTokenizer)
-BicameralConfig.register_for_auto_class()
-BicameralModel.register_for_auto_class("AutoModel")
-BicameralForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 
 def parameter_matched_llama_config(config: PreTrainedConfig) -> LlamaConfig:

@@ -2,7 +2,6 @@
 with an optional sampler head for locally coherent wavefront sampling and an optional critic head for remasking;
 `diffusion_generate` samples text."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from ..registry import ArchitectureSpec, register
 from .configuration_masked_diffusion import MaskedDiffusionConfig
@@ -14,12 +13,6 @@ from .modeling_masked_diffusion import (
     MaskedDiffusionPreTrainedModel,
 )
 
-AutoConfig.register(MaskedDiffusionConfig.model_type, MaskedDiffusionConfig)
-AutoModel.register(MaskedDiffusionConfig, MaskedDiffusionModel)
-AutoModelForMaskedLM.register(MaskedDiffusionConfig, MaskedDiffusionForMaskedLM)
-MaskedDiffusionConfig.register_for_auto_class()
-MaskedDiffusionModel.register_for_auto_class("AutoModel")
-MaskedDiffusionForMaskedLM.register_for_auto_class("AutoModelForMaskedLM")
 
 SPEC = register(
     ArchitectureSpec(

@@ -1,17 +1,10 @@
 """Nanohead GPT (seed 003): a nanochat-style GPT whose attention mixes normal heads with tiny nanoheads."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, LlamaConfig, PreTrainedConfig
+from transformers import LlamaConfig, PreTrainedConfig
 
 from ..registry import ArchitectureSpec, register, same_size_llama_config
 from .configuration_nanohead import NanoheadConfig, NanoheadSplit, calculate_nanohead_split
 from .modeling_nanohead import NanoheadForCausalLM, NanoheadModel, NanoheadPreTrainedModel
-
-AutoConfig.register(NanoheadConfig.model_type, NanoheadConfig)
-AutoModel.register(NanoheadConfig, NanoheadModel)
-AutoModelForCausalLM.register(NanoheadConfig, NanoheadForCausalLM)
-NanoheadConfig.register_for_auto_class()
-NanoheadModel.register_for_auto_class("AutoModel")
-NanoheadForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 
 def parameter_matched_llama_config(config: PreTrainedConfig) -> LlamaConfig:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 
 from ..registry import ArchitectureSpec, register
 from .configuration_npt import NPTConfig, resolve_npt_layers
@@ -20,13 +20,6 @@ from .modeling_npt import (
     NPTPreTrainedModel,
     NPTProjectionRecord,
 )
-
-AutoConfig.register(NPTConfig.model_type, NPTConfig)
-AutoModel.register(NPTConfig, NPTModel)
-AutoModelForCausalLM.register(NPTConfig, NPTForCausalLM)
-NPTConfig.register_for_auto_class()
-NPTModel.register_for_auto_class("AutoModel")
-NPTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 
 def load_npt_or_convert_llama(path: str, overrides: Mapping[str, Any], trust_remote_code: bool) -> PreTrainedModel:

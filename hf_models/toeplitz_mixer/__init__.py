@@ -1,7 +1,6 @@
 """Multi-head Toeplitz mixer LM (seed 001, "Experiment 010"): attention-free blocks whose token mixing is a learned
 causal convolution per head, with exact O(t)-per-token cached decoding."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from ..registry import ArchitectureSpec, register
 from .configuration_toeplitz_mixer import ToeplitzMixerConfig
@@ -12,12 +11,6 @@ from .modeling_toeplitz_mixer import (
     ToeplitzMixerPreTrainedModel,
 )
 
-AutoConfig.register(ToeplitzMixerConfig.model_type, ToeplitzMixerConfig)
-AutoModel.register(ToeplitzMixerConfig, ToeplitzMixerModel)
-AutoModelForCausalLM.register(ToeplitzMixerConfig, ToeplitzMixerForCausalLM)
-ToeplitzMixerConfig.register_for_auto_class()
-ToeplitzMixerModel.register_for_auto_class("AutoModel")
-ToeplitzMixerForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 SPEC = register(
     ArchitectureSpec(
