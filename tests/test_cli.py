@@ -83,6 +83,9 @@ def test_model_card_is_filled_from_the_run(trained):
     assert f"{metrics['eval_loss']:.4g}" in card
     assert "loss_curve.png" in card and "=== sample ===" not in card
     assert "| num_hidden_layers | 2 |" in card
+    assert "TokenizersBackend" not in card and "byte-level BPE trained on the training documents, 300 tokens" in card
+    assert "| epochs |" in card
+    assert "roneneldan/TinyStories" in card.split("---")[1] and "cdla-sharing-1.0" in card  # dataset metadata
 
 
 def test_continue_from_checkpoint_keeps_weights_and_tokenizer(trained, stories_file, tmp_path):

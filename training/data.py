@@ -29,6 +29,12 @@ DATA_DIR_ENV = "HF_ZOO_DATA"
 END_OF_TEXT = "<|endoftext|>"
 DOC_SEPARATORS = ("auto", "eot", "blank_line", "line", "none")
 _TEXT_COLUMNS = ("text", "story", "content")
+# The corpora of `$HF_ZOO_DATA` (see its README): file name -> (the Hub dataset it comes from, its licence), for the
+# card's metadata. Other local files get neither.
+KNOWN_CORPORA = {
+    "tinystories_valid_sample.txt": ("roneneldan/TinyStories", "cdla-sharing-1.0"),
+    "tinyshakespeare.txt": ("karpathy/tiny_shakespeare", "public domain"),
+}
 # Above this share of bytes that are not UTF-8 (or with any NUL byte) a corpus file is refused as binary / not text.
 MAX_INVALID_UTF8_SHARE = 0.01
 

@@ -34,7 +34,7 @@ from hf_models.registry import ArchitectureSpec, all_specs, get_spec, parse_conf
 from model_cards import BENCHMARK_FILE, LOSS_CURVE_FILE, plot_loss_curve, write_model_card
 
 from .common import UsageError, run_cli
-from .data import DataArguments, PackedSplit, load_documents, tokenize_and_pack
+from .data import KNOWN_CORPORA, DataArguments, PackedSplit, load_documents, tokenize_and_pack
 from .metrics import exact_bits_per_byte
 from .tokenization import load_tokenizer, record_model_max_length, token_byte_lengths, train_bpe_tokenizer
 from .trainer import ZooTrainer, resolve_trainer
@@ -355,6 +355,15 @@ def main(argv: Sequence[str] | None = None) -> ZooTrainer:
     return trainer
 
 
+def _describe_tokenizer(tokenizer: PreTrainedTokenizerBase, model_args: ModelArguments) -> str:
+    """The tokenizer in words for the card (not its Python class)."""
+    if isinstance(tokenizer, hf_models.ByteTokenizer):
+        return f"bytes: the zoo's byte tokenizer ({len(tokenizer)} ids, 256 bytes and the special tokens)"
+    source = model_args.tokenizer_name or model_args.model_name_or_path
+    origin = f"loaded from `{source}`" if source else "byte-level BPE trained on the training documents"
+    return f"{origin}, {len(tokenizer)} tokens"
+
+
 def _write_card(spec, trainer, data_args, training_args, train, validation, metrics, model_args, sample) -> None:
     model = trainer.model
     config = model.config.to_diff_dict()
@@ -362,6 +371,7 @@ def _write_card(spec, trainer, data_args, training_args, train, validation, metr
         config.pop(key, None)
     source = data_args.train_file or data_args.dataset_name
     tokenizer = trainer.processing_class
+    known = KNOWN_CORPORA.get(Path(data_args.train_file).name) if data_args.train_file else None
     write_model_card(
         training_args.output_dir,
         model_type=spec.model_type,
@@ -371,9 +381,12 @@ def _write_card(spec, trainer, data_args, training_args, train, validation, metr
         num_parameters=sum(p.numel() for p in model.parameters()),
         num_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
         training={
-            "data": f"`{Path(source).name if data_args.train_file else source}`: {train.num_documents:,} training / "
-                    f"{validation.num_documents:,} validation documents, {train.num_tokens:,} training tokens",
-            "tokenizer": f"{type(tokenizer).__name__}, {len(tokenizer)} tokens",
+            "data": f"`{Path(source).name if data_args.train_file else source}`"
+                    + (f" (from `{known[0]}`, licence {known[1]})" if known else "")
+                    + f": {train.num_documents:,} training / {validation.num_documents:,} validation documents, "
+                      f"{train.num_tokens:,} training tokens",
+            "tokenizer": _describe_tokenizer(tokenizer, model_args),
+            "epochs": round(trainer.state.epoch or 0.0, 3),
             "block size": data_args.block_size,
             "optimizer steps": trainer.state.global_step,
             "batch size (per device × accumulation × devices)":
@@ -409,7 +422,7 @@ def _write_card(spec, trainer, data_args, training_args, train, validation, metr
         sample_prompt=model_args.sample_prompt,
         sample_text=sample,
         sample_settings=", ".join(f"{k}={v}" for k, v in spec.sample_kwargs.items()) or "greedy",
-        datasets=[] if data_args.train_file else [data_args.dataset_name],
+        datasets=[known[0]] if known else [] if data_args.train_file else [data_args.dataset_name],
         tags=spec.card_tags,
     )
 
