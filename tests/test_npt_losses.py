@@ -337,3 +337,78 @@ def test_old_class_name_keeps_working_with_a_future_warning():
     for module in (training.npt, training.npt.weighting):
         with pytest.warns(FutureWarning, match="SeedAdaptiveWeighting is deprecated"):
             assert module.SeedAdaptiveWeighting is OriginalAdaptiveWeighting
+
+
+# ------------------------------------------------------------------------------------- the information bottleneck
+def _rescaled(model: NPTForCausalLM, c: float) -> NPTForCausalLM:
+    """The same function with `W_down` times c and `W_A`, `W_B` over c (the modulation is bilinear in z)."""
+    clone = NPTForCausalLM(model.config)
+    clone.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for layer in clone.npt_layers.values():
+            for modulator in layer.np_component.values():
+                modulator.down.weight.mul_(c)
+                modulator.a_up.weight.div_(c)
+                modulator.b_up.weight.div_(c)
+    return clone.train(model.training)
+
+
+def _ib_loss_and_modulation(model, input_ids, options, noise_seed=0):
+    teacher = capture_teacher(model, input_ids, torch.ones_like(input_ids))
+    torch.manual_seed(noise_seed)
+    out = model(input_ids, output_npt=True)
+    result = NPTLossModule(options)(model, out.npt, teacher, out.logits, torch.ones_like(input_ids).bool(), step=0)
+    modulation = torch.cat([p.m for record in out.npt.values() for p in record.projections.values()])
+    return result.components["ib"], modulation
+
+
+def test_the_rate_bottleneck_is_lowered_for_free_by_a_rescaling():
+    """Why `vib` exists: the noise-free rate ½‖z‖² shrinks by c² under a rescaling that changes no output."""
+    model = tiny_npt(npt_layers=[1], np_rank=4)
+    input_ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    options = NPTLossOptions(losses="direct+ib", ib_impl="rate")
+    loss, modulation = _ib_loss_and_modulation(model, input_ids, options)
+    loss_small, modulation_small = _ib_loss_and_modulation(_rescaled(model, 0.1), input_ids, options)
+    torch.testing.assert_close(modulation_small, modulation, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(loss_small, 0.01 * loss, rtol=1e-4, atol=1e-8)
+
+
+def test_the_variational_bottleneck_charges_for_a_rescaling():
+    model = tiny_npt(npt_layers=[1], np_rank=4, np_variational=True).train()
+    input_ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    options = NPTLossOptions(losses="direct+ib", ib_impl="vib")
+    loss, modulation = _ib_loss_and_modulation(model, input_ids, options)
+    loss_small, modulation_small = _ib_loss_and_modulation(_rescaled(model, 0.1), input_ids, options)
+    # the KL's mean term shrinks, but the noise (sigma is not rescaled) now swamps the code: the modulation changes
+    assert loss_small < loss
+    relative = (modulation_small - modulation).norm() / modulation.norm()
+    assert relative > 0.5, relative
+    # evaluation decodes from the mean: then the rescaled model is the same function
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_rescaled(model, 0.1)(input_ids).logits, model(input_ids).logits,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_the_variational_code_kl_against_a_hand_value():
+    model = tiny_npt(npt_layers=[1], np_rank=2, np_variational=True)
+    modulator = next(iter(model.npt_layers[1].np_component.values()))
+    with torch.no_grad():
+        modulator.down.weight.zero_()
+        modulator.down.weight[0, 0] = 2.0  # mu = (2 a_0, 0)
+        modulator.log_sigma.copy_(torch.tensor([0.0, math.log(0.5)]))
+    attn_output = torch.zeros(1, 1, 32)
+    attn_output[0, 0, 0] = 1.5  # mu = (3, 0)
+    expected = 0.5 * ((9 + 1 - 1 - 0) + (0 + 0.25 - 1 - 2 * math.log(0.5)))
+    assert modulator.code_kl(attn_output).item() == pytest.approx(expected, rel=1e-6)
+    assert float(modulator.log_sigma.exp()[1]) == pytest.approx(0.5)
+
+
+def test_vib_needs_a_variational_model():
+    from transformers import TrainingArguments
+
+    from training.npt import NPTTrainer
+
+    with pytest.raises(ValueError, match="np_variational=True"):
+        NPTTrainer(model=tiny_npt(npt_layers=[1]), args=TrainingArguments(output_dir="unused", use_cpu=True),
+                   loss_module=NPTLossModule(NPTLossOptions(losses="direct+ib", ib_impl="vib")))

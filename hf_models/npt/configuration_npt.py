@@ -100,6 +100,10 @@ class NPTConfig(LlamaConfig):
         np_init_scale (`float`, *optional*, defaults to 0.01): scale of the uniform / orthogonal parts of the init.
         np_alpha (`float`, *optional*, defaults to 1.0): multiplier of every modulation (injection strength knob;
             0 switches the modulation off while keeping the NPT residual structure).
+        np_variational (`bool`, *optional*, defaults to `False`): the bottleneck `z` is a Gaussian code `mu + sigma
+            * eps` with a learned per-unit `sigma` (initialised to 0.1) and noise in training only, so that the
+            information-bottleneck loss `ib_impl="vib"` (its KL to N(0, I)) cannot be lowered for free by rescaling
+            `W_down` against `W_A`, `W_B`.
         np_fp32_modulation (`bool`, *optional*, defaults to `True`): compute the generator and the scalars in
             float32 whatever the activation dtype.
         npt_enabled_layers (`list[int]`, *optional*): the subset of `npt_layers` that runs as NPT at run time
@@ -126,6 +130,7 @@ class NPTConfig(LlamaConfig):
         np_init_scale: float = 0.01,
         np_alpha: float = 1.0,
         np_fp32_modulation: bool = True,
+        np_variational: bool = False,
         npt_enabled_layers: list[int] | None = None,
         *,
         vocab_size: int = 32000,
@@ -168,6 +173,7 @@ class NPTConfig(LlamaConfig):
         check_positive("np_init_scale", np_init_scale, integer=False)
         check_positive("np_alpha", np_alpha, allow_zero=True, integer=False)
         check_bool("np_fp32_modulation", np_fp32_modulation)
+        check_bool("np_variational", np_variational)
         num_layers = num_hidden_layers
         check_positive("num_hidden_layers", num_layers)
         self.npt_layers = resolve_npt_layers(npt_layers, num_layers)
@@ -189,6 +195,7 @@ class NPTConfig(LlamaConfig):
         self.np_init_scale = float(np_init_scale)
         self.np_alpha = float(np_alpha)
         self.np_fp32_modulation = np_fp32_modulation
+        self.np_variational = np_variational
         self.npt_enabled_layers = npt_enabled_layers
         super().__init__(
             vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,

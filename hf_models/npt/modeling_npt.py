@@ -32,8 +32,7 @@ copy of the weights); `NPTForCausalLM.from_llama` converts a base Llama, `to_lla
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -55,18 +54,15 @@ from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
 )
-from transformers.modeling_utils import safe_open, safe_save_file, slice_logits_to_keep
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import can_return_tuple
 
 from ..modeling_zoo_common import ZooPreTrainedModel
 from .configuration_npt import NPTConfig
+from .adapter_npt import NPTAdapterMixin
 from .folding_npt import NPTFoldingMixin
 
-ADAPTER_CONFIG_FILE = "npt_adapter_config.json"
-ADAPTER_WEIGHTS_FILE = "npt_adapter.safetensors"
-_BASE_SIGNATURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                          "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_parameters",
-                          "attention_bias", "mlp_bias", "tie_word_embeddings")
+
 
 
 class NPModulator(nn.Module):
@@ -85,10 +81,14 @@ class NPModulator(nn.Module):
         generator: `"linear"`, `"affine"` or `"mlp"`.
         activation: activation after the bottleneck (`"mlp"` generator only).
         shared_bottleneck: one `down` shared by the `k` components.
+        variational: the bottleneck is a Gaussian code `z = mu + sigma * eps`, `mu = act(a W_down)`, with a learned
+            per-unit `sigma = exp(log_sigma)` and noise in training mode only (evaluation decodes from `mu`); its KL
+            to N(0, I) is `code_kl` (the `ib_impl="vib"` loss).
     """
 
     def __init__(self, hidden_size: int, in_features: int, out_features: int, rank: int, num_ranks: int,
-                 generator: str = "linear", activation: str | None = None, shared_bottleneck: bool = False) -> None:
+                 generator: str = "linear", activation: str | None = None, shared_bottleneck: bool = False,
+                 variational: bool = False) -> None:
         super().__init__()
         self.hidden_size, self.in_features, self.out_features = hidden_size, in_features, out_features
         self.rank, self.num_ranks, self.shared_bottleneck = rank, num_ranks, shared_bottleneck
@@ -101,17 +101,33 @@ class NPModulator(nn.Module):
             self.b_bias = nn.Parameter(torch.zeros(num_ranks, out_features))
         else:
             self.a_bias = self.b_bias = None
+        self.log_sigma = nn.Parameter(torch.zeros(self.down.out_features)) if variational else None
 
     def extra_repr(self) -> str:
         return (f"d={self.hidden_size}, n_in={self.in_features}, n_out={self.out_features}, r={self.rank}, "
                 f"k={self.num_ranks}, shared_bottleneck={self.shared_bottleneck}")
 
-    def bottleneck(self, attn_output: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """`z = act(a W_down)` of every component, concatenated: `(batch, seq, k*r)`."""
+    def code_mean(self, attn_output: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`mu = act(a W_down)` `(batch, seq, r or k*r)`, before any sharing across components."""
         dtype = dtype or attn_output.dtype
         z = F.linear(attn_output.to(dtype), self.down.weight.to(dtype))
-        if self.act is not None:
-            z = self.act(z)
+        return self.act(z) if self.act is not None else z
+
+    def code_kl(self, attn_output: torch.Tensor) -> torch.Tensor:
+        """KL(N(mu, sigma²) ‖ N(0, I)) of the variational code per token, `(batch, seq)`, in float32:
+        `½ Σ_i (mu_i² + sigma_i² - 1 - 2 log sigma_i)`."""
+        if self.log_sigma is None:
+            raise ValueError("this generator's bottleneck is not variational (set np_variational=True)")
+        mean = self.code_mean(attn_output, torch.float32)
+        log_sigma = self.log_sigma.float()
+        return 0.5 * (mean.pow(2) + (2 * log_sigma).exp() - 1 - 2 * log_sigma).sum(-1)
+
+    def bottleneck(self, attn_output: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`z = act(a W_down)` of every component, concatenated: `(batch, seq, k*r)`; a variational code adds
+        `sigma * eps` in training mode."""
+        z = self.code_mean(attn_output, dtype)
+        if self.log_sigma is not None and self.training:
+            z = z + self.log_sigma.to(z.dtype).exp() * torch.randn_like(z)
         if self.shared_bottleneck and self.num_ranks > 1:
             z = z.repeat(*([1] * (z.dim() - 1)), self.num_ranks)
         return z
@@ -210,6 +226,8 @@ class NPModulator(nn.Module):
         if self.a_bias is not None:
             init.zeros_(self.a_bias)
             init.zeros_(self.b_bias)
+        if self.log_sigma is not None:
+            init.constant_(self.log_sigma, math.log(0.1))
 
 
 @dataclass
@@ -273,7 +291,8 @@ class NPTDecoderLayer(LlamaDecoderLayer):
                  "down": (config.intermediate_size, config.hidden_size)}
         self.np_component = nn.ModuleDict({
             name: NPModulator(config.hidden_size, *sizes[name], config.np_rank, config.np_num_ranks,
-                              config.np_generator, config.np_generator_act, config.np_shared_bottleneck)
+                              config.np_generator, config.np_generator_act, config.np_shared_bottleneck,
+                              config.np_variational)
             for name in config.np_projections
         })
         self.npt_active = True
@@ -388,7 +407,7 @@ class NPTModel(NPTPreTrainedModel, LlamaModel):
         self.post_init()
 
 
-class NPTForCausalLM(NPTFoldingMixin, NPTPreTrainedModel, LlamaForCausalLM):
+class NPTForCausalLM(NPTAdapterMixin, NPTFoldingMixin, NPTPreTrainedModel, LlamaForCausalLM):
     """A `LlamaForCausalLM` whose chosen layers are NPT layers; generation uses the normal Llama KV cache (an NPT
     layer's modulation at step t depends only on its attention output and MLP input at t)."""
 
@@ -561,59 +580,6 @@ class NPTForCausalLM(NPTFoldingMixin, NPTPreTrainedModel, LlamaForCausalLM):
                 modulator.down.weight[:count] = directions[:count].to(modulator.down.weight.dtype)
                 modulator.a_up.weight[:, :modulator.rank].zero_()
                 modulator.a_up.weight[:, :count] = directions[:count].T.to(modulator.a_up.weight.dtype)
-
-    # ------------------------------------------------------------------------------------------------ adapters
-    def base_signature(self) -> str:
-        """sha256 of the base architecture's defining config fields (what an adapter must be loaded into)."""
-        config = self.config.to_dict()
-        fields = {name: config.get(name) for name in _BASE_SIGNATURE_FIELDS}
-        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
-
-    def save_npt_adapter(self, save_directory: str | os.PathLike, base_model: str | None = None) -> Path:
-        """Save only the NP components: `npt_adapter.safetensors` + `npt_adapter_config.json` (the NPT fields, the
-        base signature, the base model's name and the dtype)."""
-        folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors = {name: p.detach().contiguous() for name, p in self.np_parameters()}
-        safe_save_file(tensors, str(folder / ADAPTER_WEIGHTS_FILE), metadata={"format": "pt"})
-        fields = {key: value for key, value in self.config.to_dict().items() if key.startswith(("np_", "npt_"))}
-        meta = {"npt_fields": fields, "base_signature": self.base_signature(), "dtype": str(self.dtype),
-                "base_model": base_model or getattr(self.config, "_name_or_path", None)}
-        (folder / ADAPTER_CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        return folder
-
-    @classmethod
-    def from_llama_and_adapter(cls, llama: LlamaForCausalLM | str | os.PathLike,
-                               adapter_directory: str | os.PathLike) -> NPTForCausalLM:
-        """Convert `llama` with the adapter's NPT fields, then `load_npt_adapter`."""
-        meta = json.loads((Path(adapter_directory) / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
-        fields = {key: value for key, value in meta["npt_fields"].items() if key != "npt_enabled_layers"}
-        return cls.from_llama(llama, **fields).load_npt_adapter(adapter_directory)
-
-    @torch.no_grad()
-    def load_npt_adapter(self, adapter_directory: str | os.PathLike) -> NPTForCausalLM:
-        """Load NP weights saved by `save_npt_adapter` into this model.
-
-        Raises:
-            ValueError: the adapter was made for another base architecture or other NPT layers / shapes.
-        """
-        folder = Path(adapter_directory)
-        meta = json.loads((folder / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
-        if meta["base_signature"] != self.base_signature():
-            raise ValueError(f"the adapter in {folder} was made for another base architecture")
-        own = dict(self.np_parameters())
-        with safe_open(str(folder / ADAPTER_WEIGHTS_FILE), framework="pt") as handle:
-            names = set(handle.keys())
-            if names != set(own):
-                raise ValueError(f"the adapter's NP tensors do not match this model's: missing "
-                                 f"{sorted(set(own) - names)[:4]}, unexpected {sorted(names - set(own))[:4]}")
-            for name in names:
-                tensor = handle.get_tensor(name)
-                if tensor.shape != own[name].shape:
-                    raise ValueError(f"adapter tensor {name} has shape {tuple(tensor.shape)}, the model's is "
-                                     f"{tuple(own[name].shape)}")
-                own[name].copy_(tensor)
-        return self
 
 
 __all__ = [

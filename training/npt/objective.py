@@ -28,6 +28,7 @@ from .losses import (
     ProjectionConsistencyLoss,
     RegularizationLoss,
     StageSchedule,
+    masked_mean,
 )
 from .teacher import TeacherCapture, TeacherLayer
 from .weighting import GradNormWeighting, InverseGradNormWeighting, OriginalAdaptiveWeighting, UncertaintyWeighting
@@ -112,6 +113,9 @@ def _ib(x: LayerInputs) -> torch.Tensor:
     if x.losses.options.ib_impl == "original":
         return x.losses.ib.original(x.vectors[0], x.teacher.attn_output.float(), x.teacher.hidden_in.float(),
                                 x.losses.options.ib_beta)
+    if x.losses.options.ib_impl == "vib":  # the KL of the variational code (np_variational=True) to N(0, I)
+        return torch.stack([masked_mean(p.modulator.code_kl(x.record.attn_output), x.local)
+                            for p in x.record.projections.values()]).mean()
     return torch.stack([x.losses.ib(p.z, x.local) for p in x.record.projections.values()]).mean()
 
 
@@ -172,7 +176,7 @@ class NPTLossOptions(ObjectiveOptions):
     mg_impl: Literal["exact", "original"] = "exact"
     mg_min_std: float = 0.0
     decomposed_impl: Literal["delta", "original"] = "delta"
-    ib_impl: Literal["rate", "original"] = "rate"
+    ib_impl: Literal["rate", "vib", "original"] = "rate"
     ib_beta: float = 0.01
     projection_impl: Literal["direction", "original"] = "direction"
     orth_impl: Literal["pca", "original"] = "pca"

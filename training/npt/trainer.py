@@ -36,10 +36,15 @@ class NPTTrainer(ZooTrainer):
         model = kwargs.get("model") if "model" in kwargs else (args[0] if args else None)
         if not isinstance(model, NPTForCausalLM):
             raise ValueError(f"NPTTrainer trains an NPTForCausalLM, got {type(model).__name__}")
+        loss_module = loss_module or NPTLossModule()
+        if "ib" in loss_module.options.losses and loss_module.options.ib_impl == "vib" \
+                and not model.config.np_variational:
+            raise ValueError("ib_impl=vib is the KL of a variational bottleneck: the model needs np_variational=True "
+                             "(e.g. --config_overrides np_variational=true)")
         freeze_base(model)
         super().__init__(*args, **kwargs)
         # its adaptive weights (GradNorm, uncertainty log-variances) live beside the model's parameters
-        self.loss_module = (loss_module or NPTLossModule()).to(self.args.device)
+        self.loss_module = loss_module.to(self.args.device)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
