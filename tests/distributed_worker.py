@@ -17,10 +17,14 @@ if __name__ == "__main__":
     rank = dist.get_rank() if dist.is_initialized() else 0
     output_dir = Path(trainer.args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().contiguous() for name, tensor in trainer.model.state_dict().items()}
+    # under FSDP the parameters are DTensor shards: gather each (a collective, so every rank runs it)
+    state = {name: (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().contiguous()
+             for name, tensor in trainer.model.state_dict().items()}
     save_file(state, output_dir / f"rank{rank}.safetensors")
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     (output_dir / f"rank{rank}.json").write_text(json.dumps({
         "losses": losses, "world_size": trainer.args.world_size,
-        "total_train_batch_size": trainer.args.train_batch_size * trainer.args.world_size, "backend": dist.get_backend() if dist.is_initialized() else None,
+        "total_train_batch_size": trainer.args.train_batch_size * trainer.args.world_size,
+        "backend": dist.get_backend() if dist.is_initialized() else None, "fsdp": trainer.is_fsdp_enabled,
+        "sharded": any(hasattr(tensor, "full_tensor") for tensor in trainer.model.state_dict().values()),
     }))

@@ -325,15 +325,18 @@ def main(argv: Sequence[str] | None = None) -> ZooTrainer:
                                         shift=getattr(trainer.model.config, "chunk_size", 1))
     metrics.update(language_model_metrics(metrics["eval_loss"], validation, bound=spec.eval_loss_is_bound,
                                           exact_bpb=exact_bpb))
-    if not trainer.is_world_process_zero():
+    # A sharded (FSDP) model gathers its weights in every forward pass and in `save_model`: every rank takes part.
+    if not trainer.is_world_process_zero() and not trainer.is_fsdp_enabled:
         return trainer
 
     trainer.model.config.use_cache = True  # the Trainer switches it off for training; the saved model decodes cached
     sample = sample_text(spec, trainer.model, tokenizer, model_args.sample_prompt,
                          model_args.sample_max_new_tokens, training_args.seed)
-    print(f"\n=== sample ===\n{sample}\n==============")
     output_dir = Path(training_args.output_dir)
     trainer.save_model(str(output_dir))
+    if not trainer.is_world_process_zero():
+        return trainer
+    print(f"\n=== sample ===\n{sample}\n==============")
     # The card is filled from this run's files only: a benchmark of earlier weights no longer applies.
     for stale in (BENCHMARK_FILE, LOSS_CURVE_FILE):
         (output_dir / stale).unlink(missing_ok=True)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, default_data_collator
 
@@ -52,6 +53,31 @@ class ZooTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._component_sums: dict[str, torch.Tensor] = {}
         self._component_counts: dict[str, int] = {}
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's accelerator; under `--fsdp` on a multi-process CPU job (gloo) also the FSDP plugin, which
+        accelerate keeps for accelerator devices (its state stays `MULTI_CPU`, and the Trainer would silently run
+        DDP instead). FSDP2 itself shards on CPU: the zoo sets the plugin the Trainer built from `--fsdp` /
+        `--fsdp_config` on the accelerator state, so the model is wrapped with `fully_shard` as on GPUs."""
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled \
+                and state.distributed_type == DistributedType.MULTI_CPU:
+            state.distributed_type = DistributedType.FSDP
+            state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            self.is_fsdp_enabled = True
+            self.shards_on_cpu = True
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """As the Trainer's; a model sharded on CPU (see `create_accelerator_and_postprocess`) is gathered shard by
+        shard on every rank (`DTensor.full_tensor`), then saved by the main process (accelerate's gather offloads
+        to a CPU copy that safetensors cannot read there)."""
+        if not getattr(self, "shards_on_cpu", False):
+            return super().save_model(output_dir, _internal_call)
+        state_dict = {name: tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+                      for name, tensor in self.model.state_dict().items()}
+        if self.args.should_save:
+            self._save(output_dir or self.args.output_dir, state_dict=state_dict)
 
     def record_loss_components(self, **components: torch.Tensor | float) -> None:
         """Accumulate detached loss parts of one training forward pass for the next training log."""

@@ -101,8 +101,8 @@ class BicameralBlock(GradientCheckpointingLayer):
         self.time_conv = nn.Conv1d(hidden, hidden, config.time_kernel_size, groups=hidden)
         self.time_context_gate = nn.Linear(hidden, hidden)
         # fusion
-        self.alpha_freq = nn.Parameter(torch.empty(()))
-        self.alpha_time = nn.Parameter(torch.empty(()))
+        self.alpha_freq = nn.Parameter(torch.empty(1))  # (1,), not 0-d: FSDP2 shards no scalars
+        self.alpha_time = nn.Parameter(torch.empty(1))
         self.cross_mix = nn.Linear(2 * hidden, hidden)
         # feed-forward
         self.ffn_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)

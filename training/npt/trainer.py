@@ -43,6 +43,10 @@ class NPTTrainer(ZooTrainer):
                              "(e.g. --config_overrides np_variational=true)")
         freeze_base(model)
         super().__init__(*args, **kwargs)
+        if self.is_fsdp_enabled:
+            raise ValueError("the NPT objective reads the generators' weights outside the forward pass (the "
+                             "regularisers' Gram matrices), which FSDP keeps sharded: train NPT with data parallelism "
+                             "(torchrun without --fsdp); its trainable NP parameters are small")
         # its adaptive weights (GradNorm, uncertainty log-variances) live beside the model's parameters
         self.loss_module = loss_module.to(self.args.device)
 
