@@ -178,3 +178,77 @@ def test_decode_benchmark_reports_an_architecture_without_a_static_path_as_such(
     assert all(row["tokens_per_second"] > 0 for row in rows[::2])
     assert all("no shape-static decode path" in row["unavailable"] and "tokens_per_second" not in row
                for row in rows[1::2])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Experiment scaffolding
+
+
+def test_torch_threads_restores_the_count_even_after_an_exception():
+    from benchmarks.harness import torch_threads
+
+    before = torch.get_num_threads()
+    target = 1 if before != 1 else 2
+    with pytest.raises(RuntimeError, match="boom"):
+        with torch_threads(target):
+            assert torch.get_num_threads() == target
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before
+
+
+def test_mean_and_se_against_a_hand_value():
+    from benchmarks.harness import mean_and_se
+
+    mean, se = mean_and_se([1.0, 2.0, 3.0, 6.0])  # sample sd sqrt(14/3); se = sd / 2
+    assert mean == pytest.approx(3.0) and se == pytest.approx((14 / 3) ** 0.5 / 2)
+    assert mean_and_se([5.0]) == (5.0, 0.0)
+
+
+def test_set_parser_merges_items_and_rejects_a_malformed_one_in_one_line():
+    import argparse
+
+    from benchmarks.harness import add_deprecated_override, add_deprecated_settings, add_set_argument, \
+        apply_settings
+    from training.common import UsageError
+
+    parser = argparse.ArgumentParser()
+    add_set_argument(parser)
+    add_deprecated_override(parser, "--override")
+    add_deprecated_settings(parser, {"max_steps": int})
+    defaults = {"max_steps": 10, "seeds": [0], "name": "a"}
+    args = parser.parse_args(["--set", "max_steps=3,seeds=[0,1]", "--set", "name=b"])
+    assert apply_settings(defaults, args.set) == {"max_steps": 3, "seeds": [0, 1], "name": "b"}
+    with pytest.warns(FutureWarning, match="--override is deprecated"):
+        args = parser.parse_args(["--override", "max_steps=4"])
+    with pytest.warns(FutureWarning, match=r"--max_steps is deprecated, use --set max_steps="):
+        args = parser.parse_args(["--max_steps", "5"])
+    assert apply_settings(defaults, args.set)["max_steps"] == 5
+    with pytest.raises(UsageError) as error:
+        apply_settings(defaults, parser.parse_args(["--set", "max_steps=3,seeds"]).set)
+    assert str(error.value).count("\n") == 0 and "--set: bad config override 'seeds'" in str(error.value)
+    with pytest.raises(UsageError, match=r"unknown preset field\(s\) \['steps'\]"):
+        apply_settings(defaults, ["steps=3"])
+
+
+def test_renamed_preset_keeps_working_with_a_future_warning():
+    import argparse
+
+    from benchmarks.harness import add_preset_argument
+
+    parser = argparse.ArgumentParser()
+    add_preset_argument(parser, {"smoke": {}, "original": {}})
+    assert parser.parse_args([]).preset == "smoke"
+    with pytest.warns(FutureWarning, match="--preset seed is deprecated, use --preset original"):
+        assert parser.parse_args(["--preset", "seed"]).preset == "original"
+
+
+def test_save_figure_writes_and_closes(tmp_path):
+    from benchmarks.harness import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    path = save_figure(fig, tmp_path / "sub" / "figure.png")
+    assert path.stat().st_size > 0 and not plt.fignum_exists(fig.number)
