@@ -31,6 +31,8 @@ from transformers import PreTrainedModel, TrainingArguments
 
 from hf_models.registry import parse_config_overrides
 from training.common import UsageError
+from training.data import DataArguments, default_data_dir, load_documents, tokenize_and_pack
+from training.tokenization import train_bpe_tokenizer
 
 MIN_RUNS = 5
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -329,7 +331,7 @@ class _DeprecatedAlias(argparse.Action):
 def add_deprecated_override(parser: argparse.ArgumentParser, flag: str) -> None:
     """`flag "k=v,..."` (an old override flag such as `--config_overrides`) keeps working as `--set "k=v,..."`."""
     parser.add_argument(flag, action=_DeprecatedAlias, dest="_deprecated_" + flag.lstrip("-"),
-                        help=argparse.SUPPRESS)
+                        default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def add_deprecated_settings(parser: argparse.ArgumentParser, types: Mapping[str, Callable[[str], Any]]) -> None:
@@ -337,7 +339,7 @@ def add_deprecated_settings(parser: argparse.ArgumentParser, types: Mapping[str,
     `--set name=VALUE`, the value parsed by its `types[name]`."""
     for name, kind in types.items():
         parser.add_argument(f"--{name}", action=_DeprecatedAlias, key=name, type=kind,
-                            dest="_deprecated_" + name, help=argparse.SUPPRESS)
+                            dest="_deprecated_" + name, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def parse_set(items: Sequence[str | Mapping[str, Any]] | None) -> dict[str, Any]:
@@ -392,6 +394,30 @@ def training_arguments(output_dir: str | Path, *, device: torch.device, seed: in
     defaults: dict[str, Any] = dict(save_strategy="no", report_to="none", use_cpu=device.type == "cpu",
                                     dataloader_pin_memory=False, seed=seed)
     return TrainingArguments(output_dir=str(output_dir), **{**defaults, **fields})
+
+
+def corpus_path(train_file: str | Path) -> Path:
+    """`train_file` as given when it exists or is absolute, else the file of that name in the data folder
+    (`$HF_ZOO_DATA`, default `../shared/data`)."""
+    path = Path(train_file)
+    return path if path.exists() or path.is_absolute() else default_data_dir() / path
+
+
+def prepare_corpus(train_file: str | Path, *, vocab_size: int, block_size: int,
+                   max_train_documents: int | None = None) -> dict[str, Any]:
+    """The experiments' data: documents split as the training CLI splits them (seed 0), a BPE tokenizer of
+    `vocab_size` fitted on the training documents, and both splits packed into `block_size` blocks.
+
+    Returns:
+        `documents`, `tokenizer`, `train` and `validation` (packed splits) and `train_file` (the resolved path).
+    """
+    path = corpus_path(train_file)
+    documents = load_documents(DataArguments(train_file=str(path), block_size=block_size,
+                                             max_train_documents=max_train_documents), seed=0)
+    tokenizer = train_bpe_tokenizer(documents["train"]["text"], vocab_size=vocab_size)
+    return {"documents": documents, "tokenizer": tokenizer, "train_file": str(path),
+            "train": tokenize_and_pack(documents["train"], tokenizer, block_size, split_name="train"),
+            "validation": tokenize_and_pack(documents["validation"], tokenizer, block_size, split_name="validation")}
 
 
 def mean_and_se(values: Sequence[float]) -> tuple[float, float]:
