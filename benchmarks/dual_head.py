@@ -1,7 +1,7 @@
 """The dual-head experiment: does a teacher-token head make a Bicameral byte LM learn faster?
 
     python -m benchmarks.dual_head --preset smoke     # minutes on 2 CPU cores
-    python -m benchmarks.dual_head --preset original  # the original code's sizes (C=512, 6 layers, 1024-byte windows; GPU)
+    python -m benchmarks.dual_head --preset original  # original sizes (C=512, 6 layers, 1024-byte windows; GPU)
 
 For every corpus and seed, the same backbone (same initial weights, same data order, same schedule, the same
 cutoff curriculum rule) is trained twice: as the single-head byte model (no token head) and with the token head at
@@ -40,8 +40,8 @@ from training.dual_head import CutoffCurriculum, DualHeadTrainer, add_token_labe
 from training.tokenization import load_tokenizer
 from training.train import language_model_metrics
 
-from .harness import add_deprecated_override, add_preset_argument, add_set_argument, apply_settings, environment, format_table, \
-    output_folder, pyplot, resolve_device, save_figure, training_arguments, write_json
+from .harness import add_deprecated_override, add_preset_argument, add_set_argument, apply_settings, environment, \
+    format_table, output_folder, pyplot, resolve_device, save_figure, training_arguments, write_json
 
 
 PRESETS: dict[str, dict[str, Any]] = {

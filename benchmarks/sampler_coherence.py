@@ -2,7 +2,7 @@
 critic-guided remasking) make parallel un-masking locally more coherent, and at what speed?
 
     python -m benchmarks.sampler_coherence --preset smoke     # minutes on 2 CPU cores, tinystories sample
-    python -m benchmarks.sampler_coherence --preset original  # larger model and sample, the original's stage schedule (GPU)
+    python -m benchmarks.sampler_coherence --preset original  # larger model and sample, the original's stages (GPU)
 
 Steps:
 1. Fit a BPE tokenizer on the training documents and pack them (the foundation's data pipeline).
