@@ -315,30 +315,36 @@ def add_set_argument(parser: argparse.ArgumentParser, what: str = "preset fields
 class _DeprecatedAlias(argparse.Action):
     """An old override flag kept as an alias of `--set`: warns (FutureWarning) and appends to `--set`."""
 
-    def __init__(self, option_strings: Sequence[str], dest: str, key: str | None = None, **kwargs: Any) -> None:
-        self.key = key
+    def __init__(self, option_strings: Sequence[str], dest: str, key: str | None = None, prefix: str = "",
+                 **kwargs: Any) -> None:
+        self.key, self.prefix = key, prefix
         super().__init__(option_strings, dest, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
-        replacement = f"--set {self.key}=..." if self.key else "--set KEY=VALUE,..."
+        replacement = f"--set {self.key}=..." if self.key else f"--set {self.prefix}KEY=VALUE,..."
         warnings.warn(f"{option_string} is deprecated, use {replacement}", FutureWarning, stacklevel=2)
         items = list(getattr(namespace, "set", None) or [])
-        items.append({self.key: values} if self.key else values)
+        if self.key:
+            items.append({self.key: values})
+        else:
+            items.append({self.prefix + key: value for key, value in parse_set([values]).items()})
         namespace.set = items
 
 
-def add_deprecated_override(parser: argparse.ArgumentParser, flag: str) -> None:
-    """`flag "k=v,..."` (an old override flag such as `--config_overrides`) keeps working as `--set "k=v,..."`."""
-    parser.add_argument(flag, action=_DeprecatedAlias, dest="_deprecated_" + flag.lstrip("-"),
+def add_deprecated_override(parser: argparse.ArgumentParser, flag: str, prefix: str = "") -> None:
+    """`flag "k=v,..."` (an old override flag such as `--config_overrides`) keeps working as
+    `--set "<prefix>k=v,..."`."""
+    parser.add_argument(flag, action=_DeprecatedAlias, dest="_deprecated_" + flag.lstrip("-"), prefix=prefix,
                         default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
-def add_deprecated_settings(parser: argparse.ArgumentParser, types: Mapping[str, Callable[[str], Any]]) -> None:
+def add_deprecated_settings(parser: argparse.ArgumentParser, types: Mapping[str, Callable[[str], Any]],
+                            keys: Mapping[str, str] | None = None) -> None:
     """`--name VALUE` for each setting `name` (the old one-flag-per-setting spelling) keeps working as
-    `--set name=VALUE`, the value parsed by its `types[name]`."""
+    `--set key=VALUE` (`key`: `keys[name]`, default `name`), the value parsed by its `types[name]`."""
     for name, kind in types.items():
-        parser.add_argument(f"--{name}", action=_DeprecatedAlias, key=name, type=kind,
+        parser.add_argument(f"--{name}", action=_DeprecatedAlias, key=(keys or {}).get(name, name), type=kind,
                             dest="_deprecated_" + name, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
@@ -383,9 +389,14 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def timestamp() -> str:
+    """The local time as the results folders name it, `YYYY-MM-DD_HH-MM-SS`."""
+    return f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
+
+
 def output_folder(given: str | None, *name: Any) -> Path:
     """`given`, or `results/<name parts joined by ->-<timestamp>`."""
-    return Path(given or f"results/{'-'.join(map(str, name))}-{datetime.now():%Y-%m-%d_%H-%M-%S}")
+    return Path(given or f"results/{'-'.join(map(str, name))}-{timestamp()}")
 
 
 def training_arguments(output_dir: str | Path, *, device: torch.device, seed: int, **fields: Any) -> TrainingArguments:
