@@ -1,7 +1,7 @@
 """Training throughput (tokens/s of forward + backward + AdamW step) of a zoo model against the same-size
 Hugging Face Llama, in the same run.
 
-    python -m benchmarks.throughput --model_type nanohead_gpt --config_overrides "nanohead_proportion=0.4"
+    python -m benchmarks.throughput --model_type nanohead_gpt --set nanohead_proportion=0.4
 
 Writes `throughput.json` and prints a table with the ratio to the baseline.
 """
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +19,8 @@ from transformers import LlamaForCausalLM
 from training.common import UsageError, run_cli
 
 from .generation import BASELINE, load_subject
-from .harness import DTYPES, MIN_RUNS, environment, format_table, resolve_device, time_training, write_json
+from .harness import DTYPES, MIN_RUNS, add_deprecated_override, add_set_argument, environment, format_table, \
+    output_folder, resolve_device, time_training, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="A trained folder (or Hub id).")
     source.add_argument("--model_type", help="A randomly initialised model of this architecture.")
-    parser.add_argument("--config_overrides")
+    add_set_argument(parser, "config fields of --model_type over the registry's default, e.g. --set hidden_size=256")
+    add_deprecated_override(parser, "--config_overrides")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seq_len", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=2)
@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "environment": environment(device, dtype),
         "rows": rows,
     }
-    output_dir = Path(args.output_dir or f"results/throughput-{datetime.now():%Y-%m-%d_%H-%M-%S}")
+    output_dir = output_folder(args.output_dir, "throughput")
     write_json(output_dir / "throughput.json", report)
     print(format_table(rows, [("model", "model"), ("parameters", "params"), ("tokens_per_second", "train tok/s"),
                               ("median_s", "s/step (median)"), ("p10_s", "p10"), ("p90_s", "p90"),

@@ -58,7 +58,7 @@ def test_format_table():
 
 def test_generation_cli_measures_cached_uncached_and_the_llama_baseline(tmp_path, capsys):
     report = generation.main([
-        "--model_type", "llama", "--config_overrides", TINY, "--batch_sizes", "1,2", "--prompt_lengths", "1,8",
+        "--model_type", "llama", "--set", TINY, "--batch_sizes", "1,2", "--prompt_lengths", "1,8",
         "--new_tokens", "4", "--warmup", "0", "--runs", "5", "--output_dir", str(tmp_path),
     ])
     assert len(report["rows"]) == 4
@@ -83,9 +83,10 @@ def test_generation_cli_writes_the_figures_into_a_model_folder(tmp_path):
     assert "Generation speed" in card and "tok/s" in card
 
 
-def test_throughput_cli(tmp_path):
-    report = throughput.main(["--model_type", "llama", "--config_overrides", TINY, "--batch_size", "2",
-                              "--seq_len", "16", "--warmup", "1", "--runs", "5", "--output_dir", str(tmp_path)])
+def test_throughput_cli_takes_the_deprecated_config_overrides_as_set(tmp_path):
+    with pytest.warns(FutureWarning, match="--config_overrides is deprecated, use --set"):
+        report = throughput.main(["--model_type", "llama", "--config_overrides", TINY, "--batch_size", "2",
+                                  "--seq_len", "16", "--warmup", "1", "--runs", "5", "--output_dir", str(tmp_path)])
     assert report["rows"][0]["tokens_per_second"] > 0
     assert json.loads((tmp_path / "throughput.json").read_text())["settings"]["seq_len"] == 16
 
@@ -94,9 +95,9 @@ def test_throughput_cli(tmp_path):
     "argv,expected",
     [
         (["--model_type", "nope"], "unknown model_type"),
-        (["--model_type", "llama", "--config_overrides", TINY, "--prompt_lengths", "64"], "exceed the context"),
-        (["--model_type", "llama", "--config_overrides", TINY, "--runs", "2"], "--runs"),
-        (["--model_type", "llama", "--config_overrides", TINY, "--new_tokens", "4", "--modes", "warp"], "unknown modes"),
+        (["--model_type", "llama", "--set", TINY, "--prompt_lengths", "64"], "exceed the context"),
+        (["--model_type", "llama", "--set", TINY, "--runs", "2"], "--runs"),
+        (["--model_type", "llama", "--set", TINY, "--new_tokens", "4", "--modes", "warp"], "unknown modes"),
     ],
 )
 def test_generation_cli_errors(argv, expected, tmp_path):
@@ -146,7 +147,7 @@ def test_decode_benchmark_reports_every_path_against_the_floor_and_llama(tmp_pat
     from benchmarks import decode
 
     report = decode.main([
-        "--model_type", "toeplitz_mixer", "--config_overrides", TOEPLITZ_TINY, "--batch_sizes", "2",
+        "--model_type", "toeplitz_mixer", "--set", TOEPLITZ_TINY, "--batch_sizes", "2",
         "--prompt_lengths", "4", "--new_tokens", "8", "--runs", "5", "--backend", "eager", "--static",
         "--bandwidth_gbs", "10", "--threads", "1", "--output_dir", str(tmp_path)])
     assert json.loads((tmp_path / "decode.json").read_text())["bandwidth_gbs"] == 10
