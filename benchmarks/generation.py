@@ -46,13 +46,19 @@ from .harness import (
 BASELINE = "llama (baseline)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_subject_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--model` (a trained folder or Hub id) or `--model_type` (random init, its config changed by `--set`): the
+    subject that `load_subject` builds."""
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="A trained folder (or Hub id) to benchmark.")
     source.add_argument("--model_type", help="Benchmark a randomly initialised model of this architecture.")
     add_set_argument(parser, "config fields of --model_type over the registry's default, e.g. --set hidden_size=256")
     add_deprecated_override(parser, "--config_overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_subject_arguments(parser)
     parser.add_argument("--batch_sizes", type=positive_ints, default=[1, 4])
     parser.add_argument("--prompt_lengths", type=positive_ints, default=None,
                         help="Default: 1, a quarter and a half of the context (those where prompt + new tokens fit).")

@@ -18,18 +18,13 @@ from transformers import LlamaForCausalLM
 
 from training.common import UsageError, run_cli
 
-from .generation import BASELINE, load_subject
-from .harness import DTYPES, MIN_RUNS, add_deprecated_override, add_set_argument, environment, format_table, \
-    output_folder, resolve_device, time_training, write_json
+from .generation import BASELINE, add_subject_arguments, load_subject
+from .harness import DTYPES, MIN_RUNS, environment, format_table, output_folder, resolve_device, time_training, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", help="A trained folder (or Hub id).")
-    source.add_argument("--model_type", help="A randomly initialised model of this architecture.")
-    add_set_argument(parser, "config fields of --model_type over the registry's default, e.g. --set hidden_size=256")
-    add_deprecated_override(parser, "--config_overrides")
+    add_subject_arguments(parser)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seq_len", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=2)
