@@ -19,7 +19,8 @@ from transformers import LlamaForCausalLM
 from training.common import UsageError, run_cli
 
 from .generation import BASELINE, add_subject_arguments, load_subject
-from .harness import DTYPES, MIN_RUNS, environment, format_table, output_folder, resolve_device, time_training, write_json
+from .harness import DTYPES, MIN_RUNS, environment, format_table, output_folder, resolve_device, time_training, \
+    write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
