@@ -253,3 +253,16 @@ def test_save_figure_writes_and_closes(tmp_path):
     ax.plot([0, 1], [1, 0])
     path = save_figure(fig, tmp_path / "sub" / "figure.png")
     assert path.stat().st_size > 0 and not plt.fignum_exists(fig.number)
+
+
+def test_output_folder_and_training_arguments_defaults(tmp_path):
+    import re
+
+    from benchmarks.harness import output_folder, training_arguments
+
+    assert output_folder(str(tmp_path), "x") == tmp_path
+    default = output_folder(None, "dual_head", "smoke").as_posix()
+    assert re.fullmatch(r"results/dual_head-smoke-\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", default)
+    args = training_arguments(tmp_path, device=torch.device("cpu"), seed=3, max_steps=2, save_strategy="steps")
+    assert (args.use_cpu, args.seed, args.report_to, args.dataloader_pin_memory) == (True, 3, [], False)
+    assert args.save_strategy == "steps" and args.max_steps == 2  # the caller's fields win
