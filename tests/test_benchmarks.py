@@ -146,10 +146,17 @@ def test_decode_floor_bytes_count_weights_and_the_state_a_step_reads():
 def test_decode_benchmark_reports_every_path_against_the_floor_and_llama(tmp_path):
     from benchmarks import decode
 
-    report = decode.main([
-        "--model_type", "toeplitz_mixer", "--set", TOEPLITZ_TINY, "--batch_sizes", "2",
-        "--prompt_lengths", "4", "--new_tokens", "8", "--runs", "5", "--backend", "eager", "--static",
-        "--bandwidth_gbs", "10", "--threads", "1", "--output_dir", str(tmp_path)])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        report = decode.main([
+            "--model_type", "toeplitz_mixer", "--set", TOEPLITZ_TINY, "--batch_sizes", "2",
+            "--prompt_lengths", "4", "--new_tokens", "8", "--runs", "5", "--backend", "eager", "--static",
+            "--bandwidth_gbs", "10", "--threads", "1", "--output_dir", str(tmp_path)])
+        assert torch.get_num_threads() == 2  # --threads holds for the run only
+    finally:
+        torch.set_num_threads(before)
+    assert report["environment"]["torch_threads"] == 1
     assert json.loads((tmp_path / "decode.json").read_text())["bandwidth_gbs"] == 10
     rows = {row["subject"]: row for row in report["rows"]}
     assert list(rows) == ["toeplitz_mixer eager", "llama eager", "toeplitz_mixer compiled", "llama compiled",
