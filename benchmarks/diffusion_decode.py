@@ -1,5 +1,5 @@
 """Confidence-parallel masked-diffusion decoding with the approximate block cache against same-size Llama greedy
-decoding, at matched generative perplexity, in one run (issue 18, item 4).
+decoding, at matched generative perplexity, in one run.
 
     python -m benchmarks.diffusion_decode --preset smoke     # ~15 minutes on one CPU core
 

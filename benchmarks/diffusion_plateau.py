@@ -1,4 +1,4 @@
-"""Diagnostic of the masked diffusion LM's unigram plateau (seed 002): does a training recipe let the trunk leave it?
+"""Diagnostic of the masked diffusion LM's unigram plateau: does a training recipe let the trunk leave it?
 
 A plain AdamW loop (linear warm-up of the learning rate, then cosine; gradient clipping 1.0; one torch thread by
 default) on the smoke data of `benchmarks.sampler_coherence` (`tinystories_valid_sample.txt` from `$HF_ZOO_DATA`,

@@ -11,7 +11,7 @@ returns what it measured; a part or row that no longer fits in `--budget_s` is s
    same-size Llama (`harness.time_training`); tokens/s and MFU = tokens/s × (6·N + 12·L·E·T) / the bf16 matmul rate
    measured on the device (N: parameters without the input embedding; the PaLM estimate, which counts a token
    mixer as attention).
-3. `experiments`: the seed experiments' `gpu` presets (`benchmarks.toeplitz_variants`, `dual_head`,
+3. `experiments`: the experiments' `gpu` presets (`benchmarks.toeplitz_variants`, `dual_head`,
    `sampler_coherence`, `nanohead_sweep`, `npt_losses`), each in a subprocess with the time left as its timeout;
    their JSON reports are embedded in `campaign.json` (their checkpoints stay in a scratch folder).
 4. `correctness`: cached ≡ uncached greedy tokens of every causal architecture in bf16, and the Toeplitz

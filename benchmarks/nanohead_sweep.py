@@ -98,7 +98,7 @@ def estimate_config(
 ) -> dict[str, int]:
     """Depth and width of a model of about `target_params` parameters whose head split exists at every proportion.
 
-    1. depth: the seed's rule, the depth whose width `aspect_ratio * depth` (MLP `mlp_ratio` times wider) gives
+    1. depth: the original's rule, the depth whose width `aspect_ratio * depth` (MLP `mlp_ratio` times wider) gives
        the count nearest the target;
     2. heads: `round(width / head_dim)`, rounded to a multiple of the GQA group `kv_group`;
     3. width: the multiple of `2 * heads` (so that the plain GPT's head dim is even) nearest the target count

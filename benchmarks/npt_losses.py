@@ -1,4 +1,4 @@
-"""The NPT loss ablation (seed 004): which distillation losses let an NPT layer replace its base Llama layer?
+"""The NPT loss ablation: which distillation losses let an NPT layer replace its base Llama layer?
 
     python -m benchmarks.npt_losses --preset smoke        # minutes on a 2-core CPU
     python -m benchmarks.npt_losses --preset full         # bigger teacher, longer runs, three layer positions
@@ -7,7 +7,7 @@
 1. The teacher: a small Llama trained on `tinystories_valid_sample.txt` through the training CLI
    (`python -m training.train --model_type llama ...`), or reused from `<output_dir>/teacher` when it exists.
 2. For every configuration: `NPTForCausalLM.from_llama(teacher, npt_layers=..., ...)` and `NPTTrainer` with the
-   configuration's losses (one change at a time from `direct + fidelity + regularization`): each of the seed's
+   configuration's losses (one change at a time from `direct + fidelity + regularization`): each of the original's
    proposals in its sound version and as the seed wrote it, the repository's losses and stage schedule, the
    adaptive weightings, and a few architecture switches (affine generator, keep mode, gate_up, several layers).
 3. Held-out metrics per configuration (`training.npt.evaluate_npt`): KL(teacher ‖ NPT) and top-1 agreement,
@@ -16,7 +16,7 @@
    KL every `eval_every` steps.
 
 Writes `<output_dir>/<preset>/results.json`, `ablation.png` (bars of R and KL per configuration) and `curves.png`
-(direct NMSE and KL against the step). A configuration whose loss fails (the seed's orthogonality loss raises a
+(direct NMSE and KL against the step). A configuration whose loss fails (the original's orthogonality loss raises a
 shape error) is recorded with its error.
 """
 

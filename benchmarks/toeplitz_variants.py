@@ -287,7 +287,7 @@ def train_variant(name: str, flags: dict[str, bool], parallel: bool, settings: d
             "optimizer_steps": trainer.state.global_step,
             "num_parameters": sum(p.numel() for p in model.parameters()),
             "model_config": config.to_diff_dict(),
-            "generation_note": "generation.* are the seed's figures (mean time, first prompt length); the sweep has "
+            "generation_note": "generation.* are the original's figures (mean time, first prompt length); the sweep has "
                                "medians and p10/p90 at every prompt length; prompts are seeded random token ids",
             "generation_sweep": bench["sweep"],
             "log_history": trainer.state.log_history,
