@@ -288,7 +288,7 @@ def format_table(rows: list[Mapping[str, Any]], columns: list[tuple[str, str]], 
 # Experiment scaffolding
 
 
-RENAMED_PRESETS = {"seed": "original", "seed_readme": "original_readme"}  # old name -> new (the original code's)
+RENAMED_PRESETS = {"seed": "original", "seed_readme": "original_readme"}  # old name -> new (the research code's)
 
 
 def add_preset_argument(parser: argparse.ArgumentParser, presets: Mapping[str, Any], default: str = "smoke") -> None:
@@ -395,13 +395,13 @@ def timestamp() -> str:
 
 
 def output_folder(given: str | None, *name: Any) -> Path:
-    """`given`, or `results/<name parts joined by ->-<timestamp>`."""
+    """`given`, or `results/<name[0]>-<name[1]>-...-<timestamp>` (e.g. `results/dual_head-smoke-<timestamp>`)."""
     return Path(given or f"results/{'-'.join(map(str, name))}-{timestamp()}")
 
 
 def training_arguments(output_dir: str | Path, *, device: torch.device, seed: int, **fields: Any) -> TrainingArguments:
-    """`TrainingArguments` with the experiments' defaults (no checkpoints, no reporting, no pinned memory, the CPU
-    unless `device` is CUDA); `fields` set or override the rest."""
+    """`TrainingArguments` with the experiments' defaults (no checkpoints, no reporting, no pinned memory, `use_cpu`
+    when `device` is the CPU); `fields` set or override the rest."""
     defaults: dict[str, Any] = dict(save_strategy="no", report_to="none", use_cpu=device.type == "cpu",
                                     dataloader_pin_memory=False, seed=seed)
     return TrainingArguments(output_dir=str(output_dir), **{**defaults, **fields})
