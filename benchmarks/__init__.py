@@ -1,2 +1,2 @@
 """benchmarks: the zoo's measurement harness (`benchmarks.harness`), the generation and training-throughput
-benchmarks against the same-size Llama baseline, and one script per seed experiment."""
+benchmarks against the same-size Llama baseline, and one script per experiment."""

@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from training.common import UsageError, run_cli
 
-from .harness import format_table, write_json
+from .harness import format_table, mean_and_se, pyplot, save_figure, write_json
 
 MODES = ("cached_parallel", "cached_sequential", "uncached_parallel", "uncached_sequential")
 
@@ -47,8 +46,8 @@ def _uncached(result: dict[str, Any]) -> float:
 
 
 def _spread(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
+    mean, se = mean_and_se(values)
+    return {"mean": mean, "std": se * math.sqrt(len(values)), "n": len(values)}
 
 
 def analyze(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -130,10 +129,7 @@ def print_verdicts(verdicts: dict[str, Any]) -> None:
 def plot_comparison(results: list[dict[str, Any]], path: str | Path) -> Path:
     """The 2×3 comparison figure: eval loss, train loss, train samples/s, tok/s of the 4 modes, the 4 speed-ups,
     eval loss vs cached tok/s."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = [r["model_name"] for r in results]
     x = range(len(names))
@@ -173,9 +169,7 @@ def plot_comparison(results: list[dict[str, Any]], path: str | Path) -> Path:
     ax.set_ylabel("eval loss")
     ax.set_title("quality vs speed")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return Path(path)
 
 

@@ -36,27 +36,30 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable, Sequence
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import CompileConfig, LlamaForCausalLM, PreTrainedConfig, PreTrainedModel
 
 import hf_models  # noqa: F401  (fills the registry)
-from hf_models.registry import ArchitectureSpec, get_spec, parse_config_overrides
+from hf_models.registry import ArchitectureSpec, get_spec
 from training.common import UsageError, run_cli
 
 from .harness import (
     DTYPES,
     MIN_RUNS,
+    add_deprecated_override,
+    add_set_argument,
     environment,
     format_table,
     measure_memory_bandwidth,
+    output_folder,
+    parse_set,
     positive_ints,
     random_prompts,
     resolve_device,
     time_generation,
+    torch_threads,
     write_json,
 )
 
@@ -66,7 +69,8 @@ LLAMA = "llama"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_type", default="toeplitz_mixer", help="A causal architecture of the registry.")
-    parser.add_argument("--config_overrides", default=None, help="Config fields over the registry's default.")
+    add_set_argument(parser, "config fields of --model_type over the registry's default, e.g. --set hidden_size=256")
+    add_deprecated_override(parser, "--config_overrides")
     parser.add_argument("--batch_sizes", type=positive_ints, default=[1, 4])
     parser.add_argument("--prompt_lengths", type=positive_ints, default=[1, 256])
     parser.add_argument("--new_tokens", type=int, default=64)
@@ -297,13 +301,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                          f"{MIN_RUNS} and --warmup >= 1 (the compilation)")
     if args.bandwidth_gbs is not None and args.bandwidth_gbs <= 0:
         raise UsageError("--bandwidth_gbs must be > 0")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     try:
         spec = get_spec(args.model_type)
-        config = spec.make_config(parse_config_overrides(args.config_overrides))
+        config = spec.make_config(parse_set(args.set))
     except ValueError as error:
         raise UsageError(" ".join(str(error).split())) from None
+    with torch_threads(args.threads):
+        return run(args, spec, config)
+
+
+def run(args: argparse.Namespace, spec: ArchitectureSpec, config: PreTrainedConfig) -> dict[str, Any]:
+    """The benchmark with parsed arguments, of `config` (see the module docstring)."""
     context = config.max_position_embeddings
     too_long = [p for p in args.prompt_lengths if p + args.new_tokens > context]
     if too_long:
@@ -325,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "bandwidth_source": "--bandwidth_gbs" if args.bandwidth_gbs else "measured (256 MB buffer copy)",
         "rows": rows,
     }
-    output_dir = Path(args.output_dir or f"results/decode-{spec.model_type}-{datetime.now():%Y-%m-%d_%H-%M-%S}")
+    output_dir = output_folder(args.output_dir, "decode", spec.model_type)
     write_json(output_dir / "decode.json", report)
     print(format_table(rows, COLUMNS))
     env = report["environment"]

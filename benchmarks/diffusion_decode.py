@@ -1,5 +1,5 @@
 """Confidence-parallel masked-diffusion decoding with the approximate block cache against same-size Llama greedy
-decoding, at matched generative perplexity, in one run (issue 18, item 4).
+decoding, at matched generative perplexity, in one run.
 
     python -m benchmarks.diffusion_decode --preset smoke     # ~15 minutes on one CPU core
 
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,8 @@ from hf_models.registry import get_spec
 from training.common import UsageError, run_cli
 
 from . import sampler_coherence
-from .harness import environment, format_table, positive_floats, resolve_device, time_generation, write_json
+from .harness import add_deprecated_settings, add_preset_argument, add_set_argument, apply_settings, environment, \
+    format_table, output_folder, positive_floats, resolve_device, time_generation, torch_threads, write_json
 
 INT_SETTINGS = ("decode_block_size", "runs", *sampler_coherence.INT_SETTINGS)
 PRESETS: dict[str, dict[str, Any]] = {
@@ -143,10 +143,9 @@ def card_table(report: dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
-    parser.add_argument("--thresholds", type=positive_floats, default=None, help="Default: the preset's.")
-    for name in INT_SETTINGS:
-        parser.add_argument(f"--{name}", type=int, default=None, help="Default: the preset's value.")
+    add_preset_argument(parser, PRESETS)
+    add_set_argument(parser, "preset fields, e.g. --set thresholds=[0.9,0.5],decode_block_size=8")
+    add_deprecated_settings(parser, {**dict.fromkeys(INT_SETTINGS, int), "thresholds": positive_floats})
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output_dir", default=None, help="Default: results/diffusion_decode-<preset>-<timestamp>.")
@@ -154,33 +153,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    settings = dict(PRESETS[args.preset])
-    for key in (*INT_SETTINGS, "thresholds"):
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
+    settings = apply_settings(PRESETS[args.preset], args.set)
     if settings["new_tokens"] % settings["decode_block_size"]:
-        raise UsageError(f"--decode_block_size {settings['decode_block_size']} must divide --new_tokens "
+        raise UsageError(f"decode_block_size {settings['decode_block_size']} must divide new_tokens "
                          f"{settings['new_tokens']}")
     if settings["num_prompts"] < 2 or settings["prompt_tokens"] + settings["new_tokens"] > settings["block_size"]:
-        raise UsageError("--num_prompts must be >= 2 and --prompt_tokens + --new_tokens <= --block_size")
+        raise UsageError("num_prompts must be >= 2 and prompt_tokens + new_tokens <= block_size")
     return settings
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     settings = _settings(args)
-    threads = torch.get_num_threads()
-    if settings["threads"]:
-        torch.set_num_threads(settings["threads"])
-    try:
+    with torch_threads(settings["threads"]):
         return run(args, settings)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
     device = resolve_device(args.device)
-    output_dir = Path(args.output_dir or f"results/diffusion_decode-{args.preset}-{datetime.now():%Y-%m-%d_%H-%M-%S}")
+    output_dir = output_folder(args.output_dir, "diffusion_decode", args.preset)
     data = sampler_coherence.prepare_data(settings)
     with tempfile.TemporaryDirectory() as checkpoints:
         try:

@@ -1,4 +1,4 @@
-"""Diagnostic of the masked diffusion LM's unigram plateau (seed 002): does a training recipe let the trunk leave it?
+"""Diagnostic of the masked diffusion LM's unigram plateau: does a training recipe let the trunk leave it?
 
 A plain AdamW loop (linear warm-up of the learning rate, then cosine; gradient clipping 1.0; one torch thread by
 default) on the smoke data of `benchmarks.sampler_coherence` (`tinystories_valid_sample.txt` from `$HF_ZOO_DATA`,
@@ -36,7 +36,6 @@ import argparse
 import math
 import time
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +49,8 @@ from training.common import UsageError, run_cli
 from training.diffusion import DiffusionObjective, diffusion_loss, diffusion_losses, mask_tokens, sample_mask_rates
 from training.train import config_for_tokenizer
 
-from .harness import environment, write_json
+from .harness import add_deprecated_settings, add_set_argument, apply_settings, environment, output_folder, pyplot, \
+    save_figure, torch_threads, write_json
 from .sampler_coherence import PRESETS, prepare_data
 
 MODES = ("fixed", "elbo", "mean", "onebatch", "ar")
@@ -138,11 +138,7 @@ def training_loss(model: MaskedDiffusionForMaskedLM, rows: torch.Tensor, step: i
 
 def plot(report: dict[str, Any], path: Path) -> None:
     """The fixed-rate losses and the ELBO bound against the step, with the unigram entropy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     curve = report["curve"]
     fig, ax = plt.subplots(figsize=(8, 5))
     steps = [point["step"] for point in curve]
@@ -162,9 +158,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     settings = report["settings"]
     ax.set_title(f"diffusion_plateau: mode {settings['mode']}, lr {settings['lr']}, batch {settings['batch']} x 128 "
                  f"(rows of {settings['block']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,9 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mask_warmup_block", type=int, default=0, help="Sub-block length of the warm-up (0: rows).")
     parser.add_argument("--eval_every", type=int, default=100, help="Evaluate every this many steps.")
     parser.add_argument("--eval_blocks", type=int, default=50, help="Validation blocks evaluated.")
-    parser.add_argument("--train_file", default=None, help="Corpus; default: the smoke preset's file in $HF_ZOO_DATA.")
-    parser.add_argument("--max_train_documents", type=int, default=None, help="Use only this many training documents.")
-    parser.add_argument("--vocab_size", type=int, default=None, help="BPE vocabulary (default: the smoke preset's).")
+    add_set_argument(parser, "fields of sampler_coherence's smoke preset (the data: train_file, max_train_documents, "
+                             "vocab_size)")
+    add_deprecated_settings(parser, {"train_file": str, "max_train_documents": int, "vocab_size": int})
     parser.add_argument("--seed", type=int, default=0, help="Seed of the initialisation and the batches.")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: leave as is).")
     parser.add_argument("--output_dir", default=None, help="Default: results/diffusion_plateau-<mode>-<timestamp>.")
@@ -210,22 +204,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                                        args.mask_warmup_steps, args.mask_warmup_rate, args.mask_warmup_block)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        return run(args, objective)
-    finally:
-        torch.set_num_threads(threads)
+    settings = apply_settings(PRESETS["smoke"], args.set)
+    with torch_threads(args.threads):
+        return run(args, objective, settings)
 
 
-def run(args: argparse.Namespace, objective: DiffusionObjective) -> dict[str, Any]:
-    """The diagnostic with parsed arguments (see the module docstring)."""
-    output_dir = Path(args.output_dir or f"results/diffusion_plateau-{args.mode}-{datetime.now():%Y-%m-%d_%H-%M-%S}")
-    settings = dict(PRESETS["smoke"])
-    for key in ("train_file", "max_train_documents", "vocab_size"):
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
+def run(args: argparse.Namespace, objective: DiffusionObjective, settings: dict[str, Any]) -> dict[str, Any]:
+    """The diagnostic with parsed arguments and the data settings (see the module docstring)."""
+    output_dir = output_folder(args.output_dir, "diffusion_plateau", args.mode)
     data = prepare_data(settings)
     tokenizer = data["tokenizer"]
     train = torch.tensor(data["train"].blocks["input_ids"])
@@ -280,7 +266,9 @@ def run(args: argparse.Namespace, objective: DiffusionObjective) -> dict[str, An
 
     report = {
         "experiment": "diffusion_plateau",
-        "settings": {**vars(args), "output_dir": str(output_dir), "train_file": data["train_file"],
+        "settings": {**{key: value for key, value in vars(args).items() if key != "set"},
+                     "max_train_documents": settings["max_train_documents"], "vocab_size": settings["vocab_size"],
+                     "output_dir": str(output_dir), "train_file": data["train_file"],
                      "objective": objective.describe() if args.mode in ("elbo", "mean") else None},
         "parameters": sum(p.numel() for p in model.parameters()),
         "unigram_entropy_train": entropy_train, "unigram_entropy_validation": entropy_validation,

@@ -1,19 +1,19 @@
-"""The dual-head experiment (seed 000): does a teacher-token head make a Bicameral byte LM learn faster?
+"""The dual-head experiment: does a teacher-token head make a Bicameral byte LM learn faster?
 
     python -m benchmarks.dual_head --preset smoke     # minutes on 2 CPU cores
-    python -m benchmarks.dual_head --preset seed      # the seed's sizes (C=512, 6 layers, 1024-byte windows; GPU)
+    python -m benchmarks.dual_head --preset original  # original sizes (C=512, 6 layers, 1024-byte windows; GPU)
 
 For every corpus and seed, the same backbone (same initial weights, same data order, same schedule, the same
 cutoff curriculum rule) is trained twice: as the single-head byte model (no token head) and with the token head at
-`token_loss_weight` (0.5, the seed's). Both arms supervise the next byte at *every* position (the original compared a
+`token_loss_weight` (0.5, the original's). Both arms supervise the next byte at *every* position (the original compared a
 16-position chunk loss with an all-position token loss, which confounds the comparison). The teacher is a byte-level
 BPE of `token_vocab_size` tokens fitted offline on the training documents, or, with `--teacher_tokenizer`, any
-fast tokenizer (a folder, or a Hub id such as `gpt2` where the Hub is reachable: the seed's teacher), whose
+fast tokenizer (a folder, or a Hub id such as `gpt2` where the Hub is reachable: the original's teacher), whose
 vocabulary then sizes the token head.
 
 Reported per arm: steps until the training byte loss (trailing mean over `smooth` steps) first reaches each
 threshold, held-out bits per byte at the end, median wall-clock per optimizer step, the cutoff changes, and the
-token head's parameters and FLOPs (measured model, and the seed's sizes). Writes `dual_head.json` and
+token head's parameters and FLOPs (measured model, and the original's sizes). Writes `dual_head.json` and
 `dual_head_curves.png` to `--output_dir`.
 """
 
@@ -23,18 +23,16 @@ import argparse
 import statistics
 import time
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
-from transformers import PrinterCallback, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, TrainerCallback
 
 import hf_models
 from hf_models.bicameral import BicameralConfig, BicameralForCausalLM
 from hf_models.bicameral.modeling_bicameral import estimate_flops_per_byte, parameter_breakdown
-from hf_models.registry import parse_config_overrides
 from training.common import UsageError, run_cli
 from training.data import DataArguments, default_data_dir, load_documents, tokenize_and_pack
 from training.dual_head import CutoffCurriculum, DualHeadTrainer, add_token_labels, check_teacher, \
@@ -42,7 +40,8 @@ from training.dual_head import CutoffCurriculum, DualHeadTrainer, add_token_labe
 from training.tokenization import load_tokenizer
 from training.train import language_model_metrics
 
-from .harness import environment, format_table, resolve_device, write_json
+from .harness import add_deprecated_override, add_preset_argument, add_set_argument, apply_settings, environment, \
+    format_table, output_folder, pyplot, resolve_device, save_figure, training_arguments, write_json
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -54,9 +53,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                   max_steps=300, learning_rate=3e-3, warmup_ratio=0.05, weight_decay=0.0, plateau_window=10,
                   plateau_patience=50, plateau_threshold=0.01, lr_on_raise="halve", max_train_documents=None,
                   max_eval_blocks=64, thresholds=[2.4, 2.0, 1.8, 1.6], smooth=10),
-    # The seed's sizes and recipe (C=512, 6 layers, T=1024, K=128, cutoff 128 -> 512 -> all on 1025 bins, batch 4 x 8,
+    # The original code's sizes and recipe (C=512, 6 layers, T=1024, K=128, cutoff 128 -> 512 -> all on 1025 bins, batch 4 x 8,
     # AdamW 2e-4, wd 5e-4, dropout 0.1); an offline BPE teacher of 8192 tokens stands in for GPT-2's 50257.
-    "seed": dict(corpora=["tinystories_valid_sample.txt", "tinyshakespeare.txt"], seeds=[0, 1],
+    "original": dict(corpora=["tinystories_valid_sample.txt", "tinyshakespeare.txt"], seeds=[0, 1],
                  hidden_size=512, num_hidden_layers=6, max_position_embeddings=1024, kernel_len=128,
                  transition_bins=32, cutoff=128, cutoff_schedule=[512], token_vocab_size=8192,
                  token_loss_weight=0.5, dropout=0.1, block_size=1024, batch_size=4, gradient_accumulation_steps=8,
@@ -64,9 +63,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                  plateau_patience=50, plateau_threshold=0.01, lr_on_raise="halve", max_train_documents=None,
                  max_eval_blocks=256, thresholds=[3.0, 2.5, 2.0, 1.5], smooth=10),
 }
-# One point at the seed's model size on an H200 in about a minute (benchmarks.gpu_campaign; sized by estimate, not
+# One point at the original's model size on an H200 in about a minute (benchmarks.gpu_campaign; sized by estimate, not
 # yet measured on a GPU): one corpus and seed, 250 steps of 16 windows of 1024 bytes, no accumulation.
-PRESETS["gpu"] = {**PRESETS["seed"], "corpora": ["tinystories_valid_sample.txt"], "seeds": [0], "batch_size": 16,
+PRESETS["gpu"] = {**PRESETS["original"], "corpora": ["tinystories_valid_sample.txt"], "seeds": [0], "batch_size": 16,
                   "gradient_accumulation_steps": 1, "max_steps": 250, "learning_rate": 1e-3, "warmup_ratio": 0.05,
                   "max_eval_blocks": 128}
 CONFIG_FIELDS = ("hidden_size", "num_hidden_layers", "max_position_embeddings", "kernel_len", "transition_bins",
@@ -89,9 +88,9 @@ class StepClock(TrainerCallback):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
-    parser.add_argument("--override", default=None,
-                        help="Preset fields to change, e.g. 'max_steps=100,seeds=[0],corpora=[tinyshakespeare.txt]'.")
+    add_preset_argument(parser, PRESETS)
+    add_set_argument(parser, "preset fields, e.g. --set max_steps=100,seeds=[0],corpora=[tinyshakespeare.txt]")
+    add_deprecated_override(parser, "--override")
     parser.add_argument("--data_dir", default=None, help="Folder of the corpora (default: $HF_ZOO_DATA).")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output_dir", default=None, help="Default: results/dual_head-<preset>-<timestamp>.")
@@ -101,12 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace) -> dict[str, Any]:
-    settings = dict(PRESETS[args.preset])
-    overrides = parse_config_overrides(args.override)
-    unknown = sorted(set(overrides) - set(settings))
-    if unknown:
-        raise UsageError(f"unknown preset field(s) {unknown}; known: {', '.join(sorted(settings))}")
-    settings.update(overrides)
+    settings = apply_settings(PRESETS[args.preset], args.set)
     if isinstance(settings["corpora"], str):  # '[a.txt,b.txt]' is not JSON: split it by hand
         settings["corpora"] = [name.strip() for name in settings["corpora"].strip("[]").split(",") if name.strip()]
     if not settings["seeds"] or settings["max_steps"] < 1:
@@ -152,13 +146,12 @@ def train_arm(arm: str, config: BicameralConfig, initial_state: dict[str, torch.
             window=settings["plateau_window"], patience=settings["plateau_patience"],
             threshold=settings["plateau_threshold"], lr_on_raise=settings["lr_on_raise"])
     clock = StepClock()
-    args = TrainingArguments(
-        output_dir=str(output_dir / "runs" / f"{arm}-seed{seed}"), max_steps=settings["max_steps"],
+    args = training_arguments(
+        output_dir / "runs" / f"{arm}-seed{seed}", device=device, seed=seed, max_steps=settings["max_steps"],
         per_device_train_batch_size=settings["batch_size"],
         gradient_accumulation_steps=settings["gradient_accumulation_steps"],
         learning_rate=settings["learning_rate"], lr_scheduler_type="cosine", warmup_steps=settings["warmup_ratio"],
-        weight_decay=settings["weight_decay"], max_grad_norm=1.0, logging_steps=1, save_strategy="no",
-        report_to="none", seed=seed, use_cpu=device.type == "cpu", dataloader_pin_memory=False, disable_tqdm=True,
+        weight_decay=settings["weight_decay"], max_grad_norm=1.0, logging_steps=1, disable_tqdm=True,
         per_device_eval_batch_size=settings["batch_size"],
     )
     trainer = DualHeadTrainer(model=model, args=args, train_dataset=corpus["train"], callbacks=[clock],
@@ -224,11 +217,7 @@ def _meta_parameters(config: BicameralConfig) -> dict[str, int]:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     corpora = report["settings"]["corpora"]
     smooth = report["settings"]["smooth"]
     fig, axes = plt.subplots(1, len(corpora), figsize=(6 * len(corpora), 4.2), squeeze=False)
@@ -253,9 +242,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.set_ylabel(f"training loss (nats; byte loss: trailing mean of {smooth})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -263,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     settings = settings_from(args)
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     device = resolve_device(args.device)
-    output_dir = Path(args.output_dir or f"results/dual_head-{args.preset}-{datetime.now():%Y-%m-%d_%H-%M-%S}")
+    output_dir = output_folder(args.output_dir, "dual_head", args.preset)
     byte_tokenizer = hf_models.ByteTokenizer()
     teacher = None
     if args.teacher_tokenizer:
@@ -300,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     rows, verdicts = summarise(runs, settings)
     measured = BicameralConfig(**config_fields)
-    seed_config = BicameralConfig()  # the seed's sizes with GPT-2's 50257-token head
+    seed_config = BicameralConfig()  # the original's sizes with GPT-2's 50257-token head
     cost = {
         "measured_model": {"parameters": next(r["parameters"] for r in runs if r["arm"] == "dual_head"),
                            "flops_per_byte": estimate_flops_per_byte(measured, settings["block_size"])},

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,8 @@ from hf_models.bicameral.modeling_bicameral import direct_causal_conv, fft_causa
 from hf_models.registry import get_spec
 from training.common import UsageError, run_cli
 
-from .harness import DTYPES, MIN_RUNS, environment, format_table, positive_ints, resolve_device, time_runs, write_json
+from .harness import DTYPES, MIN_RUNS, environment, format_table, output_folder, positive_ints, pyplot, \
+    resolve_device, save_figure, time_runs, write_json
 
 SERIES = ("fft_conv_k", "fft_conv_global", "direct_conv_k", "sdpa_attention", "bicameral_layer", "llama_layer",
           "bicameral_decode_step", "llama_decode_step")
@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "bicameral_decode_step_beats_llama_from": crossover(rows, "bicameral_decode_step", "llama_decode_step"),
         },
     }
-    output_dir = Path(args.output_dir or f"results/fft_crossover-{datetime.now():%Y-%m-%d_%H-%M-%S}")
+    output_dir = output_folder(args.output_dir, "fft_crossover")
     write_json(output_dir / "fft_crossover.json", report)
     plot(report, output_dir / "fft_crossover.png")
     print(format_table([{k: (v * 1000 if k != "length" else v) for k, v in row.items()} for row in rows],
@@ -138,10 +138,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     lengths = [row["length"] for row in report["rows"]]
@@ -157,9 +154,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
                  f"({report['environment']['device_name'][:30]})", fontsize=9)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Generation speed of a zoo model against the same-size Hugging Face Llama, measured in the same run.
 
     python -m benchmarks.generation --model out/llama
-    python -m benchmarks.generation --model_type toeplitz_mixer --config_overrides "hidden_size=256"
+    python -m benchmarks.generation --model_type toeplitz_mixer --set hidden_size=256
 
 For every mode the architecture registers (e.g. parallel / sequential heads), batch size and prompt length it
 times greedy decoding of exactly `--new_tokens` tokens with and without the cache, then prints a table with the
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +21,24 @@ from tqdm import tqdm
 from transformers import AutoConfig, LlamaForCausalLM, PreTrainedModel
 
 import hf_models  # noqa: F401  (fills the registry)
-from hf_models.registry import ArchitectureSpec, get_spec, parse_config_overrides
+from hf_models.registry import ArchitectureSpec, get_spec
 from model_cards import BENCHMARK_FILE, update_benchmark_section
 from training.common import UsageError, run_cli
 
 from .harness import (
     DTYPES,
     MIN_RUNS,
+    add_deprecated_override,
+    add_set_argument,
     environment,
     format_table,
+    output_folder,
+    parse_set,
     positive_ints,
+    pyplot,
     random_prompts,
     resolve_device,
+    save_figure,
     time_generation,
     write_json,
 )
@@ -41,12 +46,19 @@ from .harness import (
 BASELINE = "llama (baseline)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_subject_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--model` (a trained folder or Hub id) or `--model_type` (random init, its config changed by `--set`): the
+    subject that `load_subject` builds."""
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="A trained folder (or Hub id) to benchmark.")
     source.add_argument("--model_type", help="Benchmark a randomly initialised model of this architecture.")
-    parser.add_argument("--config_overrides", help="Config fields for --model_type, e.g. 'hidden_size=256'.")
+    add_set_argument(parser, "config fields of --model_type over the registry's default, e.g. --set hidden_size=256")
+    add_deprecated_override(parser, "--config_overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_subject_arguments(parser)
     parser.add_argument("--batch_sizes", type=positive_ints, default=[1, 4])
     parser.add_argument("--prompt_lengths", type=positive_ints, default=None,
                         help="Default: 1, a quarter and a half of the context (those where prompt + new tokens fit).")
@@ -72,7 +84,7 @@ def load_subject(args: argparse.Namespace) -> tuple[ArchitectureSpec, PreTrained
             return spec, spec.load_pretrained(args.model)
         spec = get_spec(args.model_type or "llama")
         torch.manual_seed(args.seed)
-        return spec, spec.model_class(spec.make_config(parse_config_overrides(args.config_overrides)))
+        return spec, spec.model_class(spec.make_config(parse_set(args.set)))
     except (OSError, ValueError) as error:
         raise UsageError(" ".join(str(error).split())) from None
 
@@ -132,7 +144,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     row[f"{key}_vs_llama"] = row[f"{key}_tokens_per_second"] / reference[f"{key}_tokens_per_second"]
     return {
         "model_type": spec.model_type,
-        "source": args.model or f"random init ({args.config_overrides or 'default config'})",
+        "source": args.model or "random init ({})".format(
+            ",".join(f"{key}={value}" for key, value in parse_set(args.set).items()) or "default config"),
         "config": config.to_diff_dict(),
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "settings": {"new_tokens": args.new_tokens, "warmup": args.warmup, "runs": args.runs, "greedy": True,
@@ -151,10 +164,7 @@ COLUMNS = [
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     batch_sizes = sorted({row["batch_size"] for row in report["rows"]})
     fig, axes = plt.subplots(1, len(batch_sizes), figsize=(5.5 * len(batch_sizes), 4), squeeze=False)
@@ -177,9 +187,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     fig.suptitle(f"{report['model_type']} on {report['environment']['device_name']} ({report['environment']['dtype']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -187,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.new_tokens < 1 or args.runs < MIN_RUNS or args.warmup < 0:
         raise UsageError(f"--new_tokens must be >= 1, --runs >= {MIN_RUNS} and --warmup >= 0")
     report = run_benchmark(args)
-    output_dir = Path(args.output_dir or f"results/generation-{datetime.now():%Y-%m-%d_%H-%M-%S}")
+    output_dir = output_folder(args.output_dir, "generation")
     write_json(output_dir / "generation.json", report)
     plot(report, output_dir / "generation.png")
     print(format_table(report["rows"], [c for c in COLUMNS if any(c[0] in row for row in report["rows"])]))

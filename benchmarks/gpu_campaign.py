@@ -11,7 +11,7 @@ returns what it measured; a part or row that no longer fits in `--budget_s` is s
    same-size Llama (`harness.time_training`); tokens/s and MFU = tokens/s × (6·N + 12·L·E·T) / the bf16 matmul rate
    measured on the device (N: parameters without the input embedding; the PaLM estimate, which counts a token
    mixer as attention).
-3. `experiments`: the seed experiments' `gpu` presets (`benchmarks.toeplitz_variants`, `dual_head`,
+3. `experiments`: the experiments' `gpu` presets (`benchmarks.toeplitz_variants`, `dual_head`,
    `sampler_coherence`, `nanohead_sweep`, `npt_losses`), each in a subprocess with the time left as its timeout;
    their JSON reports are embedded in `campaign.json` (their checkpoints stay in a scratch folder).
 4. `correctness`: cached ≡ uncached greedy tokens of every causal architecture in bf16, and the Toeplitz
@@ -85,39 +85,38 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
     "toeplitz_variants": dict(
         gpu=["--preset", "gpu", "--train_file", "{data}/tinystories_valid_sample.txt", "--output_root", "{out}"],
         dry=["--preset", "smoke", "--train_file", "{data}/tinystories_valid_sample.txt", "--output_root", "{out}",
-             "--max_steps", "2", "--max_train_documents", "60", "--vocab_size", "300", "--block_size", "32",
-             "--config_overrides", "hidden_size=16,num_hidden_layers=1,num_heads=2,intermediate_size=16,"
-                                   "max_position_embeddings=64",
-             "--variants", "mean_proj", "--bench_new_tokens", "4", "--bench_runs", "5", "--bench_prompt_lengths", "1",
-             "--eval_steps", "2"],
+             "--set", "training.max_steps=2,training.eval_steps=2,data.max_train_documents=60,data.vocab_size=300,"
+                      "data.block_size=32,model.hidden_size=16,model.num_hidden_layers=1,model.num_heads=2,"
+                      "model.intermediate_size=16,model.max_position_embeddings=64,bench.new_tokens=4,bench.runs=5,"
+                      "bench.prompt_lengths=[1]",
+             "--variants", "mean_proj"],
         report="**/all_results.json"),
     "dual_head": dict(
         gpu=["--preset", "gpu", "--data_dir", "{data}", "--output_dir", "{out}"],
-        dry=["--preset", "smoke", "--data_dir", "{data}", "--output_dir", "{out}", "--override",
+        dry=["--preset", "smoke", "--data_dir", "{data}", "--output_dir", "{out}", "--set",
              "max_steps=2,hidden_size=16,num_hidden_layers=1,block_size=32,max_position_embeddings=32,kernel_len=8,"
              "cutoff=4,cutoff_schedule=[8],transition_bins=2,token_vocab_size=300,max_train_documents=20,seeds=[0],"
              "corpora=[tinyshakespeare.txt],thresholds=[9.0]"],
         report="dual_head.json"),
     "sampler_coherence": dict(
-        gpu=["--preset", "gpu", "--train_file", "{data}/tinystories_valid_sample.txt", "--output_dir", "{out}"],
-        dry=["--train_file", "{data}/tinystories_valid_sample.txt", "--output_dir", "{out}",
-             "--max_train_documents", "100", "--vocab_size", "300", "--block_size", "24", "--hidden_size", "32",
-             "--num_hidden_layers", "1", "--batch_size", "4", "--max_steps", "2", "--reference_max_steps", "2",
-             "--start_sampler_step", "1", "--start_critic_step", "1", "--end_critic_step", "2",
-             "--max_eval_blocks", "4", "--num_prompts", "2", "--mask_warmup_steps", "1", "--mask_warmup_block", "12",
-             "--prompt_tokens", "4", "--new_tokens", "4", "--step_counts", "2"],
+        gpu=["--preset", "gpu", "--set", "train_file={data}/tinystories_valid_sample.txt", "--output_dir", "{out}"],
+        dry=["--output_dir", "{out}", "--set", "train_file={data}/tinystories_valid_sample.txt",
+             "--set", "max_train_documents=100,vocab_size=300,block_size=24,hidden_size=32,num_hidden_layers=1,"
+                      "batch_size=4,max_steps=2,reference_max_steps=2,start_sampler_step=1,start_critic_step=1,"
+                      "end_critic_step=2,max_eval_blocks=4,num_prompts=2,mask_warmup_steps=1,mask_warmup_block=12,"
+                      "prompt_tokens=4,new_tokens=4,step_counts=[2]"],
         report="sampler_coherence.json"),
     "nanohead_sweep": dict(
-        gpu=["--preset", "gpu", "--bf16", "--train_file", "{data}/tinystories_valid_sample.txt", "--output_dir",
+        gpu=["--preset", "gpu", "--bf16", "--set", "train_file={data}/tinystories_valid_sample.txt", "--output_dir",
              "{out}"],
-        dry=["--preset", "smoke", "--proportions", "0,0.4", "--seeds", "1", "--max_steps", "2", "--target_params",
-             "60000", "--block_size", "32", "--batch_size", "4", "--max_train_documents", "60", "--vocab_size", "300",
-             "--train_file", "{data}/tinystories_valid_sample.txt", "--output_dir", "{out}"],
+        dry=["--preset", "smoke", "--set", "proportions=[0,0.4],seeds=1,max_steps=2,target_params=60000,"
+                                           "block_size=32,batch_size=4,max_train_documents=60,vocab_size=300",
+             "--set", "train_file={data}/tinystories_valid_sample.txt", "--output_dir", "{out}"],
         report="nanohead_sweep.json"),
     "npt_losses": dict(
         gpu=["--preset", "gpu", "--configs", "base,mg_exact,residual_keep,keep_affine_gate_up", "--no_multi_layer",
              "--data_file", "{data}/tinystories_valid_sample.txt", "--output_dir", "{out}"],
-        dry=["--preset", "smoke", "--configs", "base", "--steps", "2", "--teacher_steps", "2", "--no_multi_layer",
+        dry=["--preset", "smoke", "--configs", "base", "--set", "steps=2,teacher_steps=2", "--no_multi_layer",
              "--threads", "1", "--data_file", "{data}/tinystories_valid_sample.txt", "--output_dir", "{out}"],
         report="*/results.json"),
 }

@@ -1,5 +1,7 @@
 """The zoo's measurement harness: timed runs with warm-up, medians and spread, fixed-length generation, training
-throughput, and the environment every report records.
+throughput, and the environment every report records; and the scaffolding every experiment shares (one `--set
+key=value` override syntax, `torch_threads`, the default output folder, `TrainingArguments` defaults, one figure
+saver, mean and standard error).
 
 Figures are measured, never assumed: each timing is `time.perf_counter` around the call with the device
 synchronised before and after (CUDA), after `warmup` untimed calls.
@@ -8,20 +10,29 @@ synchronised before and after (CUDA), after `warmup` untimed calls.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, TrainingArguments
+
+from hf_models.registry import parse_config_overrides
+from training.common import UsageError
+from training.data import DataArguments, default_data_dir, load_documents, tokenize_and_pack
+from training.tokenization import train_bpe_tokenizer
 
 MIN_RUNS = 5
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -271,3 +282,177 @@ def format_table(rows: list[Mapping[str, Any]], columns: list[tuple[str, str]], 
     lines.append("  ".join("-" * width for width in widths))
     lines += ["  ".join(value.ljust(width) for value, width in zip(line, widths)) for line in body]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Experiment scaffolding
+
+
+RENAMED_PRESETS = {"seed": "original", "seed_readme": "original_readme"}  # old name -> new (the research code's)
+
+
+def add_preset_argument(parser: argparse.ArgumentParser, presets: Mapping[str, Any], default: str = "smoke") -> None:
+    """`--preset NAME` from `presets`; a renamed preset's old name (`RENAMED_PRESETS`) still works, with a
+    FutureWarning."""
+
+    def preset(name: str) -> str:
+        new = RENAMED_PRESETS.get(name)
+        if new in presets and name not in presets:
+            warnings.warn(f"--preset {name} is deprecated, use --preset {new}", FutureWarning, stacklevel=2)
+            return new
+        return name
+
+    parser.add_argument("--preset", type=preset, choices=sorted(presets), default=default)
+
+
+def add_set_argument(parser: argparse.ArgumentParser, what: str = "preset fields") -> None:
+    """`--set KEY=VALUE[,KEY=VALUE...]` (repeatable; later items win): the one override syntax of every experiment.
+    Values are read as in `parse_config_overrides` (JSON where possible: `max_steps=100`, `seeds=[0,1]`)."""
+    parser.add_argument("--set", dest="set", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                        help=f"Change {what}, e.g. --set max_steps=100 (repeatable).")
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old override flag kept as an alias of `--set`: warns (FutureWarning) and appends to `--set`."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, key: str | None = None, prefix: str = "",
+                 **kwargs: Any) -> None:
+        self.key, self.prefix = key, prefix
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        replacement = f"--set {self.key}=..." if self.key else f"--set {self.prefix}KEY=VALUE,..."
+        warnings.warn(f"{option_string} is deprecated, use {replacement}", FutureWarning, stacklevel=2)
+        items = list(getattr(namespace, "set", None) or [])
+        if self.key:
+            items.append({self.key: values})
+        else:
+            items.append({self.prefix + key: value for key, value in parse_set([values]).items()})
+        namespace.set = items
+
+
+def add_deprecated_override(parser: argparse.ArgumentParser, flag: str, prefix: str = "") -> None:
+    """`flag "k=v,..."` (an old override flag such as `--config_overrides`) keeps working as
+    `--set "<prefix>k=v,..."`."""
+    parser.add_argument(flag, action=_DeprecatedAlias, dest="_deprecated_" + flag.lstrip("-"), prefix=prefix,
+                        default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def add_deprecated_settings(parser: argparse.ArgumentParser, types: Mapping[str, Callable[[str], Any]],
+                            keys: Mapping[str, str] | None = None) -> None:
+    """`--name VALUE` for each setting `name` (the old one-flag-per-setting spelling) keeps working as
+    `--set key=VALUE` (`key`: `keys[name]`, default `name`), the value parsed by its `types[name]`."""
+    for name, kind in types.items():
+        parser.add_argument(f"--{name}", action=_DeprecatedAlias, key=(keys or {}).get(name, name), type=kind,
+                            dest="_deprecated_" + name, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def parse_set(items: Sequence[str | Mapping[str, Any]] | None) -> dict[str, Any]:
+    """The overrides of `--set` (and its deprecated aliases) merged in order.
+
+    Raises:
+        UsageError: an item is not `key=value` (one line naming it).
+    """
+    result: dict[str, Any] = {}
+    for item in items or ():
+        if isinstance(item, Mapping):
+            result.update(item)
+            continue
+        try:
+            result.update(parse_config_overrides(item))
+        except ValueError as error:
+            raise UsageError(f"--set: {error}") from None
+    return result
+
+
+def apply_settings(defaults: Mapping[str, Any], items: Sequence[str | Mapping[str, Any]] | None,
+                   what: str = "preset field") -> dict[str, Any]:
+    """`defaults` updated by `--set`; an unknown key is a `UsageError` listing the known ones."""
+    overrides = parse_set(items)
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise UsageError(f"--set: unknown {what}(s) {unknown}; known: {', '.join(sorted(defaults))}")
+    return {**defaults, **overrides}
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with `threads` torch threads (None or 0: unchanged), restoring the previous count on exit,
+    also after an exception."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def timestamp() -> str:
+    """The local time as the results folders name it, `YYYY-MM-DD_HH-MM-SS`."""
+    return f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
+
+
+def output_folder(given: str | None, *name: Any) -> Path:
+    """`given`, or `results/<name[0]>-<name[1]>-...-<timestamp>` (e.g. `results/dual_head-smoke-<timestamp>`)."""
+    return Path(given or f"results/{'-'.join(map(str, name))}-{timestamp()}")
+
+
+def training_arguments(output_dir: str | Path, *, device: torch.device, seed: int, **fields: Any) -> TrainingArguments:
+    """`TrainingArguments` with the experiments' defaults (no checkpoints, no reporting, no pinned memory, `use_cpu`
+    when `device` is the CPU); `fields` set or override the rest."""
+    defaults: dict[str, Any] = dict(save_strategy="no", report_to="none", use_cpu=device.type == "cpu",
+                                    dataloader_pin_memory=False, seed=seed)
+    return TrainingArguments(output_dir=str(output_dir), **{**defaults, **fields})
+
+
+def corpus_path(train_file: str | Path) -> Path:
+    """`train_file` as given when it exists or is absolute, else the file of that name in the data folder
+    (`$HF_ZOO_DATA`, default `../shared/data`)."""
+    path = Path(train_file)
+    return path if path.exists() or path.is_absolute() else default_data_dir() / path
+
+
+def prepare_corpus(train_file: str | Path, *, vocab_size: int, block_size: int,
+                   max_train_documents: int | None = None) -> dict[str, Any]:
+    """The experiments' data: documents split as the training CLI splits them (seed 0), a BPE tokenizer of
+    `vocab_size` fitted on the training documents, and both splits packed into `block_size` blocks.
+
+    Returns:
+        `documents`, `tokenizer`, `train` and `validation` (packed splits) and `train_file` (the resolved path).
+    """
+    path = corpus_path(train_file)
+    documents = load_documents(DataArguments(train_file=str(path), block_size=block_size,
+                                             max_train_documents=max_train_documents), seed=0)
+    tokenizer = train_bpe_tokenizer(documents["train"]["text"], vocab_size=vocab_size)
+    return {"documents": documents, "tokenizer": tokenizer, "train_file": str(path),
+            "train": tokenize_and_pack(documents["train"], tokenizer, block_size, split_name="train"),
+            "validation": tokenize_and_pack(documents["validation"], tokenizer, block_size, split_name="validation")}
+
+
+def mean_and_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (sample standard deviation / sqrt(n); 0 for a single value)."""
+    mean = statistics.fmean(values)
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return mean, se
+
+
+def pyplot() -> Any:
+    """`matplotlib.pyplot` on the non-interactive Agg backend (figures are only written to files)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
+    """Lay out `fig`, write it to `path` (creating the folder) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+    return path

@@ -1,8 +1,9 @@
-"""The Nanohead experiment (seed 003): train Nanohead GPTs at nanohead proportions 0, 0.2, 0.4, 0.6, 0.8 at a
+"""The Nanohead experiment: train Nanohead GPTs at nanohead proportions 0, 0.2, 0.4, 0.6, 0.8 at a
 matched parameter budget and compare validation bits per byte.
 
     python -m benchmarks.nanohead_sweep --preset smoke     # minutes on 2 CPU cores, tinystories sample
-    python -m benchmarks.nanohead_sweep --preset seed      # the seed's sizes (~50M parameters, GPU)
+    python -m benchmarks.nanohead_sweep --preset original  # the original code's sizes (~50M parameters, GPU)
+    python -m benchmarks.nanohead_sweep --set proportions=[0,0.4],seeds=1,max_steps=50   # any setting
 
 Matched budget: equal parameter count. The depth is the one whose aspect-ratio width (`hidden = aspect_ratio *
 depth`, as nanochat sizes its models) gives the parameter count nearest the target; the width is then moved in
@@ -10,11 +11,11 @@ steps that keep every proportion's head split valid until the count is within a 
 both kinds of heads keep the same GQA ratio and fill the same width, the proportion does not change the parameter
 count (nor the attention's matmul FLOPs), so every proportion trains the very same number of parameters.
 
-Arms (`--arms`): `faithful` (the seed's attention: QK-norm without a gain, so no logit exceeds sqrt(d), 1.73 for a
-3-dim nanohead) and `logit_scale` (`learnable_logit_scale=True`: a learnable per-head logit scale lifts that
+Arms (`--set arms=[...]`): `faithful` (the original's attention: QK-norm without a gain, so no logit exceeds
+sqrt(d), 1.73 for a 3-dim nanohead) and `logit_scale` (`learnable_logit_scale=True`: a learnable per-head logit scale lifts that
 cap). The faithful arm measures nanoheads *under the sharpness cap*; the gap between arms measures the cap itself.
 
-Every proportion is trained with each of `--seeds` seeds (the seed-to-seed spread says which differences are
+Every proportion is trained with each of `seeds` seeds (the seed-to-seed spread says which differences are
 noise); the same BPE tokenizer, data order and schedule are used for all. Writes `nanohead_sweep.json` (runs,
 per-proportion summary, verdict) and `nanohead_sweep.png` (bpb vs proportion, annotated) to `--output_dir`.
 """
@@ -26,24 +27,24 @@ import math
 import statistics
 import time
 from collections.abc import Iterable, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
-from transformers import TrainingArguments, set_seed
+from transformers import set_seed
 
 import hf_models  # noqa: F401  (fills the registry)
 from hf_models.nanohead import NanoheadConfig, NanoheadForCausalLM, calculate_nanohead_split
 from hf_models.registry import get_spec
 from training.common import UsageError, run_cli
-from training.data import DataArguments, default_data_dir, load_documents, tokenize_and_pack
 from training.metrics import exact_bits_per_byte
-from training.tokenization import token_byte_lengths, train_bpe_tokenizer
+from training.tokenization import token_byte_lengths
 from training.trainer import resolve_trainer
 
-from .harness import environment, format_table, resolve_device, write_json
+from .harness import add_deprecated_settings, add_preset_argument, add_set_argument, apply_settings, environment, \
+    format_table, mean_and_se, output_folder, prepare_corpus, pyplot, resolve_device, save_figure, \
+    training_arguments, write_json
 
 PROPORTIONS = (0.0, 0.2, 0.4, 0.6, 0.8)
 ARMS = {"faithful": False, "logit_scale": True}  # arm -> `learnable_logit_scale`
@@ -52,15 +53,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(target_params=5e5, aspect_ratio=32, head_dim=32, vocab_size=1024, block_size=128, batch_size=16,
                   max_steps=150, learning_rate=3e-3, seeds=2, max_train_documents=None, max_eval_blocks=64,
                   train_file="tinystories_valid_sample.txt"),
-    # The seed's sizes: ~50M parameters, aspect ratio 64, head dim 128, vocabulary 32768, sequences of 2048,
-    # 500 iterations; 2 seeds. Meant for a GPU and a corpus larger than the local samples (--train_file).
-    "seed": dict(target_params=50e6, aspect_ratio=64, head_dim=128, vocab_size=32768, block_size=2048,
+    # The original code's sizes: ~50M parameters, aspect ratio 64, head dim 128, vocabulary 32768, sequences of 2048,
+    # 500 iterations; 2 seeds. Meant for a GPU and a corpus larger than the local samples (--set train_file=...).
+    "original": dict(target_params=50e6, aspect_ratio=64, head_dim=128, vocab_size=32768, block_size=2048,
                  batch_size=16, max_steps=500, learning_rate=1e-3, seeds=2, max_train_documents=None,
                  max_eval_blocks=256, train_file="tinystories_valid_sample.txt"),
 }
 # One point at ~20M parameters on an H200 in about a minute (benchmarks.gpu_campaign, with --bf16; sized by
 # estimate, not yet measured on a GPU): one seed per proportion, 300 steps of 32 x 512 tokens.
-PRESETS["gpu"] = {**PRESETS["seed"], "target_params": 20e6, "vocab_size": 8192, "block_size": 512, "batch_size": 32,
+PRESETS["gpu"] = {**PRESETS["original"], "target_params": 20e6, "vocab_size": 8192, "block_size": 512, "batch_size": 32,
                   "max_steps": 300, "seeds": 1, "max_eval_blocks": 128}
 
 
@@ -97,7 +98,7 @@ def estimate_config(
 ) -> dict[str, int]:
     """Depth and width of a model of about `target_params` parameters whose head split exists at every proportion.
 
-    1. depth: the seed's rule, the depth whose width `aspect_ratio * depth` (MLP `mlp_ratio` times wider) gives
+    1. depth: the original's rule, the depth whose width `aspect_ratio * depth` (MLP `mlp_ratio` times wider) gives
        the count nearest the target;
     2. heads: `round(width / head_dim)`, rounded to a multiple of the GQA group `kv_group`;
     3. width: the multiple of `2 * heads` (so that the plain GPT's head dim is even) nearest the target count
@@ -130,20 +131,25 @@ def estimate_config(
             "num_key_value_heads": heads // kv_group, "intermediate_size": intermediate}
 
 
+def _floats(text: str) -> list[float]:
+    return [float(item) for item in text.split(",") if item.strip()]
+
+
+def _names(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
-    parser.add_argument("--proportions", default=None, help="Comma-separated (default: 0,0.2,0.4,0.6,0.8).")
-    parser.add_argument("--nanohead_dim", type=int, default=3)
-    parser.add_argument("--kv_group", type=int, default=1, help="Query heads per key/value head (GQA ratio).")
-    parser.add_argument("--seeds", type=int, default=None, help="Seeds per proportion (preset: 2).")
-    parser.add_argument("--arms", default=",".join(ARMS), help=f"Comma-separated, from {', '.join(ARMS)}.")
-    for name, kind in (("target_params", float), ("aspect_ratio", int), ("head_dim", int), ("vocab_size", int),
-                       ("block_size", int), ("batch_size", int), ("max_steps", int), ("learning_rate", float),
-                       ("max_train_documents", int), ("max_eval_blocks", int)):
-        parser.add_argument(f"--{name}", type=kind, default=None, help="Default: the preset's value.")
-    parser.add_argument("--train_file", default=None,
-                        help="Corpus (.txt/.jsonl); default: the preset's file in $HF_ZOO_DATA / ../shared/data.")
+    add_preset_argument(parser, PRESETS)
+    add_set_argument(parser, "preset fields and proportions (default [0,0.2,0.4,0.6,0.8]), nanohead_dim (3), "
+                             "kv_group (query heads per key/value head, 1), arms (from "
+                             f"{', '.join(ARMS)}); train_file: a corpus path or a file in $HF_ZOO_DATA")
+    add_deprecated_settings(parser, {
+        "proportions": _floats, "nanohead_dim": int, "kv_group": int, "seeds": int, "arms": _names,
+        "target_params": float, "aspect_ratio": int, "head_dim": int, "vocab_size": int, "block_size": int,
+        "batch_size": int, "max_steps": int, "learning_rate": float, "max_train_documents": int,
+        "max_eval_blocks": int, "train_file": str})
     parser.add_argument("--device", default="auto")
     parser.add_argument("--bf16", action="store_true", help="Train under bf16 autocast (GPU).")
     parser.add_argument("--output_dir", default=None, help="Default: results/nanohead_sweep-<preset>-<timestamp>.")
@@ -151,22 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    settings = dict(PRESETS[args.preset])
-    for key in list(settings):
-        value = getattr(args, key, None)
-        if value is not None:
-            settings[key] = value
-    settings["seeds"] = args.seeds if args.seeds is not None else settings["seeds"]
-    settings["proportions"] = (
-        [float(p) for p in args.proportions.split(",") if p.strip()] if args.proportions else list(PROPORTIONS)
-    )
-    settings.update(nanohead_dim=args.nanohead_dim, kv_group=args.kv_group,
-                    arms=[arm.strip() for arm in args.arms.split(",") if arm.strip()])
+    settings = apply_settings({**PRESETS[args.preset], "proportions": list(PROPORTIONS), "nanohead_dim": 3,
+                               "kv_group": 1, "arms": list(ARMS)}, args.set)
+    settings["proportions"] = [float(p) for p in settings["proportions"]]
     unknown = [arm for arm in settings["arms"] if arm not in ARMS]
     if unknown or not settings["arms"]:
-        raise UsageError(f"--arms: unknown {unknown}, choose from {', '.join(ARMS)}")
+        raise UsageError(f"arms: unknown {unknown}, choose from {', '.join(ARMS)}")
     if settings["seeds"] < 1 or settings["max_steps"] < 1:
-        raise UsageError("--seeds and --max_steps must be at least 1")
+        raise UsageError("seeds and max_steps must be at least 1")
     return settings
 
 
@@ -177,7 +175,7 @@ def _summarise(runs: list[dict[str, Any]], proportions: Sequence[float]) -> tupl
     for proportion in proportions:
         rows = [run for run in runs if run["proportion"] == proportion]
         bpbs = [run["val_bpb"] for run in rows]
-        std = statistics.stdev(bpbs) if len(bpbs) > 1 else 0.0
+        mean, se = mean_and_se(bpbs)
         summary.append({
             "arm": rows[0]["arm"],
             "proportion": proportion,
@@ -185,9 +183,9 @@ def _summarise(runs: list[dict[str, Any]], proportions: Sequence[float]) -> tupl
             "nanoheads": rows[0]["nanoheads"],
             "normal_head_dim": rows[0]["normal_head_dim"],
             "parameters": rows[0]["parameters"],
-            "val_bpb_mean": statistics.fmean(bpbs),
-            "val_bpb_std": std,
-            "val_bpb_se": std / math.sqrt(len(bpbs)),
+            "val_bpb_mean": mean,
+            "val_bpb_std": se * math.sqrt(len(bpbs)),
+            "val_bpb_se": se,
             "val_bpb_min": min(bpbs),
             "val_bpb_max": max(bpbs),
             "train_tokens_per_second": statistics.fmean(run["train_tokens_per_second"] for run in rows),
@@ -234,11 +232,7 @@ def _arm_gap(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     summary = report["summary"]
     fig, (ax, ax_speed) = plt.subplots(1, 2, figsize=(11, 4.2))
     for run in report["runs"]:
@@ -270,18 +264,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax_speed.set_title(report["environment"]["device_name"], fontsize=9)
     ax_speed.grid(alpha=0.3)
     fig.suptitle(f"Nanohead sweep ({report['preset']}, nanohead dim {settings['nanohead_dim']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     settings = _settings(args)
     device = resolve_device(args.device)
-    train_file = Path(settings["train_file"])
-    if not train_file.exists() and not train_file.is_absolute():
-        train_file = default_data_dir() / train_file
     try:
         fields = estimate_config(settings["target_params"], vocab_size=settings["vocab_size"],
                                  aspect_ratio=settings["aspect_ratio"], head_dim=settings["head_dim"],
@@ -295,18 +284,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     except ValueError as error:
         raise UsageError(str(error)) from None
 
-    data_args = DataArguments(train_file=str(train_file), block_size=settings["block_size"],
-                              max_train_documents=settings["max_train_documents"])
-    documents = load_documents(data_args, seed=0)
-    tokenizer = train_bpe_tokenizer(documents["train"]["text"], vocab_size=settings["vocab_size"])
+    data = prepare_corpus(settings["train_file"], vocab_size=settings["vocab_size"],
+                          block_size=settings["block_size"], max_train_documents=settings["max_train_documents"])
+    documents, tokenizer, train, validation = data["documents"], data["tokenizer"], data["train"], data["validation"]
     token_bytes = token_byte_lengths(tokenizer)
-    train = tokenize_and_pack(documents["train"], tokenizer, settings["block_size"], split_name="train")
-    validation = tokenize_and_pack(documents["validation"], tokenizer, settings["block_size"], split_name="validation")
     eval_blocks = validation.blocks.select(range(min(len(validation.blocks), settings["max_eval_blocks"])))
     for config in configs.values():  # the tokenizer's special ids
         config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
 
-    output_dir = Path(args.output_dir or f"results/nanohead_sweep-{args.preset}-{datetime.now():%Y-%m-%d_%H-%M-%S}")
+    output_dir = output_folder(args.output_dir, "nanohead_sweep", args.preset)
     trainer_class = resolve_trainer(get_spec("nanohead_gpt"))
     runs = []
     jobs = [(arm, p, seed) for arm in settings["arms"] for p in settings["proportions"]
@@ -315,13 +301,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         config = configs[arm, proportion]
         set_seed(seed)
         model = NanoheadForCausalLM(config)
-        training_args = TrainingArguments(
-            output_dir=str(output_dir / "checkpoints"), max_steps=settings["max_steps"],
+        training_args = training_arguments(
+            output_dir / "checkpoints", device=device, seed=seed, max_steps=settings["max_steps"],
             per_device_train_batch_size=settings["batch_size"], learning_rate=settings["learning_rate"],
             lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.0,
             logging_steps=max(1, settings["max_steps"] // 10),
-            save_strategy="no", report_to="none", seed=seed, use_cpu=device.type == "cpu", bf16=args.bf16,
-            dataloader_pin_memory=False, disable_tqdm=True,
+            bf16=args.bf16, disable_tqdm=True,
         )
         trainer = trainer_class.from_cli(model=model, args=training_args, tokenizer=tokenizer,
                                          train_dataset=train.blocks, eval_dataset=eval_blocks, objective_args={},
@@ -351,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         summary += rows
     verdict = " | ".join(f"{arm}: {text}" for arm, text in verdicts.items())
     report = {
-        "experiment": "nanohead_sweep", "preset": args.preset, "settings": {**settings, "train_file": str(train_file)},
+        "experiment": "nanohead_sweep", "preset": args.preset, "settings": {**settings, "train_file": data["train_file"]},
         "model": fields, "parameters": runs[0]["parameters"], "target_params": settings["target_params"],
         "budget": "equal parameter count (the proportion does not change it)",
         "data": {"train_tokens": train.num_tokens, "validation_tokens": validation.num_tokens,

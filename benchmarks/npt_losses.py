@@ -1,13 +1,13 @@
-"""The NPT loss ablation (seed 004): which distillation losses let an NPT layer replace its base Llama layer?
+"""The NPT loss ablation: which distillation losses let an NPT layer replace its base Llama layer?
 
     python -m benchmarks.npt_losses --preset smoke        # minutes on a 2-core CPU
     python -m benchmarks.npt_losses --preset full         # bigger teacher, longer runs, three layer positions
-    python -m benchmarks.npt_losses --preset smoke --configs base,mg_exact,mg_seed --steps 50
+    python -m benchmarks.npt_losses --preset smoke --configs base,mg_exact,mg_seed --set steps=50
 
 1. The teacher: a small Llama trained on `tinystories_valid_sample.txt` through the training CLI
    (`python -m training.train --model_type llama ...`), or reused from `<output_dir>/teacher` when it exists.
 2. For every configuration: `NPTForCausalLM.from_llama(teacher, npt_layers=..., ...)` and `NPTTrainer` with the
-   configuration's losses (one change at a time from `direct + fidelity + regularization`): each of the seed's
+   configuration's losses (one change at a time from `direct + fidelity + regularization`): each of the original's
    proposals in its sound version and as the seed wrote it, the repository's losses and stage schedule, the
    adaptive weightings, and a few architecture switches (affine generator, keep mode, gate_up, several layers).
 3. Held-out metrics per configuration (`training.npt.evaluate_npt`): KL(teacher ‖ NPT) and top-1 agreement,
@@ -16,7 +16,7 @@
    KL every `eval_every` steps.
 
 Writes `<output_dir>/<preset>/results.json`, `ablation.png` (bars of R and KL per configuration) and `curves.png`
-(direct NMSE and KL against the step). A configuration whose loss fails (the seed's orthogonality loss raises a
+(direct NMSE and KL against the step). A configuration whose loss fails (the original's orthogonality loss raises a
 shape error) is recorded with its error.
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback, TrainingArguments, set_seed
+from transformers import TrainerCallback, set_seed
 
 import hf_models  # noqa: F401  (fills the registry)
 from hf_models.npt import NPTForCausalLM
@@ -38,7 +38,8 @@ from training.data import DataArguments, default_data_dir, load_documents, token
 from training.npt import NPTLossModule, NPTLossOptions, NPTTrainer, evaluate_npt
 from training.tokenization import load_tokenizer
 
-from .harness import environment, format_table, write_json
+from .harness import add_deprecated_settings, add_preset_argument, add_set_argument, apply_settings, environment, \
+    format_table, pyplot, save_figure, torch_threads, training_arguments, write_json
 
 BASE_LOSSES = "direct+fidelity+regularization"
 # name → (NPT config fields, loss options); one change at a time from "base".
@@ -131,11 +132,11 @@ def run_config(name: str, teacher: Path, layers: Sequence[int], fields: dict[str
     validation = blocks["validation"]
     before = evaluate_npt(model, validation, preset["batch_size"], preset["eval_batches"])
     curve = _EvalCurve(model, validation, preset["eval_every"], preset["eval_batches"], preset["batch_size"])
-    args = TrainingArguments(
-        output_dir=str(work_dir), max_steps=preset["steps"], per_device_train_batch_size=preset["batch_size"],
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args = training_arguments(
+        work_dir, device=device, seed=0, max_steps=preset["steps"], per_device_train_batch_size=preset["batch_size"],
         learning_rate=preset["lr"], lr_scheduler_type="cosine", warmup_steps=0.05, max_grad_norm=1.0,
-        logging_steps=10, save_strategy="no", report_to="none", use_cpu=not torch.cuda.is_available(), seed=0,
-        dataloader_pin_memory=False, disable_tqdm=True,
+        logging_steps=10, disable_tqdm=True,
     )
     trainer = NPTTrainer(model=model, args=args, train_dataset=blocks["train"],
                          loss_module=NPTLossModule(options), callbacks=[curve])
@@ -156,10 +157,7 @@ def run_config(name: str, teacher: Path, layers: Sequence[int], fields: dict[str
 
 def plot(results: list[dict[str, Any]], folder: Path) -> None:
     """`ablation.png` (R and KL after training per configuration) and `curves.png` (KL and NMSE by step)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     done = [r for r in results if "after" in r]
     labels = [f"{r['name']} L{','.join(map(str, r['layers']))}" for r in done]
@@ -171,9 +169,7 @@ def plot(results: list[dict[str, Any]], folder: Path) -> None:
     axes[1].set_xlabel("KL(teacher ‖ NPT), nats/token")
     axes[1].set_xscale("log")
     axes[1].set_yticklabels([])
-    fig.tight_layout()
-    fig.savefig(folder / "ablation.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, folder / "ablation.png")
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
     for r, label in zip(done, labels):
         steps = [p["step"] for p in r["curve"]]
@@ -182,31 +178,28 @@ def plot(results: list[dict[str, Any]], folder: Path) -> None:
     axes[0].set(xlabel="step", ylabel="held-out KL (nats/token)", yscale="log")
     axes[1].set(xlabel="step", ylabel="held-out direct NMSE", yscale="log")
     axes[1].legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(folder / "curves.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, folder / "curves.png")
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
+    add_preset_argument(parser, PRESETS)
+    add_set_argument(parser, "preset fields, e.g. --set steps=50,teacher_steps=100")
     parser.add_argument("--output_dir", default="results/npt_losses")
     parser.add_argument("--data_file", default=None, help="default: $HF_ZOO_DATA/tinystories_valid_sample.txt")
     parser.add_argument("--configs", default=None, help=f"comma-separated subset of: {', '.join(CONFIGS)}")
-    parser.add_argument("--steps", type=int, default=None, help="override the preset's NPT training steps")
-    parser.add_argument("--teacher_steps", type=int, default=None, help="override the preset's teacher steps")
+    add_deprecated_settings(parser, {"steps": int, "teacher_steps": int})
     parser.add_argument("--no_multi_layer", action="store_true", help="skip the several-layer runs")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: 1 for smoke, whose tiny matrices only lose from more)")
     args = parser.parse_args(argv)
-    threads = args.threads or (1 if args.preset == "smoke" else None)
-    if threads:
-        torch.set_num_threads(threads)
+    preset = apply_settings(PRESETS[args.preset], args.set)
+    with torch_threads(args.threads or (1 if args.preset == "smoke" else None)):
+        return run(args, preset)
 
-    preset = dict(PRESETS[args.preset])
-    for key in ("steps", "teacher_steps"):
-        if getattr(args, key) is not None:
-            preset[key] = getattr(args, key)
+
+def run(args: argparse.Namespace, preset: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ablation with parsed arguments and the preset's settings (see the module docstring)."""
     names = list(CONFIGS) if args.configs is None else [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = sorted(set(names) - set(CONFIGS))
     if unknown:

@@ -1,8 +1,8 @@
-"""The seed experiment of the masked diffusion LM (seed 002): does wavefront sampling with the sampler head (and
+"""The sampler-coherence experiment of the masked diffusion LM: does wavefront sampling with the sampler head (and
 critic-guided remasking) make parallel un-masking locally more coherent, and at what speed?
 
     python -m benchmarks.sampler_coherence --preset smoke     # minutes on 2 CPU cores, tinystories sample
-    python -m benchmarks.sampler_coherence --preset seed      # larger model and sample, the seed's stage schedule (GPU)
+    python -m benchmarks.sampler_coherence --preset original  # larger model and sample, the original's stages (GPU)
 
 Steps:
 1. Fit a BPE tokenizer on the training documents and pack them (the foundation's data pipeline).
@@ -34,18 +34,17 @@ Steps:
    smallest step count with at least its mean number of calls (so the control is never given fewer calls), in
    reference NLL, unseen bigrams and entropy.
 
-Writes `sampler_coherence.json` and `sampler_coherence.png` to `--output_dir`.
+Any setting of the preset changes with `--set`, e.g. `--set max_steps=200,step_counts=[8,16]`. Writes
+`sampler_coherence.json` and `sampler_coherence.png` to `--output_dir`.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import time
 from collections import Counter
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +57,13 @@ import hf_models  # noqa: F401  (fills the registry)
 from hf_models.masked_diffusion import MaskedDiffusionForMaskedLM
 from hf_models.registry import get_spec
 from training.common import UsageError, run_cli
-from training.data import DataArguments, default_data_dir, load_documents, tokenize_and_pack
 from training.diffusion import DiffusionTrainer
-from training.tokenization import train_bpe_tokenizer
 from training.train import config_for_tokenizer
 from training.trainer import resolve_trainer
 
-from .harness import environment, format_table, positive_floats, positive_ints, resolve_device, write_json
+from .harness import add_deprecated_settings, add_preset_argument, add_set_argument, apply_settings, environment, \
+    format_table, mean_and_se, output_folder, positive_floats, positive_ints, prepare_corpus, pyplot, resolve_device, save_figure, \
+    torch_threads, training_arguments, write_json
 
 METHODS = {
     "naive": dict(sampler="naive", use_critic=False),
@@ -81,7 +80,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the spec's ELBO objective from step 0 that took ~600 steps (and the 1,200-step run ended near 5.74), so the
     # smoke preset starts with a BERT-style warm-up: 300 steps at a fixed 15 % mask rate on 32-token sub-blocks
     # (`mask_warmup_*`, see training/diffusion.py; measured with benchmarks/diffusion_plateau.py), then the ELBO
-    # objective on whole 128-token blocks. The seed preset keeps the spec's objective (no warm-up).
+    # objective on whole 128-token blocks. The original preset keeps the spec's objective (no warm-up).
     # One torch thread: on a shared 2-core machine, small multi-threaded kernels mostly measure OpenMP threads
     # waiting for a busy core (10x slower generation measured here with 2 threads while another job ran).
     "smoke": dict(train_file="tinystories_valid_sample.txt", vocab_size=1024, block_size=128, hidden_size=128,
@@ -90,9 +89,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                   mask_warmup_steps=300, mask_warmup_rate=0.15, mask_warmup_block=32, max_train_documents=None,
                   max_eval_blocks=64, num_prompts=32, prompt_tokens=16, new_tokens=64, step_counts=[8, 16, 32, 64],
                   temperature=1.0, top_p=0.9, threads=1),
-    # The seed's stage schedule (main only to 1,000; + sampler; + critic from 3,000, full weight at 5,000), a
+    # The original's stage schedule (main only to 1,000; + sampler; + critic from 3,000, full weight at 5,000), a
     # 256-wide 6-layer model, 128 new tokens, 128 prompts. Meant for a GPU.
-    "seed": dict(train_file="tinystories_valid_sample.txt", vocab_size=4096, block_size=256, hidden_size=256,
+    "original": dict(train_file="tinystories_valid_sample.txt", vocab_size=4096, block_size=256, hidden_size=256,
                  num_hidden_layers=6, num_attention_heads=8, batch_size=32, max_steps=6000, reference_max_steps=6000,
                  learning_rate=1e-3,
                  start_sampler_step=1000, start_critic_step=3000, end_critic_step=5000, mask_warmup_steps=0,
@@ -102,8 +101,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # One point at ~25M parameters on an H200 in about a minute (benchmarks.gpu_campaign; sized by estimate, not yet
 # measured on a GPU): 512 wide, 8 layers, 600 steps of 64 x 256 tokens with the smoke preset's mask warm-up and the
-# seed's stage order compressed, 64 prompts.
-PRESETS["gpu"] = {**PRESETS["seed"], "hidden_size": 512, "num_hidden_layers": 8, "batch_size": 64,
+# original's stage order compressed, 64 prompts.
+PRESETS["gpu"] = {**PRESETS["original"], "hidden_size": 512, "num_hidden_layers": 8, "batch_size": 64,
                   "max_steps": 600, "reference_max_steps": 300, "start_sampler_step": 150,
                   "start_critic_step": 300, "end_critic_step": 450, "mask_warmup_steps": 150,
                   "mask_warmup_block": 32, "num_prompts": 64, "step_counts": [16, 32, 64, 128]}
@@ -159,12 +158,6 @@ def reference_nll(model: PreTrainedModel, sequences: torch.Tensor, prompt_length
         nll = F.cross_entropy(logits.transpose(1, 2), rows[:, prompt_length:], reduction="none")
         values.extend(nll.mean(dim=1).tolist())
     return values
-
-
-def mean_and_se(values: Sequence[float]) -> tuple[float, float]:
-    mean = statistics.fmean(values)
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
-    return mean, se
 
 
 def summarise(name: str, steps: int | None, sequences: torch.Tensor, prompt_length: int, seen: set,
@@ -295,12 +288,11 @@ def card_table(report: dict[str, Any]) -> str:
 
 def _training_args(settings: dict[str, Any], max_steps: int, output_dir: Path, device: torch.device,
                    seed: int) -> TrainingArguments:
-    return TrainingArguments(
-        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=settings["batch_size"],
+    return training_arguments(
+        output_dir, device=device, seed=seed, max_steps=max_steps, per_device_train_batch_size=settings["batch_size"],
         per_device_eval_batch_size=settings["batch_size"], learning_rate=settings["learning_rate"],
         lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.0,
-        logging_steps=max(1, max_steps // 20), save_strategy="no", report_to="none", seed=seed,
-        use_cpu=device.type == "cpu", dataloader_pin_memory=False, disable_tqdm=False,
+        logging_steps=max(1, max_steps // 20), disable_tqdm=False,
     )
 
 
@@ -371,16 +363,11 @@ def train_reference(settings: dict[str, Any], data: dict[str, Any], config: Any,
 
 
 def prepare_data(settings: dict[str, Any]) -> dict[str, Any]:
-    train_file = Path(settings["train_file"])
-    if not train_file.exists() and not train_file.is_absolute():
-        train_file = default_data_dir() / train_file
-    data_args = DataArguments(train_file=str(train_file), block_size=settings["block_size"],
-                              max_train_documents=settings["max_train_documents"])
-    documents = load_documents(data_args, seed=0)
-    tokenizer = train_bpe_tokenizer(documents["train"]["text"], vocab_size=settings["vocab_size"])
-    train = tokenize_and_pack(documents["train"], tokenizer, settings["block_size"], split_name="train")
-    validation = tokenize_and_pack(documents["validation"], tokenizer, settings["block_size"], split_name="validation")
-    blocks = validation.blocks
+    """`prepare_corpus` of the settings, with held-out blocks for the loss and prompt blocks (two halves of the
+    validation blocks)."""
+    data = prepare_corpus(settings["train_file"], vocab_size=settings["vocab_size"],
+                          block_size=settings["block_size"], max_train_documents=settings["max_train_documents"])
+    blocks = data["validation"].blocks
     needed = settings["num_prompts"]
     if len(blocks) < 2:
         raise UsageError(f"the validation split fills only {len(blocks)} block(s); use more text or a smaller block")
@@ -388,11 +375,9 @@ def prepare_data(settings: dict[str, Any]) -> dict[str, Any]:
     eval_blocks = blocks.select(range(min(settings["max_eval_blocks"], len(blocks) // 2)))
     prompt_blocks = blocks.select(range(len(blocks) // 2, len(blocks)))
     if len(prompt_blocks) < needed:
-        raise UsageError(f"--num_prompts {needed} exceeds the {len(prompt_blocks)} validation blocks kept for prompts")
+        raise UsageError(f"num_prompts {needed} exceeds the {len(prompt_blocks)} validation blocks kept for prompts")
     prompt_blocks = torch.tensor(prompt_blocks.select(range(needed))["input_ids"])
-    return {"documents": documents, "tokenizer": tokenizer, "train": train, "validation": validation,
-            "eval_blocks": eval_blocks, "prompt_blocks": prompt_blocks,
-            "train_file": str(train_file)}
+    return {**data, "eval_blocks": eval_blocks, "prompt_blocks": prompt_blocks}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -441,11 +426,7 @@ def run_sampling(models: dict[str, Any], data: dict[str, Any], settings: dict[st
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows, real = report["rows"], report["real_text"]
     panels = [("unseen_bigram_rate", "unseen-bigram rate (lower: more locally coherent)"),
               ("reference_nll", "reference NLL, nats/token (Llama on the same corpus)"),
@@ -476,22 +457,16 @@ def plot(report: dict[str, Any], path: Path) -> None:
                  f"parameters, {settings['max_steps']} steps (Llama {settings['reference_max_steps']}), "
                  f"T={settings['temperature']}, top-p={settings['top_p']}, "
                  f"{settings['num_prompts']} prompts — {report['environment']['device_name']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
-    for name in INT_SETTINGS:
-        parser.add_argument(f"--{name}", type=int, default=None, help="Default: the preset's value.")
-    for name in FLOAT_SETTINGS:
-        parser.add_argument(f"--{name}", type=float, default=None, help="Default: the preset's value.")
-    parser.add_argument("--step_counts", type=positive_ints, default=None, help="Comma-separated step counts.")
-    parser.add_argument("--thresholds", type=positive_floats, default=list(THRESHOLDS),
-                        help="Comma-separated confidence thresholds of the threshold arm (empty: no threshold arm).")
-    parser.add_argument("--train_file", default=None, help="Corpus; default: the preset's file in $HF_ZOO_DATA.")
+    add_preset_argument(parser, PRESETS)
+    add_set_argument(parser, "preset fields (thresholds=[] drops the threshold arm; train_file: a corpus path or a "
+                             "file in $HF_ZOO_DATA)")
+    add_deprecated_settings(parser, {**dict.fromkeys(INT_SETTINGS, int), **dict.fromkeys(FLOAT_SETTINGS, float),
+                                     "step_counts": positive_ints, "thresholds": positive_floats, "train_file": str})
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output_dir", default=None, help="Default: results/sampler_coherence-<preset>-<timestamp>.")
@@ -499,42 +474,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    settings = dict(PRESETS[args.preset])
-    for key in (*INT_SETTINGS, *FLOAT_SETTINGS, "step_counts", "thresholds", "train_file"):
-        value = getattr(args, key, None)
-        if value is not None:
-            settings[key] = value
+    settings = apply_settings({"thresholds": list(THRESHOLDS), **PRESETS[args.preset]}, args.set)
     too_many = [s for s in settings["step_counts"] if s > settings["new_tokens"]]
     if too_many:
-        raise UsageError(f"step counts {too_many} exceed --new_tokens {settings['new_tokens']}")
+        raise UsageError(f"step counts {too_many} exceed new_tokens {settings['new_tokens']}")
     if settings["prompt_tokens"] < 1 or settings["prompt_tokens"] + settings["new_tokens"] > settings["block_size"]:
-        raise UsageError("--prompt_tokens must be >= 1 and --prompt_tokens + --new_tokens <= --block_size "
+        raise UsageError("prompt_tokens must be >= 1 and prompt_tokens + new_tokens <= block_size "
                          "(prompts and real continuations come from validation blocks)")
     warmup_block = settings["mask_warmup_block"]
     if settings["mask_warmup_steps"] and warmup_block and settings["block_size"] % warmup_block:
-        raise UsageError(f"--mask_warmup_block {warmup_block} must divide --block_size {settings['block_size']} "
-                         "(or pass --mask_warmup_steps 0)")
+        raise UsageError(f"mask_warmup_block {warmup_block} must divide block_size {settings['block_size']} "
+                         "(or --set mask_warmup_steps=0)")
     if settings["num_prompts"] < 2 or min(settings["max_steps"], settings["reference_max_steps"]) < 1:
-        raise UsageError("--num_prompts must be >= 2 (standard errors), --max_steps and --reference_max_steps >= 1")
+        raise UsageError("num_prompts must be >= 2 (standard errors), max_steps and reference_max_steps >= 1")
     return settings
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     settings = _settings(args)
-    threads = torch.get_num_threads()
-    if settings["threads"]:
-        torch.set_num_threads(settings["threads"])
-    try:
+    with torch_threads(settings["threads"]):
         return run(args, settings)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
     """The experiment with parsed arguments and settings (see the module docstring)."""
     device = resolve_device(args.device)
-    output_dir = Path(args.output_dir or f"results/sampler_coherence-{args.preset}-{datetime.now():%Y-%m-%d_%H-%M-%S}")
+    output_dir = output_folder(args.output_dir, "sampler_coherence", args.preset)
     data = prepare_data(settings)
     try:
         models = train_models(settings, data, device, output_dir / "checkpoints", args.seed)

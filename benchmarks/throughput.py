@@ -1,7 +1,7 @@
 """Training throughput (tokens/s of forward + backward + AdamW step) of a zoo model against the same-size
 Hugging Face Llama, in the same run.
 
-    python -m benchmarks.throughput --model_type nanohead_gpt --config_overrides "nanohead_proportion=0.4"
+    python -m benchmarks.throughput --model_type nanohead_gpt --set nanohead_proportion=0.4
 
 Writes `throughput.json` and prints a table with the ratio to the baseline.
 """
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,16 +18,14 @@ from transformers import LlamaForCausalLM
 
 from training.common import UsageError, run_cli
 
-from .generation import BASELINE, load_subject
-from .harness import DTYPES, MIN_RUNS, environment, format_table, resolve_device, time_training, write_json
+from .generation import BASELINE, add_subject_arguments, load_subject
+from .harness import DTYPES, MIN_RUNS, environment, format_table, output_folder, resolve_device, time_training, \
+    write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", help="A trained folder (or Hub id).")
-    source.add_argument("--model_type", help="A randomly initialised model of this architecture.")
-    parser.add_argument("--config_overrides")
+    add_subject_arguments(parser)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seq_len", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=2)
@@ -69,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "environment": environment(device, dtype),
         "rows": rows,
     }
-    output_dir = Path(args.output_dir or f"results/throughput-{datetime.now():%Y-%m-%d_%H-%M-%S}")
+    output_dir = output_folder(args.output_dir, "throughput")
     write_json(output_dir / "throughput.json", report)
     print(format_table(rows, [("model", "model"), ("parameters", "params"), ("tokens_per_second", "train tok/s"),
                               ("median_s", "s/step (median)"), ("p10_s", "p10"), ("p90_s", "p90"),

@@ -1,20 +1,25 @@
-"""The seed experiment of the Toeplitz mixer ("Experiment 010"): train the 4 variants {mean|nomean}_{proj|noproj}
+"""The variants experiment of the Toeplitz mixer: train the 4 variants {mean|nomean}_{proj|noproj}
 (or the 8 with the training head schedule), benchmark each one's generation cached / uncached × parallel /
-sequential heads, and write the seed's results layout.
+sequential heads, and write the original's results layout.
 
     python -m benchmarks.toeplitz_variants --preset smoke            # minutes on a 2-core CPU, local corpus
-    python -m benchmarks.toeplitz_variants --preset seed             # the seed's sizes and Trainer arguments (GPU)
-    python -m benchmarks.toeplitz_variants --preset seed --train_schedules parallel,sequential   # the 8-variant run
+    python -m benchmarks.toeplitz_variants --preset original         # the original's sizes and Trainer arguments (GPU)
+    python -m benchmarks.toeplitz_variants --preset original --train_schedules parallel,sequential  # 8 variants
+    python -m benchmarks.toeplitz_variants --set model.hidden_size=64,training.max_steps=50,bench.runs=5
     python -m benchmarks.analyze_toeplitz results/<run>              # the verdicts and comparison_plots.png
+
+`--set section.field=value` changes a preset field: `model.*` (config fields), `data.*` (validation_file,
+tokenizer_name, vocab_size, block_size, max_train_documents), `training.*` (`TrainingArguments` fields), `bench.*`
+(batch_size, new_tokens, prompt_lengths, runs, warmup, threads).
 
 Writes `results/<YYYY-MM-DD_HH-MM-SS>/`: `train_script.py` and `model_snapshot.py` (code snapshots), `tokenizer/`,
 `<variant>/metrics.json` (+ the trained model), `all_results.json` (the list of the per-variant dicts, with the
-seed's keys verbatim and the new figures under `extra`) and `comparison_plots.png`, and prints the seed's
+original's keys verbatim and the new figures under `extra`) and `comparison_plots.png`, and prints the original's
 "FINAL RESULTS SUMMARY" and "SPEEDUP ANALYSIS" tables.
 
 Differences from the original, on purpose (see the model card): EOS targets are kept in the loss (the original's
 collator masked them, pad = eos); the benchmark also sweeps prompt lengths (the original timed 1-token prompts only),
-reports medians and p10/p90 beside the seed's mean, and the cached sequential mode really runs the sequential head
+reports medians and p10/p90 beside the original's mean, and the cached sequential mode really runs the sequential head
 schedule (the original's cached step ignored it); `training_speed_iterations_per_sec` is the real step rate (the
 original's was always 0); the run-mean training loss is reported as such beside the last logged one.
 """
@@ -29,15 +34,14 @@ import math
 import shutil
 import time
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainingArguments, set_seed
+from transformers import set_seed
 
 import hf_models  # noqa: F401  (fills the registry)
-from hf_models.registry import get_spec, parse_config_overrides
+from hf_models.registry import get_spec
 from hf_models.toeplitz_mixer import modeling_toeplitz_mixer
 from training.common import UsageError, run_cli
 from training.data import DataArguments, default_data_dir, load_documents, tokenize_and_pack
@@ -45,7 +49,9 @@ from training.tokenization import load_tokenizer, train_bpe_tokenizer
 from training.train import config_for_tokenizer
 from training.trainer import resolve_trainer
 
-from .harness import environment, format_table, positive_ints, random_prompts, resolve_device, time_generation, write_json
+from .harness import add_deprecated_override, add_deprecated_settings, add_preset_argument, add_set_argument, \
+    environment, format_table, parse_set, positive_ints, random_prompts, resolve_device, time_generation, timestamp, \
+    torch_threads, training_arguments, write_json
 
 VARIANTS = {
     "mean_proj": dict(do_toep_mean=True, do_toep_proj=True),
@@ -53,7 +59,8 @@ VARIANTS = {
     "nomean_proj": dict(do_toep_mean=False, do_toep_proj=True),
     "nomean_noproj": dict(do_toep_mean=False, do_toep_proj=False),
 }
-MODES = {  # the seed's four generation modes: (use_cache, parallel_heads)
+DATA_FIELDS = ("validation_file", "tokenizer_name", "vocab_size", "block_size", "max_train_documents")
+MODES = {  # the original's four generation modes: (use_cache, parallel_heads)
     "cached_parallel": (True, True),
     "cached_sequential": (True, False),
     "uncached_parallel": (False, True),
@@ -74,7 +81,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # The code of the published run (2025-10-27_23-07-11): batch 64, 2 epochs, bf16, eval / save every 2,000 /
     # 4,000 steps, best checkpoint by eval loss, identity kernels.
-    "seed": {
+    "original": {
         "model": dict(hidden_size=512, num_hidden_layers=10, num_heads=4, intermediate_size=512,
                       max_position_embeddings=512, dropout=0.1, kernel_param="identity"),
         # the published run's data and tokenizer (a lower-casing WordPiece of 4,096 tokens), both from the Hub
@@ -88,56 +95,47 @@ PRESETS: dict[str, dict[str, Any]] = {
         "bench": dict(batch_size=4, new_tokens=128, prompt_lengths=[1, 128, 384], runs=10, warmup=2, threads=None),
     },
 }
-# One point at the seed's model size on an H200 in about a minute (benchmarks.gpu_campaign; sized by estimate, not
-# yet measured on a GPU): the seed's 10-layer 512-wide model, the local corpus with a BPE of 4,096, steps of
+# One point at the original's model size on an H200 in about a minute (benchmarks.gpu_campaign; sized by estimate, not
+# yet measured on a GPU): the original's 10-layer 512-wide model, the local corpus with a BPE of 4,096, steps of
 # 32 x 512 tokens in bf16 (150 steps), a shorter decode sweep.
 PRESETS["gpu"] = {
-    "model": PRESETS["seed"]["model"],
+    "model": PRESETS["original"]["model"],
     "data": dict(train_file="tinystories_valid_sample.txt", block_size=512, vocab_size=4096),
     "training": dict(max_steps=150, per_device_train_batch_size=32, per_device_eval_batch_size=32,
                      learning_rate=1e-3, warmup_steps=20, lr_scheduler_type="cosine", eval_strategy="steps",
                      eval_steps=150, save_strategy="no", logging_steps=15, max_grad_norm=1.0, bf16="cuda"),
     "bench": dict(batch_size=4, new_tokens=32, prompt_lengths=[1, 256], runs=5, warmup=1, threads=None),
 }
-# The seed README's arguments (batch 16, 20k steps, fp16); its save interval 5,000 is not a multiple of the eval
+# The original README's arguments (batch 16, 20k steps, fp16); its save interval 5,000 is not a multiple of the eval
 # interval, which `load_best_model_at_end` rejects, so this uses 4,000.
-PRESETS["seed_readme"] = {
-    **PRESETS["seed"],
-    "training": {**PRESETS["seed"]["training"], "num_train_epochs": 1, "max_steps": 20000,
+PRESETS["original_readme"] = {
+    **PRESETS["original"],
+    "training": {**PRESETS["original"]["training"], "num_train_epochs": 1, "max_steps": 20000,
                  "per_device_train_batch_size": 16, "per_device_eval_batch_size": 16, "bf16": False, "fp16": "cuda"},
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
+    add_preset_argument(parser, PRESETS)
+    add_set_argument(parser, "preset fields as section.field (model, data, training, bench; see above)")
     parser.add_argument("--output_root", default="results", help="The run goes to OUTPUT_ROOT/<timestamp>/.")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="Comma-separated subset of the 4 variants.")
     parser.add_argument("--train_schedules", default="parallel",
                         help="Head schedules to train each variant with: 'parallel' (4 runs) or "
                              "'parallel,sequential' (the published 8-variant run).")
-    parser.add_argument("--kernel_param", choices=("identity", "softplus"), default=None,
-                        help="Kernel parametrisation (default: the preset's; identity = the published run).")
-    parser.add_argument("--config_overrides", default=None, help="Model config fields, e.g. 'hidden_size=256'.")
-    parser.add_argument("--train_file", default=None, help="Local corpus (default: the preset's).")
-    parser.add_argument("--validation_file", default=None)
-    parser.add_argument("--dataset_name", default=None, help="Hub dataset when no --train_file (seed presets).")
-    parser.add_argument("--tokenizer_name", default=None,
-                        help="Tokenizer folder / Hub id; default: the seed presets' published "
-                             "SimpleStories/SimpleStories-1.25M with their Hub data, else (smoke, or any --train_file) "
-                             "a BPE trained on the training documents.")
-    parser.add_argument("--vocab_size", type=int, default=None, help="BPE vocabulary (default: the preset's 4096).")
-    parser.add_argument("--block_size", type=int, default=None)
-    parser.add_argument("--max_train_documents", type=int, default=None)
-    parser.add_argument("--max_steps", type=int, default=None)
-    parser.add_argument("--eval_steps", type=int, default=None)
-    parser.add_argument("--bench_batch_size", type=int, default=None)
-    parser.add_argument("--bench_new_tokens", type=int, default=None)
-    parser.add_argument("--bench_prompt_lengths", type=positive_ints, default=None,
-                        help="Prompt lengths of the sweep; the first is the seed's setting (default 1).")
-    parser.add_argument("--bench_runs", type=int, default=None)
-    parser.add_argument("--bench_threads", type=int, default=None,
-                        help="torch threads while benchmarking (default: the preset's; smoke uses 1).")
+    parser.add_argument("--train_file", default=None,
+                        help="Local corpus (default: the preset's); the preset's Hub data and tokenizer give way.")
+    parser.add_argument("--dataset_name", default=None, help="Hub dataset when no --train_file (original presets).")
+    add_deprecated_override(parser, "--config_overrides", prefix="model.")
+    add_deprecated_settings(parser, {
+        "kernel_param": str, "validation_file": str, "tokenizer_name": str, "vocab_size": int, "block_size": int,
+        "max_train_documents": int, "max_steps": int, "eval_steps": int, "bench_batch_size": int,
+        "bench_new_tokens": int, "bench_prompt_lengths": positive_ints, "bench_runs": int, "bench_threads": int,
+    }, keys={"kernel_param": "model.kernel_param", "max_steps": "training.max_steps",
+             "eval_steps": "training.eval_steps", **{name: f"data.{name}" for name in DATA_FIELDS},
+             **{f"bench_{name}": f"bench.{name}" for name in ("batch_size", "new_tokens", "prompt_lengths", "runs",
+                                                               "threads")}})
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for the whole run (default: torch's). On a shared CPU, 1 avoids OpenMP "
                              "threads waiting for a busy core.")
@@ -150,10 +148,19 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The preset with the command line's overrides applied."""
     preset = PRESETS[args.preset]
     cuda = resolve_device(args.device).type == "cuda"
-    model = {**preset["model"], **parse_config_overrides(args.config_overrides)}
-    if args.kernel_param:
-        model["kernel_param"] = args.kernel_param
-    data = dict(preset["data"])
+    sections = {name: dict(preset[name]) for name in ("model", "data", "training", "bench")}
+    overrides: dict[str, dict[str, Any]] = {name: {} for name in sections}
+    for key, value in parse_set(args.set).items():
+        section, dot, field = key.partition(".")
+        if not dot or section not in sections or not field:
+            raise UsageError(f"--set {key}: expected section.field, the section one of {', '.join(sections)} "
+                             "(e.g. model.hidden_size=256)")
+        known = {"data": DATA_FIELDS, "bench": tuple(preset["bench"])}.get(section)
+        if known is not None and field not in known:
+            raise UsageError(f"--set {key}: unknown {section} field; known: {', '.join(known)}")
+        overrides[section][field] = value
+    model = {**sections["model"], **overrides["model"]}
+    data = sections["data"]
     if args.train_file:  # a local corpus: the preset's Hub data and Hub tokenizer give way (a BPE is trained)
         data.pop("dataset_name", None)
         data.pop("tokenizer_name", None)
@@ -163,21 +170,13 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     if args.dataset_name:
         data.pop("train_file", None)
         data["dataset_name"] = args.dataset_name
-    for key in ("validation_file", "tokenizer_name", "vocab_size", "block_size", "max_train_documents"):
-        if getattr(args, key) is not None:
-            data[key] = getattr(args, key)
-    training = {key: (cuda if value == "cuda" else value) for key, value in preset["training"].items()}
-    if args.max_steps is not None:
-        training["max_steps"] = args.max_steps
-    if args.eval_steps is not None:
-        training["eval_steps"] = args.eval_steps
-    bench = dict(preset["bench"])
-    for key in ("batch_size", "new_tokens", "prompt_lengths", "runs", "threads"):
-        if getattr(args, f"bench_{key}") is not None:
-            bench[key] = getattr(args, f"bench_{key}")
+    data.update(overrides["data"])
+    training = {key: (cuda if value == "cuda" else value)
+                for key, value in {**sections["training"], **overrides["training"]}.items()}
+    bench = {**sections["bench"], **overrides["bench"]}
     for key in ("batch_size", "new_tokens", "runs", "threads"):
         if bench.get(key) is not None and bench[key] < 1:
-            raise UsageError(f"--bench_{key} must be >= 1, got {bench[key]}")
+            raise UsageError(f"bench.{key} must be >= 1, got {bench[key]}")
     context = model.get("max_position_embeddings", 512)
     bench["prompt_lengths"] = [p for p in bench["prompt_lengths"] if p + bench["new_tokens"] <= context]
     if not bench["prompt_lengths"]:
@@ -196,19 +195,15 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def benchmark_generation(model, settings: dict[str, Any], device: torch.device, seed: int) -> dict[str, Any]:
-    """Time the 4 modes at every prompt length of the sweep; the first prompt length gives the seed's figures."""
+    """Time the 4 modes at every prompt length of the sweep; the first prompt length gives the original's figures."""
     bench = settings["bench"]
     model.to(device).eval()
     low = 0 if model.config.vocab_size <= 8 else 3  # skip the special tokens
     generation, sweep = {}, []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(bench.get("threads") or threads)
-    try:
+    with torch_threads(bench.get("threads")):
         env = environment(device, torch.float32)
         for prompt in bench["prompt_lengths"]:
             sweep.append(_benchmark_prompt(model, prompt, bench, generation, device, seed, low))
-    finally:
-        torch.set_num_threads(threads)
     speedups = {
         "cache_speedup_parallel": generation["cached_parallel"]["tokens_per_second"]
         / generation["uncached_parallel"]["tokens_per_second"],
@@ -224,7 +219,7 @@ def benchmark_generation(model, settings: dict[str, Any], device: torch.device, 
 
 def _benchmark_prompt(model, prompt: int, bench: dict[str, Any], generation: dict[str, Any], device: torch.device,
                       seed: int, low: int) -> dict[str, Any]:
-    """The 4 modes at one prompt length; at the sweep's first length also the seed's `generation` entries."""
+    """The 4 modes at one prompt length; at the sweep's first length also the original's `generation` entries."""
     batch, new_tokens, runs = bench["batch_size"], bench["new_tokens"], bench["runs"]
     input_ids = random_prompts(model.config.vocab_size, batch, prompt, device=device, seed=seed, low=low)
     row: dict[str, Any] = {"prompt_length": prompt, "batch_size": batch, "new_tokens": new_tokens}
@@ -255,10 +250,8 @@ def train_variant(name: str, flags: dict[str, bool], parallel: bool, settings: d
     set_seed(settings["seed"])  # the original's initialisation was unseeded
     config = config_for_tokenizer(spec, tokenizer, {**settings["model"], **flags, "parallel_heads": parallel})
     model = spec.model_class(config)
-    args = TrainingArguments(
-        output_dir=str(variant_dir), report_to="none", use_cpu=device.type != "cuda", seed=settings["seed"],
-        dataloader_pin_memory=device.type == "cuda", **settings["training"],
-    )
+    args = training_arguments(variant_dir, device=device, seed=settings["seed"],
+                              dataloader_pin_memory=device.type == "cuda", **settings["training"])
     trainer = resolve_trainer(spec).from_cli(
         model=model, args=args, tokenizer=tokenizer, train_dataset=blocks["train"],
         eval_dataset=blocks["validation"], objective_args={}, train_texts=documents["train"],
@@ -294,7 +287,7 @@ def train_variant(name: str, flags: dict[str, bool], parallel: bool, settings: d
             "optimizer_steps": trainer.state.global_step,
             "num_parameters": sum(p.numel() for p in model.parameters()),
             "model_config": config.to_diff_dict(),
-            "generation_note": "generation.* are the seed's figures (mean time, first prompt length); the sweep has "
+            "generation_note": "generation.* are the original's figures (mean time, first prompt length); the sweep has "
                                "medians and p10/p90 at every prompt length; prompts are seeded random token ids",
             "generation_sweep": bench["sweep"],
             "log_history": trainer.state.log_history,
@@ -345,9 +338,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
     """Run the experiment; returns the run folder."""
     args = build_parser().parse_args(argv)
     settings = resolve_settings(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    run_dir = Path(args.output_root) / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    with torch_threads(args.threads):
+        return run(settings, Path(args.output_root) / timestamp())
+
+
+def run(settings: dict[str, Any], run_dir: Path) -> Path:
+    """The experiment with resolved settings, into `run_dir` (a new folder); returns it."""
     run_dir.mkdir(parents=True, exist_ok=False)
     shutil.copyfile(__file__, run_dir / "train_script.py")
     shutil.copyfile(modeling_toeplitz_mixer.__file__, run_dir / "model_snapshot.py")

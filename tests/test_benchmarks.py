@@ -58,7 +58,7 @@ def test_format_table():
 
 def test_generation_cli_measures_cached_uncached_and_the_llama_baseline(tmp_path, capsys):
     report = generation.main([
-        "--model_type", "llama", "--config_overrides", TINY, "--batch_sizes", "1,2", "--prompt_lengths", "1,8",
+        "--model_type", "llama", "--set", TINY, "--batch_sizes", "1,2", "--prompt_lengths", "1,8",
         "--new_tokens", "4", "--warmup", "0", "--runs", "5", "--output_dir", str(tmp_path),
     ])
     assert len(report["rows"]) == 4
@@ -83,9 +83,10 @@ def test_generation_cli_writes_the_figures_into_a_model_folder(tmp_path):
     assert "Generation speed" in card and "tok/s" in card
 
 
-def test_throughput_cli(tmp_path):
-    report = throughput.main(["--model_type", "llama", "--config_overrides", TINY, "--batch_size", "2",
-                              "--seq_len", "16", "--warmup", "1", "--runs", "5", "--output_dir", str(tmp_path)])
+def test_throughput_cli_takes_the_deprecated_config_overrides_as_set(tmp_path):
+    with pytest.warns(FutureWarning, match="--config_overrides is deprecated, use --set"):
+        report = throughput.main(["--model_type", "llama", "--config_overrides", TINY, "--batch_size", "2",
+                                  "--seq_len", "16", "--warmup", "1", "--runs", "5", "--output_dir", str(tmp_path)])
     assert report["rows"][0]["tokens_per_second"] > 0
     assert json.loads((tmp_path / "throughput.json").read_text())["settings"]["seq_len"] == 16
 
@@ -94,9 +95,9 @@ def test_throughput_cli(tmp_path):
     "argv,expected",
     [
         (["--model_type", "nope"], "unknown model_type"),
-        (["--model_type", "llama", "--config_overrides", TINY, "--prompt_lengths", "64"], "exceed the context"),
-        (["--model_type", "llama", "--config_overrides", TINY, "--runs", "2"], "--runs"),
-        (["--model_type", "llama", "--config_overrides", TINY, "--new_tokens", "4", "--modes", "warp"], "unknown modes"),
+        (["--model_type", "llama", "--set", TINY, "--prompt_lengths", "64"], "exceed the context"),
+        (["--model_type", "llama", "--set", TINY, "--runs", "2"], "--runs"),
+        (["--model_type", "llama", "--set", TINY, "--new_tokens", "4", "--modes", "warp"], "unknown modes"),
     ],
 )
 def test_generation_cli_errors(argv, expected, tmp_path):
@@ -145,10 +146,17 @@ def test_decode_floor_bytes_count_weights_and_the_state_a_step_reads():
 def test_decode_benchmark_reports_every_path_against_the_floor_and_llama(tmp_path):
     from benchmarks import decode
 
-    report = decode.main([
-        "--model_type", "toeplitz_mixer", "--config_overrides", TOEPLITZ_TINY, "--batch_sizes", "2",
-        "--prompt_lengths", "4", "--new_tokens", "8", "--runs", "5", "--backend", "eager", "--static",
-        "--bandwidth_gbs", "10", "--threads", "1", "--output_dir", str(tmp_path)])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        report = decode.main([
+            "--model_type", "toeplitz_mixer", "--set", TOEPLITZ_TINY, "--batch_sizes", "2",
+            "--prompt_lengths", "4", "--new_tokens", "8", "--runs", "5", "--backend", "eager", "--static",
+            "--bandwidth_gbs", "10", "--threads", "1", "--output_dir", str(tmp_path)])
+        assert torch.get_num_threads() == 2  # --threads holds for the run only
+    finally:
+        torch.set_num_threads(before)
+    assert report["environment"]["torch_threads"] == 1
     assert json.loads((tmp_path / "decode.json").read_text())["bandwidth_gbs"] == 10
     rows = {row["subject"]: row for row in report["rows"]}
     assert list(rows) == ["toeplitz_mixer eager", "llama eager", "toeplitz_mixer compiled", "llama compiled",
@@ -178,3 +186,90 @@ def test_decode_benchmark_reports_an_architecture_without_a_static_path_as_such(
     assert all(row["tokens_per_second"] > 0 for row in rows[::2])
     assert all("no shape-static decode path" in row["unavailable"] and "tokens_per_second" not in row
                for row in rows[1::2])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Experiment scaffolding
+
+
+def test_torch_threads_restores_the_count_even_after_an_exception():
+    from benchmarks.harness import torch_threads
+
+    before = torch.get_num_threads()
+    target = 1 if before != 1 else 2
+    with pytest.raises(RuntimeError, match="boom"):
+        with torch_threads(target):
+            assert torch.get_num_threads() == target
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before
+
+
+def test_mean_and_se_against_a_hand_value():
+    from benchmarks.harness import mean_and_se
+
+    mean, se = mean_and_se([1.0, 2.0, 3.0, 6.0])  # sample sd sqrt(14/3); se = sd / 2
+    assert mean == pytest.approx(3.0) and se == pytest.approx((14 / 3) ** 0.5 / 2)
+    assert mean_and_se([5.0]) == (5.0, 0.0)
+
+
+def test_set_parser_merges_items_and_rejects_a_malformed_one_in_one_line():
+    import argparse
+
+    from benchmarks.harness import add_deprecated_override, add_deprecated_settings, add_set_argument, \
+        apply_settings
+    from training.common import UsageError
+
+    parser = argparse.ArgumentParser()
+    add_set_argument(parser)
+    add_deprecated_override(parser, "--override")
+    add_deprecated_settings(parser, {"max_steps": int})
+    defaults = {"max_steps": 10, "seeds": [0], "name": "a"}
+    args = parser.parse_args(["--set", "max_steps=3,seeds=[0,1]", "--set", "name=b"])
+    assert apply_settings(defaults, args.set) == {"max_steps": 3, "seeds": [0, 1], "name": "b"}
+    with pytest.warns(FutureWarning, match="--override is deprecated"):
+        args = parser.parse_args(["--override", "max_steps=4"])
+    with pytest.warns(FutureWarning, match=r"--max_steps is deprecated, use --set max_steps="):
+        args = parser.parse_args(["--max_steps", "5"])
+    assert apply_settings(defaults, args.set)["max_steps"] == 5
+    with pytest.raises(UsageError) as error:
+        apply_settings(defaults, parser.parse_args(["--set", "max_steps=3,seeds"]).set)
+    assert str(error.value).count("\n") == 0 and "--set: bad config override 'seeds'" in str(error.value)
+    with pytest.raises(UsageError, match=r"unknown preset field\(s\) \['steps'\]"):
+        apply_settings(defaults, ["steps=3"])
+
+
+def test_renamed_preset_keeps_working_with_a_future_warning():
+    import argparse
+
+    from benchmarks.harness import add_preset_argument
+
+    parser = argparse.ArgumentParser()
+    add_preset_argument(parser, {"smoke": {}, "original": {}})
+    assert parser.parse_args([]).preset == "smoke"
+    with pytest.warns(FutureWarning, match="--preset seed is deprecated, use --preset original"):
+        assert parser.parse_args(["--preset", "seed"]).preset == "original"
+
+
+def test_save_figure_writes_and_closes(tmp_path):
+    from benchmarks.harness import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    path = save_figure(fig, tmp_path / "sub" / "figure.png")
+    assert path.stat().st_size > 0 and not plt.fignum_exists(fig.number)
+
+
+def test_output_folder_and_training_arguments_defaults(tmp_path):
+    import re
+
+    from benchmarks.harness import output_folder, training_arguments
+
+    assert output_folder(str(tmp_path), "x") == tmp_path
+    default = output_folder(None, "dual_head", "smoke").as_posix()
+    assert re.fullmatch(r"results/dual_head-smoke-\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", default)
+    args = training_arguments(tmp_path, device=torch.device("cpu"), seed=3, max_steps=2, save_strategy="steps")
+    assert (args.use_cpu, args.seed, args.report_to, args.dataloader_pin_memory) == (True, 3, [], False)
+    assert args.save_strategy == "steps" and args.max_steps == 2  # the caller's fields win

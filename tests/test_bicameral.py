@@ -522,10 +522,10 @@ def test_experiment_cli_runs_both_arms_from_the_same_weights(tmp_path, data_dir)
 
     report = dual_head.main([
         "--preset", "smoke", "--data_dir", str(data_dir), "--output_dir", str(tmp_path),
-        "--override", "max_steps=4,hidden_size=16,num_hidden_layers=1,block_size=32,max_position_embeddings=32,"
-                      "kernel_len=8,cutoff=4,cutoff_schedule=[8],transition_bins=2,token_vocab_size=300,"
-                      "max_train_documents=40,seeds=[0],corpora=[tinyshakespeare.txt],plateau_patience=1,"
-                      "plateau_window=1,plateau_threshold=100.0,thresholds=[9.0,0.1]"])
+        "--set", "max_steps=4,hidden_size=16,num_hidden_layers=1,block_size=32,max_position_embeddings=32,"
+                 "kernel_len=8,cutoff=4,cutoff_schedule=[8],transition_bins=2,token_vocab_size=300,"
+                 "max_train_documents=40,seeds=[0],corpora=[tinyshakespeare.txt],plateau_patience=1,"
+                 "plateau_window=1,plateau_threshold=100.0,thresholds=[9.0,0.1]"])
     assert (tmp_path / "dual_head.json").exists() and (tmp_path / "dual_head_curves.png").exists()
     single, dual = report["runs"]
     assert (single["arm"], dual["arm"]) == ("single_head", "dual_head")
@@ -547,9 +547,9 @@ def test_experiment_takes_a_given_teacher_and_sizes_the_token_head_by_it(tmp_pat
     report = dual_head.main([
         "--preset", "smoke", "--data_dir", str(data_dir), "--output_dir", str(tmp_path / "out"),
         "--teacher_tokenizer", str(teacher_dir),
-        "--override", "max_steps=2,hidden_size=16,num_hidden_layers=1,block_size=32,max_position_embeddings=32,"
-                      "kernel_len=8,cutoff=4,cutoff_schedule=[8],transition_bins=2,max_train_documents=20,"
-                      "seeds=[0],corpora=[tinyshakespeare.txt]"])
+        "--set", "max_steps=2,hidden_size=16,num_hidden_layers=1,block_size=32,max_position_embeddings=32,"
+                 "kernel_len=8,cutoff=4,cutoff_schedule=[8],transition_bins=2,max_train_documents=20,"
+                 "seeds=[0],corpora=[tinyshakespeare.txt]"])
     vocab = len(AutoTokenizer.from_pretrained(teacher_dir))
     teacher = report["teacher"]["tinyshakespeare.txt"]
     assert (teacher["vocab_size"], teacher["source"]) == (vocab, str(teacher_dir))

@@ -575,11 +575,10 @@ def test_cli_trains_samples_and_reports_bounds(stories_file, tmp_path):
 
 def test_coherence_experiment_cli_writes_its_report(tmp_path):
     report = sampler_coherence.main([
-        "--max_train_documents", "300", "--vocab_size", "300", "--block_size", "24", "--hidden_size", "32",
-        "--num_hidden_layers", "1", "--batch_size", "4", "--max_steps", "4", "--reference_max_steps", "2",
-        "--start_sampler_step", "1", "--start_critic_step", "2", "--end_critic_step", "3", "--max_eval_blocks", "4",
-        "--num_prompts", "3", "--mask_warmup_steps", "2", "--mask_warmup_block", "12",
-        "--prompt_tokens", "4", "--new_tokens", "6", "--step_counts", "2,6", "--output_dir", str(tmp_path),
+        "--set", "max_train_documents=300,vocab_size=300,block_size=24,hidden_size=32,num_hidden_layers=1,"
+                 "batch_size=4,max_steps=4,reference_max_steps=2,start_sampler_step=1,start_critic_step=2,"
+                 "end_critic_step=3,max_eval_blocks=4,num_prompts=3,mask_warmup_steps=2,mask_warmup_block=12",
+        "--set", "prompt_tokens=4,new_tokens=6,step_counts=[2,6]", "--output_dir", str(tmp_path),
     ])
     saved = json.loads((tmp_path / "sampler_coherence.json").read_text())
     assert (tmp_path / "sampler_coherence.png").stat().st_size > 0

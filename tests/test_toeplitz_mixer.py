@@ -469,25 +469,46 @@ def test_bad_configs_raise_naming_the_field(overrides, field):
         tiny_config(**overrides)
 
 
-def test_seed_preset_uses_the_published_tokenizer_with_the_hub_data_only():
+def test_original_preset_uses_the_published_tokenizer_with_the_hub_data_only():
     from benchmarks import toeplitz_variants
 
     parse = toeplitz_variants.build_parser().parse_args
-    hub = toeplitz_variants.resolve_settings(parse(["--preset", "seed", "--device", "cpu"]))["data"]
+    hub = toeplitz_variants.resolve_settings(parse(["--preset", "original", "--device", "cpu"]))["data"]
     assert (hub["dataset_name"], hub["tokenizer_name"]) == ("SimpleStories/SimpleStories",
                                                             "SimpleStories/SimpleStories-1.25M")
-    local = toeplitz_variants.resolve_settings(parse(["--preset", "seed", "--device", "cpu", "--train_file", "a.txt"]))
+    local = toeplitz_variants.resolve_settings(parse(["--preset", "original", "--device", "cpu",
+                                                      "--train_file", "a.txt"]))
     assert "tokenizer_name" not in local["data"] and local["data"]["train_file"] == "a.txt"
+    with pytest.warns(FutureWarning, match="--preset seed_readme is deprecated"):
+        old = toeplitz_variants.resolve_settings(parse(["--preset", "seed_readme", "--device", "cpu"]))
+    assert old["preset"] == "original_readme" and old["training"]["max_steps"] == 20000
 
 
-@pytest.mark.parametrize("flag", ["--bench_new_tokens", "--bench_runs", "--bench_batch_size"])
-def test_experiment_rejects_bad_benchmark_settings_before_training(flag):
+@pytest.mark.parametrize("field", ["new_tokens", "runs", "batch_size"])
+def test_experiment_rejects_bad_benchmark_settings_before_training(field):
     from benchmarks import toeplitz_variants
     from training.common import UsageError
 
-    args = toeplitz_variants.build_parser().parse_args(["--preset", "smoke", flag, "0"])
-    with pytest.raises(UsageError, match=flag):
+    parse = toeplitz_variants.build_parser().parse_args
+    with pytest.raises(UsageError, match=f"bench.{field}"):
+        toeplitz_variants.resolve_settings(parse(["--preset", "smoke", "--set", f"bench.{field}=0"]))
+    with pytest.warns(FutureWarning, match=f"--bench_{field} is deprecated"):
+        args = parse(["--preset", "smoke", f"--bench_{field}", "0"])
+    with pytest.raises(UsageError, match=f"bench.{field}"):
         toeplitz_variants.resolve_settings(args)
+
+
+def test_experiment_set_takes_section_dot_field_and_names_a_bad_one():
+    from benchmarks import toeplitz_variants
+    from training.common import UsageError
+
+    parse = toeplitz_variants.build_parser().parse_args
+    settings = toeplitz_variants.resolve_settings(parse(["--set", "model.hidden_size=64,training.max_steps=7"]))
+    assert (settings["model"]["hidden_size"], settings["training"]["max_steps"]) == (64, 7)
+    with pytest.raises(UsageError, match="expected section.field"):
+        toeplitz_variants.resolve_settings(parse(["--set", "hidden_size=64"]))
+    with pytest.raises(UsageError, match="unknown bench field"):
+        toeplitz_variants.resolve_settings(parse(["--set", "bench.speed=1"]))
 
 
 def test_experiment_cli_micro_run(tmp_path, stories_file):
@@ -495,11 +516,11 @@ def test_experiment_cli_micro_run(tmp_path, stories_file):
 
     run_dir = toeplitz_variants.main([
         "--preset", "smoke", "--train_file", str(stories_file), "--output_root", str(tmp_path),
-        "--max_steps", "6", "--max_train_documents", "120", "--vocab_size", "300", "--block_size", "32",
-        "--config_overrides", "hidden_size=16,num_hidden_layers=1,num_heads=2,intermediate_size=16,"
-                              "max_position_embeddings=64",
-        "--variants", "mean_proj,nomean_noproj", "--bench_new_tokens", "4", "--bench_runs", "5",
-        "--bench_prompt_lengths", "1,8", "--eval_steps", "6",
+        "--set", "training.max_steps=6,training.eval_steps=6,data.max_train_documents=120,data.vocab_size=300,"
+                 "data.block_size=32,model.hidden_size=16,model.num_hidden_layers=1,model.num_heads=2,"
+                 "model.intermediate_size=16,model.max_position_embeddings=64,bench.new_tokens=4,bench.runs=5,"
+                 "bench.prompt_lengths=[1,8]",
+        "--variants", "mean_proj,nomean_noproj",
     ])
     results = json.loads((run_dir / "all_results.json").read_text())
     assert [r["model_name"] for r in results] == ["mean_proj", "nomean_noproj"]
