@@ -136,7 +136,7 @@ def plot_comparison(results: list[dict[str, Any]], path: str | Path) -> Path:
     fig, axes = plt.subplots(2, 3, figsize=(17, 9))
     panels = (
         (axes[0, 0], [r["training"]["eval_loss"] for r in results], "eval loss (nats/token)"),
-        (axes[0, 1], [r["training"]["train_loss"] for r in results], "train loss (last logged)"),
+        (axes[0, 1], [r["training"]["train_loss"] for r in results], "train loss (run mean)"),
         (axes[0, 2], [r["training"]["train_samples_per_second"] for r in results], "train samples / s"),
     )
     for ax, values, title in panels:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import itertools
 import json
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -531,6 +533,18 @@ def test_experiment_cli_micro_run(tmp_path, stories_file):
     assert set(metrics["speedups"]) == {"cache_speedup_parallel", "cache_speedup_sequential",
                                         "parallel_speedup_cached", "parallel_speedup_uncached"}
     assert set(metrics["training"]) >= {"train_loss", "eval_loss", "train_runtime", "train_samples_per_second"}
+    assert "train_loss_last_logged" in metrics["extra"] and "run_mean" not in json.dumps(metrics["extra"])
     verdicts = analyze_toeplitz.main([str(run_dir)])
     assert verdicts["best_eval_loss"] in {"mean_proj", "nomean_noproj"}
     assert (run_dir / "comparison_plots.png").stat().st_size > 0
+
+
+def test_the_identity_kernel_preset_warns_about_its_unstable_normaliser():
+    from benchmarks import toeplitz_variants
+
+    parse = toeplitz_variants.build_parser().parse_args
+    with pytest.warns(UserWarning, match="cross zero"):
+        toeplitz_variants.resolve_settings(parse(["--preset", "original", "--device", "cpu"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        toeplitz_variants.resolve_settings(parse(["--preset", "smoke", "--device", "cpu"]))
