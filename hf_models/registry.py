@@ -230,8 +230,9 @@ def all_specs() -> list[ArchitectureSpec]:
 def parse_config_overrides(text: str | None) -> dict[str, Any]:
     """Parse `"hidden_size=128,num_hidden_layers=4,do_toep_mean=false"` into a dict.
 
-    Values are read as JSON where possible (numbers, `true`/`false`/`null`, lists such as `[0,1]`), else kept as
-    strings. Commas inside brackets do not split.
+    Values are read as JSON where possible (numbers, `true`/`false`/`null`, lists such as `[0,1]`), lists of bare
+    words as lists of strings (`arms=[faithful,logit_scale]`), else kept as strings. Commas inside brackets do not
+    split.
 
     Raises:
         ValueError: an item is not of the form `key=value`.
@@ -259,9 +260,17 @@ def parse_config_overrides(text: str | None) -> dict[str, Any]:
         key, raw = key.strip(), raw.strip()
         if not sep or not key:
             raise ValueError(f"bad config override '{item}': expected key=value, e.g. hidden_size=128")
-        lowered = {"true": "true", "false": "false", "none": "null", "null": "null"}.get(raw.lower(), raw)
-        try:
-            result[key] = json.loads(lowered)
-        except json.JSONDecodeError:
-            result[key] = raw
+        result[key] = _parse_value(raw)
     return result
+
+
+def _parse_value(raw: str) -> Any:
+    """A JSON value (`true`/`none` in any case too), a bracketed list of such values or bare words (`[a,b]` ->
+    `["a", "b"]`), else the string itself."""
+    lowered = {"true": "true", "false": "false", "none": "null", "null": "null"}.get(raw.lower(), raw)
+    try:
+        return json.loads(lowered)
+    except json.JSONDecodeError:
+        if raw.startswith("[") and raw.endswith("]") and "[" not in raw[1:-1]:
+            return [_parse_value(item.strip()) for item in raw[1:-1].split(",") if item.strip()]
+        return raw

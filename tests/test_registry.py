@@ -25,6 +25,8 @@ def test_parse_config_overrides():
     parsed = parse_config_overrides("hidden_size=128, do_toep_mean=False,npt_layers=[0,2],np_init=zero_b,x=none,y=0.5")
     assert parsed == {"hidden_size": 128, "do_toep_mean": False, "npt_layers": [0, 2], "np_init": "zero_b",
                       "x": None, "y": 0.5}
+    assert parse_config_overrides("arms=[faithful,logit_scale],p=[0,0.2],m=[a,1,none]") == {
+        "arms": ["faithful", "logit_scale"], "p": [0, 0.2], "m": ["a", 1, None]}
     with pytest.raises(ValueError, match="expected key=value"):
         parse_config_overrides("hidden_size")
 
