@@ -23,8 +23,10 @@ per-proportion summary, verdict) and `nanohead_sweep.png` (bpb vs proportion, an
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -231,6 +233,56 @@ def _arm_gap(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return gaps
 
 
+CARD = Path(__file__).resolve().parents[1] / "model_cards" / "nanohead_gpt.md"
+CARD_BEGIN, CARD_END = "<!-- nanohead_sweep results: generated from {json} -->", "<!-- end of nanohead_sweep results -->"
+
+
+def card_block(report: dict[str, Any], json_path: str) -> str:
+    """The card's results section, generated from a sweep's JSON: per arm and proportion the mean ± SE over seeds and
+    the difference from the arm's p = 0 with its SE and whether it exceeds 2 SE; then the gap between the arms."""
+    env = report.get("environment", {})
+    lines = [CARD_BEGIN.format(json=json_path), "",
+             f"Preset `{report['preset']}`, {report['parameters']:,} parameters, {report['settings']['max_steps']} "
+             f"steps of {report['settings']['batch_size']} × {report['settings']['block_size']} tokens; "
+             f"{env.get('device_name', env.get('device', '?'))}, {env.get('torch_threads', '?')} torch thread(s); "
+             f"{len(report['runs'])} runs.", "",
+             "| arm | p | seeds | val bpb, mean ± SE | vs p = 0 (± SE) | beyond 2 SE |", "|---|---|---|---|---|---|"]
+    bases = {row["arm"]: row for row in report["summary"] if row["proportion"] == 0.0}
+    for row in report["summary"]:
+        base = bases.get(row["arm"])
+        if base is None or row is base or row["proportion"] == 0.0:
+            versus, beyond = "—", "—"
+        else:
+            delta = row["val_bpb_mean"] - base["val_bpb_mean"]
+            se = math.hypot(row["val_bpb_se"], base["val_bpb_se"])
+            versus, beyond = f"{delta:+.4f} ± {se:.4f}", "yes" if se > 0 and abs(delta) > 2 * se else "no"
+        lines.append(f"| {row['arm']} | {row['proportion']} | {row['seeds']} | {row['val_bpb_mean']:.4f} ± "
+                     f"{row['val_bpb_se']:.4f} | {versus} | {beyond} |")
+    if report.get("arm_gap"):
+        lines += ["", "| p | logit_scale − faithful (bpb ± SE) | beyond 2 SE |", "|---|---|---|"]
+        lines += [f"| {gap['proportion']} | {gap['delta_bpb']:+.4f} ± {gap['se']:.4f} | "
+                  f"{'yes' if gap['beyond_2se'] else 'no'} |" for gap in report["arm_gap"]]
+    lines += ["", f"Verdict (code): {report['verdict']}", "", CARD_END]
+    return "\n".join(lines)
+
+
+def update_card(json_path: str | Path, card: Path = CARD) -> str:
+    """Replace the card's generated results section with the one rendered from `json_path`."""
+    json_path = Path(json_path)
+    report = json.loads(json_path.read_text(encoding="utf-8"))
+    relative = json_path.resolve().relative_to(card.resolve().parents[1]).as_posix()
+    block = card_block(report, relative)
+    text = card.read_text(encoding="utf-8")
+    begin = CARD_BEGIN.split("{json}")[0]
+    if begin in text:
+        start, end = text.index(begin), text.index(CARD_END) + len(CARD_END)
+        text = text[:start] + block + text[end:]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    card.write_text(text, encoding="utf-8")
+    return block
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     plt = pyplot()
     summary = report["summary"]
@@ -268,6 +320,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    argv = list(argv if argv is not None else sys.argv[1:])
+    if argv[:1] == ["card"]:  # python -m benchmarks.nanohead_sweep card <sweep JSON>: regenerate the card's section
+        if len(argv) != 2:
+            raise UsageError("usage: python -m benchmarks.nanohead_sweep card <nanohead_sweep.json>")
+        print(update_card(argv[1]))
+        return json.loads(Path(argv[1]).read_text(encoding="utf-8"))
     args = build_parser().parse_args(argv)
     settings = _settings(args)
     device = resolve_device(args.device)

@@ -273,3 +273,20 @@ def test_output_folder_and_training_arguments_defaults(tmp_path):
     args = training_arguments(tmp_path, device=torch.device("cpu"), seed=3, max_steps=2, save_strategy="steps")
     assert (args.use_cpu, args.seed, args.report_to, args.dataloader_pin_memory) == (True, 3, [], False)
     assert args.save_strategy == "steps" and args.max_steps == 2  # the caller's fields win
+
+
+def test_scaling_benchmark_reports_one_against_two_ranks(stories_file, tmp_path):
+    from benchmarks import scaling
+
+    report = scaling.main([
+        "--model_type", "toeplitz_mixer", "--train_file", str(stories_file), "--modes", "single,ddp",
+        "--set", "hidden_size=32,num_hidden_layers=1,num_heads=2,intermediate_size=32,max_position_embeddings=32",
+        "--max_steps", "2", "--per_device_batch_size", "2", "--block_size", "32", "--output_dir", str(tmp_path),
+    ])
+    rows = {(row["model_type"], row["mode"]): row for row in report["rows"]}
+    assert set(rows) == {("toeplitz_mixer", "single"), ("toeplitz_mixer", "ddp"), ("llama", "single"), ("llama", "ddp")}
+    assert rows[("toeplitz_mixer", "ddp")]["global_batch"] == 4 and rows[("toeplitz_mixer", "single")]["vs_single"] == 1
+    assert all(row["tokens_per_second"] > 0 for row in rows.values())
+    assert rows[("llama", "ddp")]["vs_llama_same_mode"] == 1
+    saved = json.loads((tmp_path / "scaling.json").read_text())
+    assert saved["rows"] == report["rows"] and saved["environment"]["torch_threads"] >= 1

@@ -572,3 +572,38 @@ def test_generate_returns_attention_weights_with_the_cache():
                          output_attentions=True, return_dict_in_generate=True)
     heads = model.config.nanohead_split.num_heads + model.config.nanohead_split.num_nanoheads
     assert [step[0].shape for step in out.attentions] == [(1, heads, 4, 4), (1, heads, 1, 5), (1, heads, 1, 6)]
+
+
+def _report(bpbs: dict[tuple[str, float], list[float]]) -> dict:
+    from benchmarks.harness import mean_and_se
+
+    summary = []
+    for (arm, proportion), values in bpbs.items():
+        mean, se = mean_and_se(values)
+        summary.append({"arm": arm, "proportion": proportion, "seeds": len(values), "val_bpb_mean": mean,
+                        "val_bpb_se": se})
+    return {"preset": "smoke", "parameters": 1000, "settings": {"max_steps": 5, "batch_size": 2, "block_size": 8},
+            "environment": {"device_name": "a CPU", "torch_threads": 1}, "runs": [{}] * 6, "summary": summary,
+            "arm_gap": nanohead_sweep._arm_gap(summary), "verdict": "v"}
+
+
+def test_card_block_is_generated_from_the_json_figures():
+    report = _report({("faithful", 0.0): [1.0, 1.2], ("faithful", 0.4): [1.5, 1.7], ("logit_scale", 0.0): [1.0, 1.0]})
+    block = nanohead_sweep.card_block(report, "x.json")
+    # p = 0.4: +0.5 against p = 0, SE hypot(0.1, 0.1) = 0.1414, beyond 2 SE
+    assert "| faithful | 0.4 | 2 | 1.6000 ± 0.1000 | +0.5000 ± 0.1414 | yes |" in block
+    assert "| faithful | 0.0 | 2 | 1.1000 ± 0.1000 | — | — |" in block
+    assert "| 0.0 | -0.1000 ± 0.1000 | no |" in block  # logit_scale - faithful at p = 0
+    assert block.startswith("<!-- nanohead_sweep results: generated from x.json -->")
+
+
+def test_the_cards_sweep_figures_are_the_committed_json():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    json_path = root / "model_cards" / "results" / "nanohead_sweep" / "smoke" / "nanohead_sweep.json"
+    report = json.loads(json_path.read_text())
+    assert len(report["runs"]) == 30 and {row["seeds"] for row in report["summary"]} == {3}
+    block = nanohead_sweep.card_block(report, "model_cards/results/nanohead_sweep/smoke/nanohead_sweep.json")
+    assert block in (root / "model_cards" / "nanohead_gpt.md").read_text(), \
+        "regenerate with: python -m benchmarks.nanohead_sweep card model_cards/results/nanohead_sweep/smoke/nanohead_sweep.json"
