@@ -34,6 +34,7 @@ from training.common import UsageError
 from training.data import DataArguments, default_data_dir, load_documents, tokenize_and_pack
 from training.tokenization import train_bpe_tokenizer
 
+NOISY_SPREAD = 1.5  # a timing whose p90 / p10 exceeds this is marked noisy
 MIN_RUNS = 5
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -92,9 +93,13 @@ class Timing:
     def mean(self) -> float:
         return statistics.fmean(self.seconds)
 
-    def summary(self) -> dict[str, float | int]:
-        """Median, mean, p10, p90, min, max (seconds) and the number of runs."""
+    def summary(self) -> dict[str, float | int | bool]:
+        """Median, mean, p10, p90, min, max (seconds), the number of runs, the spread p90 / p10 and whether it
+        exceeds `NOISY_SPREAD` (the timing is then marked noisy in tables)."""
+        spread = self.quantile(0.9) / self.quantile(0.1) if self.quantile(0.1) > 0 else float("inf")
         return {
+            "spread_p90_p10": spread,
+            "noisy": spread > NOISY_SPREAD,
             "median_s": self.median,
             "mean_s": self.mean,
             "p10_s": self.quantile(0.1),

@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     write_json(output_dir / "throughput.json", report)
     print(format_table(rows, [("model", "model"), ("parameters", "params"), ("tokens_per_second", "train tok/s"),
                               ("median_s", "s/step (median)"), ("p10_s", "p10"), ("p90_s", "p90"),
-                              ("vs_llama", "/ llama")]))
+                              ("spread_p90_p10", "p90/p10"), ("noisy", "noisy (> 1.5)"), ("vs_llama", "/ llama")]))
     print(f"\n{report['environment']['device_name']}, {args.dtype}, batch {args.batch_size} × {args.seq_len} tokens; "
           f"wrote {output_dir}/throughput.json")
     return report

@@ -22,6 +22,9 @@ def test_timing_statistics():
     assert summary["median_s"] == 3.0 and summary["mean_s"] == 3.0 and summary["runs"] == 5
     assert summary["p10_s"] == pytest.approx(1.4) and summary["p90_s"] == pytest.approx(4.6)
     assert (summary["min_s"], summary["max_s"]) == (1.0, 5.0)
+    assert summary["spread_p90_p10"] == pytest.approx(4.6 / 1.4) and summary["noisy"] is True
+    steady = Timing([1.0, 1.1, 1.05, 1.2, 1.0]).summary()
+    assert steady["spread_p90_p10"] < 1.5 and steady["noisy"] is False
 
 
 def test_time_runs_warms_up_and_requires_five_runs():
