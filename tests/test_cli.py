@@ -122,6 +122,9 @@ def test_npt_converts_the_llama_the_cli_trained(trained, stories_file, tmp_path)
     assert metrics["eval_loss"] < llama_metrics["eval_loss"] + 0.25
     assert metrics["eval_loss"] < math.log(300) - 0.25
     assert trainer.state.global_step == 6
+    args[args.index("--output_dir") + 1] = str(tmp_path / "npt-lora")
+    with pytest.raises(train.UsageError, match="LoRA adapters do not apply to npt_llama"):
+        train.main([*args, "--lora_r", "4"])
 
 
 def test_lora_fine_tunes_a_cli_checkpoint_and_merges(trained, stories_file, tmp_path):

@@ -258,9 +258,10 @@ def test_training_mode_builds_no_state_cache_unless_asked(spec: ArchitectureSpec
     input_ids = random_ids(spec, 2, 5)
     with torch.no_grad():
         cache = model(input_ids).cache  # eval mode: the config's use_cache=True
-    if not isinstance(cache, ZooStateCache):
-        pytest.skip("a key/value cache grows with the tokens fed (transformers' DynamicCache, as in Llama): "
-                    "nothing is preallocated")
     model.train()
-    assert model(input_ids).cache is None, "a training forward pass allocated a decoding state nobody asked for"
-    assert isinstance(model(input_ids, use_cache=True).cache, ZooStateCache)
+    if isinstance(cache, ZooStateCache):  # preallocated state: none unless asked for
+        assert model(input_ids).cache is None, "a training forward pass allocated a decoding state nobody asked for"
+        assert isinstance(model(input_ids, use_cache=True).cache, ZooStateCache)
+    else:  # a key/value cache (transformers' DynamicCache, as in Llama) holds only the tokens fed, never more
+        training_cache = model(input_ids).cache
+        assert training_cache is None or training_cache.get_seq_length() == input_ids.shape[1]

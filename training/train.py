@@ -228,8 +228,6 @@ def wrap_with_lora(spec: ArchitectureSpec, model: PreTrainedModel, model_args: M
         return model
     if spec.lora_target_modules is None and not model_args.lora_target_modules:
         raise UsageError(f"LoRA has no default target modules for {spec.model_type}: pass --lora_target_modules")
-    if spec.model_type == "npt_llama":
-        raise UsageError("npt_llama trains only its NP parameters (the base stays frozen): LoRA does not apply")
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:

@@ -35,6 +35,9 @@ class NPTTrainer(ZooTrainer):
     def __init__(self, *args: Any, loss_module: NPTLossModule | None = None, **kwargs: Any) -> None:
         model = kwargs.get("model") if "model" in kwargs else (args[0] if args else None)
         if not isinstance(model, NPTForCausalLM):
+            if hasattr(model, "peft_config"):  # a PEFT wrapper
+                raise ValueError("the NPT objective trains only the NP parameters (the base stays frozen): LoRA "
+                                 "adapters do not apply to npt_llama")
             raise ValueError(f"NPTTrainer trains an NPTForCausalLM, got {type(model).__name__}")
         loss_module = loss_module or NPTLossModule()
         if "ib" in loss_module.options.losses and loss_module.options.ib_impl == "vib" \
