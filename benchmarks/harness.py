@@ -461,3 +461,25 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
     return path
+
+
+MODEL_CARDS = Path(__file__).resolve().parents[1] / "model_cards"
+
+
+def card_markers(experiment: str) -> tuple[str, str]:
+    """The comments around an experiment's generated section of a card (the first names its JSON: `{json}`)."""
+    return f"<!-- {experiment} results: generated from {{json}} -->", f"<!-- end of {experiment} results -->"
+
+
+def replace_card_section(card: Path, experiment: str, block: str) -> None:
+    """Put `block` (which starts and ends with `card_markers(experiment)`) in place of the card's section of that
+    experiment, or append it."""
+    begin, end = card_markers(experiment)
+    begin = begin.split("{json}")[0]
+    text = card.read_text(encoding="utf-8")
+    if begin in text:
+        start, stop = text.index(begin), text.index(end) + len(end)
+        text = text[:start] + block + text[stop:]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    card.write_text(text, encoding="utf-8")

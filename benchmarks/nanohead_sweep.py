@@ -45,8 +45,8 @@ from training.tokenization import token_byte_lengths
 from training.trainer import resolve_trainer
 
 from .harness import add_deprecated_settings, add_preset_argument, add_set_argument, apply_settings, environment, \
-    format_table, mean_and_se, output_folder, prepare_corpus, pyplot, resolve_device, save_figure, \
-    training_arguments, write_json
+    card_markers, format_table, mean_and_se, output_folder, prepare_corpus, pyplot, replace_card_section, \
+    resolve_device, save_figure, training_arguments, write_json
 
 PROPORTIONS = (0.0, 0.2, 0.4, 0.6, 0.8)
 ARMS = {"faithful": False, "logit_scale": True}  # arm -> `learnable_logit_scale`
@@ -234,7 +234,7 @@ def _arm_gap(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 CARD = Path(__file__).resolve().parents[1] / "model_cards" / "nanohead_gpt.md"
-CARD_BEGIN, CARD_END = "<!-- nanohead_sweep results: generated from {json} -->", "<!-- end of nanohead_sweep results -->"
+CARD_BEGIN, CARD_END = card_markers("nanohead_sweep")
 
 
 def card_block(report: dict[str, Any], json_path: str) -> str:
@@ -272,14 +272,7 @@ def update_card(json_path: str | Path, card: Path = CARD) -> str:
     report = json.loads(json_path.read_text(encoding="utf-8"))
     relative = json_path.resolve().relative_to(card.resolve().parents[1]).as_posix()
     block = card_block(report, relative)
-    text = card.read_text(encoding="utf-8")
-    begin = CARD_BEGIN.split("{json}")[0]
-    if begin in text:
-        start, end = text.index(begin), text.index(CARD_END) + len(CARD_END)
-        text = text[:start] + block + text[end:]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    card.write_text(text, encoding="utf-8")
+    replace_card_section(card, "nanohead_sweep", block)
     return block
 
 

@@ -317,25 +317,30 @@ def test_static_step_reads_only_the_filled_slots_and_writes_in_place():
     assert [cache.get_state(i, "history").data_ptr() for i in range(2)] == pointers
 
 
-def test_static_decode_step_compiles_to_one_graph_without_breaks():
-    """Under `torch.compile(fullgraph=True)` (which raises on a graph break) the default `decode_step="auto"` takes the
-    static step: every decode step reuses one graph (no shape, and no Python int, depends on the position), the
-    logits equal the uncached forward, and the Python token count catches up eagerly afterwards."""
+def check_compiled_decode_is_one_graph(model, prompt: int = 3, tolerance: float = 1e-5):
+    """Decode a left-padded batch after `prompt` eager tokens through `torch.compile(fullgraph=True)` (which raises
+    on a graph break): the logits equal the uncached forward and every step reuses one graph. Returns the cache."""
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
-    model = tiny_model()
     input_ids, mask = _left_padded([ids(1, 12, seed=5)[0], ids(1, 8, seed=6)[0]])
     with torch.no_grad():
-        full = model(input_ids, attention_mask=mask).logits[:, 3:]
+        full = model(input_ids, attention_mask=mask).logits[:, prompt:]
     counter = CompileCounter()
     compiled = torch.compile(lambda x, m, cache: model(x, attention_mask=m, cache=cache, use_cache=True).logits,
                              backend=counter, fullgraph=True)
-    logits, cache = _decode_logits(model, input_ids, mask, prompt=3, step=compiled)
-    torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
+    logits, cache = _decode_logits(model, input_ids, mask, prompt=prompt, step=compiled)
+    torch.testing.assert_close(logits, full, rtol=tolerance, atol=tolerance)
     assert counter.frame_count == 1, counter.frame_count
-    assert cache.get_seq_length() == input_ids.shape[1]
     torch._dynamo.reset()
+    return cache
+
+
+def test_static_decode_step_compiles_to_one_graph_without_breaks():
+    """The default `decode_step="auto"` takes the static step under `torch.compile`: one graph for every step (no
+    shape, and no Python int, depends on the position), and the Python token count catches up eagerly afterwards."""
+    cache = check_compiled_decode_is_one_graph(tiny_model())
+    assert cache.get_seq_length() == 12
 
 
 def test_generate_with_compile_config_uses_the_compiled_static_step():

@@ -38,9 +38,8 @@ class ToeplitzMixerCache(ZooStateCache):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__(config.num_hidden_layers, max_length=config.max_position_embeddings)
-        shape = (batch_size, config.num_heads, config.max_position_embeddings, config.head_dim)
         for layer_idx in range(config.num_hidden_layers):
-            self.set_state(layer_idx, "history", torch.zeros(shape, device=device, dtype=dtype), kind="conv")
+            self._allocate_layer(layer_idx, config, batch_size, device, dtype)
         self.set_state(0, "token_ids", torch.zeros(batch_size, config.max_position_embeddings, dtype=torch.long,
                                                    device=device), kind="conv")
         self.set_state(0, "row_positions", torch.zeros(batch_size, dtype=torch.long, device=device),
@@ -55,6 +54,12 @@ class ToeplitzMixerCache(ZooStateCache):
                     torch._dynamo.mark_static_address(tensor)
             torch._dynamo.mark_static_address(self.cache_position)
         self.knows_token_ids = True
+
+    def _allocate_layer(self, layer_idx: int, config: ToeplitzMixerConfig, batch_size: int,
+                        device: torch.device | str | None, dtype: torch.dtype) -> None:
+        """The per-layer state: the whole input history `(batch, num_heads, max_position_embeddings, head_dim)`."""
+        shape = (batch_size, config.num_heads, config.max_position_embeddings, config.head_dim)
+        self.set_state(layer_idx, "history", torch.zeros(shape, device=device, dtype=dtype), kind="conv")
 
     @property
     def seen_tokens(self) -> int:

@@ -10,6 +10,7 @@ KERNEL_PARAMETRISATIONS = ("identity", "softplus")
 MIXER_IMPLEMENTATIONS = ("dense", "fft", "auto")
 CONTEXT_OVERFLOW_POLICIES = ("error", "sliding_recompute")
 DECODE_STEPS = ("auto", "dynamic", "static")
+DECODE_MODES = ("exact", "recurrent")
 ACTIVATIONS = ("gelu_pytorch_tanh", "gelu", "relu", "silu")
 
 
@@ -62,6 +63,15 @@ class ToeplitzMixerConfig(ZooConfig):
             either way; a runtime switch, no parameters involved. Under `context_overflow="sliding_recompute"` a
             compiled step still reads the Python token count (to re-read the window once full), so it is
             specialised on it.
+        decode_mode (`str`, *optional*, defaults to `"exact"`): how cached decoding mixes a new token. `"exact"`:
+            against the whole stored history (O(E·t) per layer and token, memory O(E·S)). `"recurrent"`: each
+            head's kernel is distilled (once per weight version, see `recurrent_toeplitz_mixer.py`) into its first
+            `recurrent_window` taps, kept exact, plus `recurrent_state_size` complex modes beyond them, so a step
+            costs O(E·(W + N)) and the state is constant-size; the prompt is still mixed exactly and only new tokens
+            see the approximation. A runtime switch, no parameters involved.
+        recurrent_state_size (`int`, *optional*, defaults to 16): modes N per head under `decode_mode="recurrent"`.
+        recurrent_window (`int`, *optional*, defaults to 16): exact taps W per head under `decode_mode="recurrent"`
+            (`0 <= W < max_position_embeddings`, checked when recurrent decoding is chosen; 0: all modes).
         initializer_range (`float`, *optional*, defaults to 0.2): std of the `Linear` and `Embedding` weights (the
             seed's 0.2, ten times the usual 0.02).
         toeplitz_init_std (`float`, *optional*, defaults to 0.2): std of the raw kernel parameters.
@@ -93,6 +103,9 @@ class ToeplitzMixerConfig(ZooConfig):
         fft_min_length: int = 2048,
         context_overflow: str = "error",
         decode_step: str = "auto",
+        decode_mode: str = "exact",
+        recurrent_state_size: int = 16,
+        recurrent_window: int = 16,
         initializer_range: float = 0.2,
         toeplitz_init_std: float = 0.2,
         rms_norm_eps: float | None = None,
@@ -120,6 +133,12 @@ class ToeplitzMixerConfig(ZooConfig):
         check_choice("mixer_impl", mixer_impl, MIXER_IMPLEMENTATIONS)
         check_choice("context_overflow", context_overflow, CONTEXT_OVERFLOW_POLICIES)
         check_choice("decode_step", decode_step, DECODE_STEPS)
+        check_choice("decode_mode", decode_mode, DECODE_MODES)
+        check_positive("recurrent_state_size", recurrent_state_size)
+        check_positive("recurrent_window", recurrent_window, allow_zero=True)
+        if decode_mode == "recurrent" and recurrent_window >= max_position_embeddings:
+            raise ValueError(f"`recurrent_window` ({recurrent_window}) must be smaller than "
+                             f"`max_position_embeddings` ({max_position_embeddings}).")
         check_positive("toep_norm_eps", toep_norm_eps, allow_zero=True, integer=False)
         check_positive("initializer_range", initializer_range, allow_zero=True, integer=False)
         check_positive("toeplitz_init_std", toeplitz_init_std, allow_zero=True, integer=False)
@@ -143,6 +162,9 @@ class ToeplitzMixerConfig(ZooConfig):
         self.fft_min_length = fft_min_length
         self.context_overflow = context_overflow
         self.decode_step = decode_step
+        self.decode_mode = decode_mode
+        self.recurrent_state_size = recurrent_state_size
+        self.recurrent_window = recurrent_window
         self.initializer_range = initializer_range
         self.toeplitz_init_std = toeplitz_init_std
         self.rms_norm_eps = rms_norm_eps

@@ -33,6 +33,9 @@ at the tensor `cache.cache_position`, reads the whole buffer with the kernel gat
 t) and takes positions from tensors, so `torch.compile(fullgraph=True)` / CUDA graphs capture one graph for every
 step. `generate(..., compile_config=CompileConfig(...))` uses it (see `ToeplitzMixerForCausalLM`).
 
+`decode_mode="recurrent"` trades exactness for a constant-size state: each head's kernel is distilled into its first
+W taps plus N complex modes, and a decode step costs O(E·(W + N)) per layer (see `recurrent_toeplitz_mixer.py`).
+
 Left padding is exact: padded positions of p are zeroed in every layer and c, β are indexed with per-row positions
 (`position_ids`, from the attention mask); the convolution is shift-invariant, so a padded row equals the row alone.
 """
@@ -58,6 +61,7 @@ from transformers.utils.output_capturing import capture_outputs
 from ..modeling_zoo_common import ZooPreTrainedModel, ZooStateCacheGenerationMixin, fft_causal_conv
 from .cache_toeplitz_mixer import ToeplitzMixerCache
 from .configuration_toeplitz_mixer import ToeplitzMixerConfig
+from .recurrent_toeplitz_mixer import ModalFit, ToeplitzRecurrentCache, fit_modal_kernel, modal_tables
 
 
 def toeplitz_matrix(kernel: torch.Tensor, row_start: int, num_rows: int, num_cols: int) -> torch.Tensor:
@@ -92,6 +96,7 @@ class ToeplitzMixer(nn.Module):
         if config.do_toep_proj:
             self.inp_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
             self.out_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self._modal_fit: tuple[tuple[Any, ...], ModalFit] | None = None  # (what it was fitted for, the fit)
 
     def kernel(self) -> torch.Tensor:
         """The effective kernels k `(H, S)`: `softplus(w)` or `w` (`config.kernel_param`)."""
@@ -104,6 +109,17 @@ class ToeplitzMixer(nn.Module):
         if eps > 0:
             total = torch.where(total >= 0, total.clamp(min=eps), total.clamp(max=-eps))
         return total
+
+    def modal_fit(self) -> ModalFit:
+        """The kernels' modal fit for `decode_mode="recurrent"` (see `recurrent_toeplitz_mixer.py`), computed once
+        per weight version (an optimiser step or `load_state_dict` changes it), state size and window."""
+        key = (self.kernel_weight._version, self.kernel_weight.data_ptr(), self.config.recurrent_state_size,
+               self.config.recurrent_window)
+        if self._modal_fit is None or self._modal_fit[0] != key:
+            with torch.no_grad():
+                fit = fit_modal_kernel(self.kernel(), self.config.recurrent_state_size, self.config.recurrent_window)
+            self._modal_fit = (key, fit)
+        return self._modal_fit[1]
 
     def _mix_sequence(self, kernel: torch.Tensor, p: torch.Tensor, parallel: bool) -> torch.Tensor:
         """Causal convolution of a whole sequence starting at position 0: `(B, T, H, D)` → `(B, T, H, D)`."""
@@ -139,6 +155,14 @@ class ToeplitzMixer(nn.Module):
         tables = {"kernel": kernel, "bias_t": self.position_bias.t()}
         if self.config.do_toep_mean:
             tables["normaliser_t"] = self.normaliser(kernel).t()
+        if isinstance(cache, ToeplitzRecurrentCache):
+            if torch.compiler.is_compiling():  # fitted eagerly by the prefill (the fit itself is not traceable)
+                if self._modal_fit is None:
+                    raise ValueError("recurrent decoding compiles only after an eager prefill has fitted the modes")
+                fit = self._modal_fit[1]
+            else:
+                fit = self.modal_fit()
+            tables.update(modal_tables(fit, kernel.dtype))
         if memoise:
             tables["flipped"] = kernel.flip(-1)
             cache.layer_tables[self.layer_idx] = tables
@@ -184,6 +208,17 @@ class ToeplitzMixer(nn.Module):
         weights = torch.where(lag >= 0, kernel.index_select(1, lag.clamp(min=0)), 0.0).to(history.dtype)  # (H, S)
         return self._weighted_sum(history, weights, parallel)
 
+    def _mix_recurrent(self, tables: dict[str, torch.Tensor], p: torch.Tensor, cache: ToeplitzRecurrentCache,
+                       parallel: bool, static_step: bool) -> torch.Tensor:
+        """`decode_mode="recurrent"`: a prompt into an empty cache is mixed exactly and sets the state; new tokens
+        after it go through the recurrence one at a time (`(B, T, H, D)` → `(B, T, H, D)`)."""
+        if not static_step and cache.seen_tokens == 0:
+            cache.fill(self.layer_idx, p, tables)
+            return self._mix_sequence(tables["kernel"], p, parallel)
+        steps = [cache.step(self.layer_idx, p[:, i:i + 1], tables, cache.cache_position + i)
+                 for i in range(p.shape[1])]
+        return steps[0] if len(steps) == 1 else torch.cat(steps, dim=1)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -210,7 +245,9 @@ class ToeplitzMixer(nn.Module):
         p = p.view(batch, length, self.num_heads, self.head_dim)
         tables = self._tables(cache)
         kernel = tables["kernel"]
-        if static_step:
+        if isinstance(cache, ToeplitzRecurrentCache):
+            y = self._mix_recurrent(tables, p, cache, parallel, static_step)
+        elif static_step:
             history = cache.write_history_static(self.layer_idx, p)
             y = self._mix_static_step(kernel, history, cache.cache_position, cache.slots, parallel)
         else:
@@ -336,6 +373,17 @@ class ToeplitzMixerModel(ToeplitzMixerPreTrainedModel):
         window_mask = attention_mask[:, -limit:] if attention_mask is not None else None
         return input_ids[:, -limit:], window_mask
 
+    def new_cache(self, batch_size: int, device: torch.device | str | None = None,
+                  dtype: torch.dtype = torch.float32) -> ToeplitzMixerCache:
+        """An empty decoding cache of `config.decode_mode`: [`ToeplitzMixerCache`] (exact) or
+        [`ToeplitzRecurrentCache`] (recurrent)."""
+        cache_class = ToeplitzRecurrentCache if self.config.decode_mode == "recurrent" else ToeplitzMixerCache
+        return cache_class(self.config, batch_size, device=device, dtype=dtype)
+
+    def recurrent_fit(self) -> list[ModalFit]:
+        """Each layer's modal fit for `decode_mode="recurrent"` (fitted now if the weights changed since)."""
+        return [layer.mixer.modal_fit() for layer in self.layers]
+
     def _static_decode(self) -> bool:
         """Whether a one-token cached step takes the shape-static path (`config.decode_step`)."""
         mode = self.config.decode_step
@@ -406,7 +454,7 @@ class ToeplitzMixerModel(ToeplitzMixerPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
-            cache = ToeplitzMixerCache(self.config, batch, device=inputs_embeds.device, dtype=inputs_embeds.dtype)
+            cache = self.new_cache(batch, device=inputs_embeds.device, dtype=inputs_embeds.dtype)
 
         token_mask = attention_mask[:, -length:] if attention_mask is not None else None
         if position_ids is None:  # positions count real tokens: the cache knows each row's count so far
@@ -490,7 +538,7 @@ class ToeplitzMixerForCausalLM(ToeplitzMixerPreTrainedModel, ZooStateCacheGenera
         `decode_step`); otherwise the model creates it on the first forward pass (eager decoding)."""
         if generation_config.compile_config is None and generation_config.cache_implementation != "static":
             return None
-        return ToeplitzMixerCache(self.config, batch_size, device=self.device, dtype=self.dtype)
+        return self.model.new_cache(batch_size, device=self.device, dtype=self.dtype)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
