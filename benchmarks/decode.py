@@ -20,8 +20,9 @@ or whose compilation fails gets a row saying so, with no figures, instead of a c
 Memory-bandwidth floor: a decode step must at least read the weights it uses (every parameter except the untied
 input embedding's unread rows (only the batch's rows are read) and the auxiliary heads decoding never calls, e.g.
 Bicameral's token head) and the state the step reads: keys and values (`2·L·B·kv_width` per position) of the
-attention models, the Toeplitz history of mixer inputs (`L·B·E` per position), Bicameral's constant-size state (the
-ring buffer of the last `max(kernel_len, time_kernel_size) − 1` inputs and the effective kernels, `L·kernel_len·E`).
+attention models, the Toeplitz history of mixer inputs (`L·B·E` per position), Bicameral's constant-size state (per
+layer the ring buffer of the last `R = max(kernel_len, time_kernel_size)` inputs, `B·R·E`, a row of R kernel taps
+and the time path's `time_kernel_size·E` weights).
 The positions read are the mean over the decode, `prompt + new_tokens / 2`, for dynamic caches, and the whole
 buffer for static ones (`prompt + new_tokens` for the library's static cache, the context `S` for the Toeplitz
 static step). `floor = bytes per step / bandwidth`. The decode step's own time is
@@ -123,9 +124,9 @@ def state_bytes(model: PreTrainedModel, batch: int, positions: float) -> float:
     layers, hidden = config.num_hidden_layers, config.hidden_size
     if config.model_type == "toeplitz_mixer":
         return layers * batch * hidden * positions * element
-    if config.model_type == "bicameral_lm":
-        history = max(config.kernel_len, config.time_kernel_size) - 1
-        return layers * (batch * history + config.kernel_len) * hidden * element
+    if config.model_type == "bicameral_lm":  # per layer: the ring of inputs, a row of kernel taps, the time taps
+        ring = max(config.kernel_len, config.time_kernel_size)
+        return layers * (batch * ring * hidden + ring + config.time_kernel_size * hidden) * element
     return 2 * layers * batch * kv_width(model) * positions * element
 
 

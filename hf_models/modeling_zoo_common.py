@@ -220,15 +220,46 @@ class ZooStateCache(Cache):
     allocate their tensors (preallocated, so a decode step never concatenates) and define the update rule the model
     calls. Models that use such a cache inherit [`ZooStateCacheGenerationMixin`], which creates it for `generate`.
 
+    Besides the Python count `seen_tokens`, `cache_position` `(1,)` holds it as a tensor, advanced in place, so a
+    shape-static decode step can index with it: a compiled step advances only the tensor (`advance_count(...,
+    in_python=False)`; reading a per-step Python int would specialise the graph on it) and the Python count catches
+    up from it, eagerly, when next read.
+
     Args:
         num_layers (`int`): number of layers holding state.
         max_length (`int`, *optional*): the most tokens the cache can hold (`None`: unbounded).
+        device (*optional*): where `cache_position` lives (the states' device).
     """
 
-    def __init__(self, num_layers: int, max_length: int | None = None) -> None:
+    def __init__(self, num_layers: int, max_length: int | None = None,
+                 device: torch.device | str | None = None) -> None:
         super().__init__(layers=[ZooStateLayer() for _ in range(num_layers)])
+        self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
+        if not torch.compiler.is_compiling():  # a fixed address, as transformers' StaticCache keeps, for CUDA graphs
+            torch._dynamo.mark_static_address(self.cache_position)
         self.seen_tokens = 0
         self.max_length = max_length
+
+    def fix_addresses(self) -> None:
+        """Mark every state tensor as a static address (as transformers' `StaticCache` does), so CUDA graphs can
+        capture a compiled step's in-place writes; call after allocating the states."""
+        if not torch.compiler.is_compiling():
+            for layer in self.layers:
+                for tensor in layer.states.values():
+                    torch._dynamo.mark_static_address(tensor)
+
+    @property
+    def seen_tokens(self) -> int:
+        """Tokens cached so far (a Python int, caught up from `cache_position` after compiled steps)."""
+        if self._count_pending:
+            self._seen_tokens = int(self.cache_position.item())
+            self._count_pending = False
+        return self._seen_tokens
+
+    @seen_tokens.setter
+    def seen_tokens(self, value: int) -> None:
+        self._seen_tokens = value
+        self._count_pending = False
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
@@ -241,11 +272,18 @@ class ZooStateCache(Cache):
 
     def reset(self) -> None:
         super().reset()
+        self.cache_position.zero_()
         self.seen_tokens = 0
 
-    def advance_count(self, num_tokens: int) -> None:
-        """Count `num_tokens` more tokens seen (after every layer has written its state)."""
-        self.seen_tokens += num_tokens
+    def advance_count(self, num_tokens: int, in_python: bool = True) -> None:
+        """Count `num_tokens` more tokens seen (after every layer has written its state); `in_python=False` (a
+        compiled step) advances only `cache_position` and leaves the Python count to catch up when read."""
+        if not in_python:
+            self.cache_position.add_(num_tokens)
+            self._count_pending = True
+            return
+        self.seen_tokens = self.seen_tokens + num_tokens
+        self.cache_position.add_(num_tokens)
         for layer in self.layers:
             layer.mark_filled(True)
 

@@ -243,7 +243,59 @@ def test_cache_state_does_not_grow_with_the_position():
             cache = model(byte_ids(1, 1, seed=t), cache=cache, use_cache=True).cache
     assert [{name: t.shape for name, t in layer.states.items()} for layer in cache.layers] == shapes
     assert cache.get_seq_length() == 43
-    assert shapes[0]["inputs"] == (1, model.config.kernel_len - 1, model.config.hidden_size)
+    assert shapes[0]["inputs"] == (1, model.config.kernel_len, model.config.hidden_size)
+
+
+def test_the_decode_step_compiles_to_one_graph_and_compiled_generate_equals_eager():
+    """Under `torch.compile(fullgraph=True)` (which raises on a graph break) every decode step reuses one graph (the
+    ring is indexed by the tensor `cache_position`, the Python count catches up eagerly) and equals the uncached
+    forward; `generate(compile_config=...)` gives eager decoding's tokens and scores."""
+    from torch._dynamo.testing import CompileCounter
+    from transformers import CompileConfig
+
+    torch._dynamo.reset()
+    model = scramble(tiny(num_hidden_layers=2, cutoff=12))
+    ids = byte_ids(2, 20)
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits[:, 6:]
+        cache = model(ids[:, :6], use_cache=True).cache
+        counter = CompileCounter()
+        step = torch.compile(lambda x, cache: model(x, cache=cache, use_cache=True).logits, backend=counter,
+                             fullgraph=True)
+        logits = torch.cat([step(ids[:, t:t + 1], cache) for t in range(6, 20)], dim=1)
+    torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
+    assert counter.frame_count == 1, counter.frame_count
+    assert cache.get_seq_length() == 20
+    config = CompileConfig(fullgraph=True, dynamic=False, backend="eager")
+    config._compile_all_devices = True  # the library compiles only on accelerators unless told otherwise
+    kwargs = dict(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=257, output_scores=True,
+                  return_dict_in_generate=True)
+    eager = model.generate(ids[:, :6], **kwargs)
+    compiled = model.generate(ids[:, :6], compile_config=config, **kwargs)
+    assert hasattr(model, "_compiled_call")
+    assert torch.equal(compiled.sequences, eager.sequences)
+    for a, b in zip(compiled.scores, eager.scores):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_decode_tables_follow_in_place_weight_changes():
+    """The fused decode tables are reused across caches while the weights are unchanged and rebuilt after an
+    in-place change (an optimiser step): cached decoding then still equals the uncached forward."""
+    model = scramble(tiny(num_hidden_layers=2))
+    ids = byte_ids(2, 12)
+    with torch.no_grad():
+        model(ids[:, :4], use_cache=True)
+        first = model.model.layers[0]._tables_memo[1]
+        model(ids[:, :4], use_cache=True)
+        assert model.model.layers[0]._tables_memo[1] is first
+        for name in ("cross_mix", "freq_context_gate"):
+            getattr(model.model.layers[0], name).weight.mul_(1.5)
+        model.model.layers[1].kernel.mul_(-2.0)
+        cache = model(ids[:, :4], use_cache=True).cache
+        steps = torch.cat([model(ids[:, t:t + 1], cache=cache, use_cache=True).logits for t in range(4, 12)], dim=1)
+        full = model(ids, use_cache=False).logits[:, 4:]
+    torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-4)
 
 
 def test_generate_cached_equals_uncached_with_a_cutoff_and_a_batch():

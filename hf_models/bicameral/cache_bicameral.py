@@ -18,32 +18,40 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
 class BicameralCache(ZooStateCache):
     """State of the Bicameral LM during decoding (not a key/value cache).
 
-    Per layer: `inputs` `(batch, history, hidden)`, a ring buffer of the last `history = max(kernel_len,
-    time_kernel_size) - 1` normalised, masked block inputs (position `p` in slot `p % history`); `context_sum`
+    Per layer: `inputs` `(batch, ring, hidden)`, a ring buffer of the last `ring = max(kernel_len, time_kernel_size)`
+    normalised, masked block inputs, the current one included (position `p` in slot `p % ring`); `context_sum`
     `(batch, hidden)` and `context_count` `(batch, 1)`, the running sum and number of real bytes behind the causal
-    context mean. The size does not grow with the sequence. Every layer is a transformers linear-attention cache
-    layer ([`ZooStateLayer`], `config.layer_types` is `"linear_attention"`): `inputs` is its convolution state, the
-    two sums its recurrent states. The effective kernels (which depend only on the weights
-    and the cutoff) are computed once per generation and kept in `kernels`, with the cutoff they were built for.
+    context mean, updated in place. The size does not grow with the sequence. Every layer is a transformers
+    linear-attention cache layer ([`ZooStateLayer`], `config.layer_types` is `"linear_attention"`): `inputs` is its
+    convolution state, the two sums its recurrent states. Everything a decode step derives from the weights (the
+    effective kernel, which also depends on the cutoff, as a table of its rotations; the fused gate and fusion
+    weights) is computed once per generation and kept in `kernels`, with the cutoff it was built for. A decode step
+    indexes the ring with the tensor `cache_position` and writes in place, so it compiles to one graph.
 
     Args:
         config: the model's configuration.
         batch_size: rows being decoded.
         device / dtype: where and in which precision the state lives.
+        compileable: report `is_compileable` (then `generate` compiles the decode steps on CUDA by itself, or on any
+            device with a `compile_config` that asks for it).
     """
 
-    def __init__(self, config: BicameralConfig, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
-        super().__init__(config.num_hidden_layers)
-        self.history = max(config.kernel_len, config.time_kernel_size) - 1
-        self.kernels: dict[int, tuple[int | None, torch.Tensor]] = {}  # layer -> (the cutoff it was built for, kernel)
+    def __init__(self, config: BicameralConfig, batch_size: int, device: torch.device, dtype: torch.dtype,
+                 compileable: bool = False) -> None:
+        super().__init__(config.num_hidden_layers, device=device)
+        self.compileable = compileable
+        self.ring = max(config.kernel_len, config.time_kernel_size)
+        # layer -> (the cutoff it was built for, the decode tables, see `BicameralBlock.decode_tables`)
+        self.kernels: dict[int, tuple[int | None, dict[str, torch.Tensor]]] = {}
         for layer_idx in range(config.num_hidden_layers):
             self.set_state(layer_idx, "inputs",
-                           torch.zeros(batch_size, self.history, config.hidden_size, device=device, dtype=dtype),
+                           torch.zeros(batch_size, self.ring, config.hidden_size, device=device, dtype=dtype),
                            kind="conv")
             self.set_state(layer_idx, "context_sum", torch.zeros(batch_size, config.hidden_size, device=device,
                                                                  dtype=work_dtype(dtype)), kind="recurrent")
             self.set_state(layer_idx, "context_count", torch.zeros(batch_size, 1, device=device,
                                                                    dtype=work_dtype(dtype)), kind="recurrent")
+        self.fix_addresses()
 
     def reset(self) -> None:
         super().reset()
@@ -51,9 +59,7 @@ class BicameralCache(ZooStateCache):
 
     @property
     def is_compileable(self) -> bool:
-        # The ring buffer is indexed by the Python position count and the sums are replaced, not copied in place:
-        # a compiled step would depend on per-step Python values and lose the tensors' static addresses.
-        return False
+        return self.compileable
 
     def check_cutoff(self, cutoff: int | None) -> None:
         """Refuse to go on when the cutoff changed (`set_cutoff`) since the state was filled and the model has 2+
@@ -67,30 +73,24 @@ class BicameralCache(ZooStateCache):
                 "the whole sequence) after `set_cutoff`.")
 
     def past_inputs(self, layer_idx: int, count: int) -> torch.Tensor:
-        """The last `count` (`<= history`) inputs of layer `layer_idx` in time order, `(batch, count, hidden)`;
-        positions before the start read as zeros."""
-        inputs = self.get_state(layer_idx, "inputs")
-        if count == 0:
-            return inputs[:, :0]
-        start = self.seen_tokens - count
-        slots = torch.arange(start, self.seen_tokens, device=self.get_state(layer_idx, "inputs").device) % self.history
-        return self.get_state(layer_idx, "inputs")[:, slots]
+        """The last `count` (`< ring`) inputs of layer `layer_idx` before the new ones, in time order, `(batch,
+        count, hidden)`; positions before the start read as zeros."""
+        slots = torch.arange(self.seen_tokens - count, self.seen_tokens, device=self.cache_position.device)
+        return self.get_state(layer_idx, "inputs")[:, slots % self.ring]
 
     def store_inputs(self, layer_idx: int, x: torch.Tensor) -> None:
         """Write the new inputs `x` `(batch, new, hidden)` (positions `seen_tokens ...`) into the ring buffer."""
-        if self.history == 0:
-            return
-        keep = min(x.shape[1], self.history)
+        keep = min(x.shape[1], self.ring)
         positions = torch.arange(self.seen_tokens + x.shape[1] - keep, self.seen_tokens + x.shape[1], device=x.device)
-        self.get_state(layer_idx, "inputs").index_copy_(1, positions % self.history, x[:, -keep:])
+        self.get_state(layer_idx, "inputs").index_copy_(1, positions % self.ring, x[:, -keep:])
 
     def update_context(self, layer_idx: int, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Running context mean at each new position, `(batch, new, hidden)`, and advance the sums."""
-        work = self.get_state(layer_idx, "context_sum").dtype
-        sums = self.get_state(layer_idx, "context_sum")[:, None] + torch.cumsum(x.to(work), dim=1)
-        counts = self.get_state(layer_idx, "context_count")[:, None] + torch.cumsum(mask.to(work), dim=1)[..., None]
-        self.set_state(layer_idx, "context_sum", sums[:, -1])
-        self.set_state(layer_idx, "context_count", counts[:, -1])
+        """Running context mean at each new position, `(batch, new, hidden)`, and advance the sums in place."""
+        total, count = self.get_state(layer_idx, "context_sum"), self.get_state(layer_idx, "context_count")
+        sums = total[:, None] + torch.cumsum(x.to(total.dtype), dim=1)
+        counts = count[:, None] + torch.cumsum(mask.to(total.dtype), dim=1)[..., None]
+        total.copy_(sums[:, -1])
+        count.copy_(counts[:, -1])
         return (sums / counts.clamp(min=1.0)).to(x.dtype)
 
 

@@ -114,6 +114,7 @@ class BicameralBlock(GradientCheckpointingLayer):
             gate.init_std, gate.init_bias = 0.0, 2.0  # gates start at sigmoid(2) ~ 0.88 everywhere
         for layer in (self.time_conv, self.cross_mix, self.ffn_up, self.ffn_down):
             layer.init_std = 0.01
+        self._tables_memo: tuple[tuple, dict[str, torch.Tensor]] | None = None  # see `decode_tables`
 
     def spectral_filter(self) -> torch.Tensor:
         """Per-bin gains `sigmoid(g_f) * M_f` on the grid, `(num_freq_bins,)` (at least float32)."""
@@ -152,6 +153,8 @@ class BicameralBlock(GradientCheckpointingLayer):
             mask: `(batch, seq)`, 1 for real bytes, 0 for padding (padding contributes nothing to other positions).
             cache: the decoding state; `seq` new positions follow the `cache.seen_tokens` already seen.
         """
+        if cache is not None and hidden_states.shape[1] == 1 and self.config.spectral_gating == "kernel":
+            return self._decode_step(hidden_states, mask, cache)
         x = self.norm(hidden_states) * mask[..., None].to(hidden_states.dtype)
         length = x.shape[1]
         context = self._context(x, mask, cache)
@@ -159,17 +162,12 @@ class BicameralBlock(GradientCheckpointingLayer):
         if self.config.spectral_gating == "signal":
             long_conv = self._signal_gated_conv(x)
         else:
-            kernel = self._kernel(cache)
-            if cache is not None and length == 1:  # decode step: a K-tap dot product with the ring buffer
-                past = cache.past_inputs(self.layer_idx, kernel.shape[0] - 1)
-                window = torch.cat([past, x], dim=1)
-                long_conv = torch.einsum("btc,t->bc", window.to(kernel.dtype), kernel.flip(0))[:, None].to(x.dtype)
-            else:
-                if cache is None or cache.seen_tokens == 0:
-                    window = x
-                else:  # continuing a cached sequence: the last inputs are the convolution's left context
-                    window = torch.cat([cache.past_inputs(self.layer_idx, cache.history), x], dim=1)
-                long_conv = fft_causal_conv(window, kernel)[:, -length:]
+            kernel = self.effective_kernel() if cache is None else self.decode_tables(cache)["kernel"]
+            if cache is None or cache.seen_tokens == 0:
+                window = x
+            else:  # continuing a cached sequence: the last inputs are the convolution's left context
+                window = torch.cat([cache.past_inputs(self.layer_idx, cache.ring - 1), x], dim=1)
+            long_conv = fft_causal_conv(window, kernel)[:, -length:]
         y_freq = long_conv * self.spectral_gain * torch.sigmoid(self.freq_context_gate(context))
 
         width = self.config.time_kernel_size
@@ -199,14 +197,69 @@ class BicameralBlock(GradientCheckpointingLayer):
         counts = torch.cumsum(mask.to(work), dim=1).clamp(min=1.0)[..., None]
         return (torch.cumsum(x.to(work), dim=1) / counts).to(x.dtype)
 
-    def _kernel(self, cache: BicameralCache | None) -> torch.Tensor:
-        if cache is None:
-            return self.effective_kernel()
-        cutoff, kernel = cache.kernels.get(self.layer_idx, (None, None))
-        if kernel is None or cutoff != self.config.cutoff:  # a cutoff change (`set_cutoff`) changes the kernel
-            kernel = self.effective_kernel()
-            cache.kernels[self.layer_idx] = (self.config.cutoff, kernel)
-        return kernel
+    def decode_tables(self, cache: BicameralCache) -> dict[str, torch.Tensor]:
+        """What decoding derives from the weights, built once per weights and cutoff (afresh with gradients enabled):
+        `kernel` k_eff `(K,)`; `long_taps` `(R, R)` with `long_taps[t % R, s] = k_eff[(t − s) % R]` (0 from lag K
+        on), the weights of ring slot s at position t (R = `cache.ring`); `time_taps` `(w, C)` and `time_offsets`
+        `(w,)` (the time path's weights and the positions `t − w + 1 ... t` they read); `gate_weight` / `gate_bias`,
+        both context gates as one linear map `C → 2C`; `fusion_weight` `(C, 2C)` / `fusion_bias`, the whole fusion
+        `a_f/(a_f + a_t)·y_f + a_t/(a_f + a_t)·y_t + 0.1·W_x[y_f; y_t]` with the spectral gain folded into its
+        `y_f` columns, as one linear map of `[long_conv · gate_f; time_conv · gate_t]`. A later cache reuses them
+        while no parameter of the block changed (an optimiser step, `load_state_dict` or `.to()` does change them;
+        an in-place write through `.data` bypasses autograd's version counter and is not seen)."""
+        cutoff, tables = cache.kernels.get(self.layer_idx, (None, None))
+        if tables is not None and cutoff == self.config.cutoff and not torch.is_grad_enabled():
+            return tables
+        # the same weights and cutoff as an earlier cache's (the parameters' versions count in-place updates)
+        key = (self.config.cutoff, cache.ring, tuple((p._version, p.data_ptr()) for p in self.parameters()))
+        if self._tables_memo is not None and self._tables_memo[0] == key and not torch.is_grad_enabled():
+            cache.kernels[self.layer_idx] = (self.config.cutoff, self._tables_memo[1])
+            return self._tables_memo[1]
+        kernel, ring, hidden = self.effective_kernel(), cache.ring, self.config.hidden_size
+        slots = torch.arange(ring, device=kernel.device)
+        long_taps = F.pad(kernel, (0, ring - kernel.shape[0]))[(slots[:, None] - slots[None, :]) % ring]
+        a_freq, a_time = torch.sigmoid(self.alpha_freq), torch.sigmoid(self.alpha_time)
+        total = a_freq + a_time + 1e-8
+        eye = torch.eye(hidden, device=kernel.device, dtype=self.cross_mix.weight.dtype)
+        fusion = FUSION_CROSS_SCALE * self.cross_mix.weight + torch.cat([(a_freq / total) * eye,
+                                                                         (a_time / total) * eye], dim=1)
+        fusion = torch.cat([fusion[:, :hidden] * self.spectral_gain, fusion[:, hidden:]], dim=1)
+        width = self.config.time_kernel_size
+        tables = {
+            "kernel": kernel, "long_taps": long_taps.to(self.cross_mix.weight.dtype),
+            "time_taps": self.time_conv.weight[:, 0, :].t(), "time_bias": self.time_conv.bias,
+            "time_offsets": torch.arange(width, device=kernel.device) - (width - 1),
+            "gate_weight": torch.cat([self.freq_context_gate.weight, self.time_context_gate.weight]),
+            "gate_bias": torch.cat([self.freq_context_gate.bias, self.time_context_gate.bias]),
+            "fusion_weight": fusion, "fusion_bias": FUSION_CROSS_SCALE * self.cross_mix.bias,
+        }
+        if not torch.is_grad_enabled():
+            cache.kernels[self.layer_idx] = (self.config.cutoff, tables)
+            self._tables_memo = (key, tables)
+        return tables
+
+    def _decode_step(self, hidden_states: torch.Tensor, mask: torch.Tensor, cache: BicameralCache) -> torch.Tensor:
+        """One new byte `(batch, 1, hidden)` at the tensor position `cache.cache_position`: the same block as
+        `forward`, from the ring buffer and the fused tables of `decode_tables`, writing the state in place (no
+        shape or Python value depends on the position, so it compiles to one graph). O(R·C + C²) per layer."""
+        tables = self.decode_tables(cache)
+        x = self.norm(hidden_states) * mask[..., None].to(hidden_states.dtype)
+        ring = cache.get_state(self.layer_idx, "inputs")
+        slot = cache.cache_position % cache.ring
+        ring.index_copy_(1, slot, x)
+        total, count = cache.get_state(self.layer_idx, "context_sum"), cache.get_state(self.layer_idx, "context_count")
+        total.add_(x[:, 0].to(total.dtype))
+        count.add_(mask.to(count.dtype))
+        context = (total / count.clamp(min=1.0)).to(x.dtype)[:, None]
+        long_conv = torch.matmul(tables["long_taps"].index_select(0, slot), ring)  # (batch, 1, hidden)
+        window = ring.index_select(1, (cache.cache_position + tables["time_offsets"]) % cache.ring)
+        time_conv = (window * tables["time_taps"]).sum(1, keepdim=True) + tables["time_bias"]
+        gate_freq, gate_time = torch.sigmoid(F.linear(context, tables["gate_weight"], tables["gate_bias"])).chunk(2, -1)
+        mixed = F.linear(torch.cat([long_conv * gate_freq, time_conv * gate_time], dim=-1), tables["fusion_weight"],
+                         tables["fusion_bias"])
+        hidden_states = hidden_states + self.dropout(mixed)
+        ffn = self.ffn_down(self.dropout(F.gelu(self.ffn_up(self.ffn_norm(hidden_states)))))
+        return hidden_states + self.dropout(ffn)
 
 
 @dataclass
@@ -328,7 +381,8 @@ class BicameralModel(BicameralPreTrainedModel):
             cache = BicameralCache(self.config, batch, hidden_states.device, hidden_states.dtype)
         if not use_cache:
             cache = None
-        if cache is not None:
+        compiled_step = torch.compiler.is_compiling()  # reads no Python count (checked by the eager prefill)
+        if cache is not None and not compiled_step:
             cache.check_cutoff(self.config.cutoff)
         if attention_mask is None:
             mask = hidden_states.new_ones(batch, length)
@@ -338,7 +392,7 @@ class BicameralModel(BicameralPreTrainedModel):
         for layer in self.layers:
             hidden_states = layer(hidden_states, mask, cache=cache)
         if cache is not None:
-            cache.advance_count(length)
+            cache.advance_count(length, in_python=not compiled_step)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), cache=cache)
 
 
@@ -432,10 +486,14 @@ class BicameralForCausalLM(BicameralPreTrainedModel, ZooStateCacheGenerationMixi
                                        cache=outputs.cache, hidden_states=outputs.hidden_states)
 
     def _state_cache_for_generation(self, generation_config, batch_size: int) -> BicameralCache | None:
-        """The [`BicameralCache`] `generate` starts from (none for the non-causal variants, which refuse one)."""
+        """The [`BicameralCache`] `generate` starts from (none for the non-causal variants, which refuse one). With a
+        `compile_config` or `cache_implementation="static"` it is compileable, so `generate` runs the decode steps
+        through `torch.compile` (on a CPU only with `compile_config._compile_all_devices = True`, as for transformers'
+        `StaticCache`); otherwise decoding stays eager, also on CUDA."""
         if not self.config.is_causal:
             return None
-        return BicameralCache(self.config, batch_size, self.device, self.dtype)
+        compileable = generation_config.compile_config is not None or generation_config.cache_implementation == "static"
+        return BicameralCache(self.config, batch_size, self.device, self.dtype, compileable=compileable)
 
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs):
         if self.config.chunk_size != 1:

@@ -37,22 +37,16 @@ class ToeplitzMixerCache(ZooStateCache):
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        super().__init__(config.num_hidden_layers, max_length=config.max_position_embeddings)
+        super().__init__(config.num_hidden_layers, max_length=config.max_position_embeddings, device=device)
         for layer_idx in range(config.num_hidden_layers):
             self._allocate_layer(layer_idx, config, batch_size, device, dtype)
         self.set_state(0, "token_ids", torch.zeros(batch_size, config.max_position_embeddings, dtype=torch.long,
                                                    device=device), kind="conv")
         self.set_state(0, "row_positions", torch.zeros(batch_size, dtype=torch.long, device=device),
                        kind="recurrent")
-        self.cache_position = torch.zeros(1, dtype=torch.long, device=device)
         self.layer_tables: dict[int, dict[str, torch.Tensor]] = {}  # kernel-derived tensors, see ToeplitzMixer._tables
         self.slots = torch.arange(config.max_position_embeddings, device=device)
-        if not torch.compiler.is_compiling():
-            # fixed addresses, as transformers' StaticCache does, so CUDA graphs can capture the in-place writes
-            for layer in self.layers:
-                for tensor in layer.states.values():
-                    torch._dynamo.mark_static_address(tensor)
-            torch._dynamo.mark_static_address(self.cache_position)
+        self.fix_addresses()
         self.knows_token_ids = True
 
     def _allocate_layer(self, layer_idx: int, config: ToeplitzMixerConfig, batch_size: int,
@@ -60,20 +54,6 @@ class ToeplitzMixerCache(ZooStateCache):
         """The per-layer state: the whole input history `(batch, num_heads, max_position_embeddings, head_dim)`."""
         shape = (batch_size, config.num_heads, config.max_position_embeddings, config.head_dim)
         self.set_state(layer_idx, "history", torch.zeros(shape, device=device, dtype=dtype), kind="conv")
-
-    @property
-    def seen_tokens(self) -> int:
-        """Tokens cached so far (a Python int). Compiled static steps count in `cache_position` only; the int
-        catches up here, eagerly, from that tensor."""
-        if self._count_pending:
-            self._seen_tokens = int(self.cache_position.item())
-            self._count_pending = False
-        return self._seen_tokens
-
-    @seen_tokens.setter
-    def seen_tokens(self, value: int) -> None:
-        self._seen_tokens = value
-        self._count_pending = False
 
     def write_history(self, layer_idx: int, p: torch.Tensor) -> torch.Tensor:
         """Store the mixer inputs `p` `(B, T, H, D)` of the tokens after the `seen_tokens` cached ones.
@@ -129,11 +109,7 @@ class ToeplitzMixerCache(ZooStateCache):
             self.get_state(0, "token_ids")[:, self.seen_tokens:self.seen_tokens + num_tokens] = input_ids
         real = num_tokens if token_mask is None else token_mask.sum(-1)
         self.get_state(0, "row_positions").add_(real)
-        self.cache_position.add_(num_tokens)
-        if count_in_python:
-            self.advance_count(num_tokens)
-        else:
-            self._count_pending = True
+        self.advance_count(num_tokens, in_python=count_in_python)
 
     def cached_token_ids(self) -> torch.Tensor:
         """The token ids of the cached positions, `(B, seen_tokens)`.
@@ -148,7 +124,6 @@ class ToeplitzMixerCache(ZooStateCache):
 
     def reset(self) -> None:
         super().reset()
-        self.cache_position.zero_()
         self.layer_tables.clear()
         self.knows_token_ids = True
 

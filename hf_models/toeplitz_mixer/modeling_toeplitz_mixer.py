@@ -112,7 +112,8 @@ class ToeplitzMixer(nn.Module):
 
     def modal_fit(self) -> ModalFit:
         """The kernels' modal fit for `decode_mode="recurrent"` (see `recurrent_toeplitz_mixer.py`), computed once
-        per weight version (an optimiser step or `load_state_dict` changes it), state size and window."""
+        per weight version (an optimiser step or `load_state_dict` changes it; an in-place write through `.data`
+        bypasses autograd's version counter and is not seen), state size and window."""
         key = (self.kernel_weight._version, self.kernel_weight.data_ptr(), self.config.recurrent_state_size,
                self.config.recurrent_window)
         if self._modal_fit is None or self._modal_fit[0] != key:
