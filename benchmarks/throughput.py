@@ -2,8 +2,11 @@
 Hugging Face Llama, in the same run.
 
     python -m benchmarks.throughput --model_type nanohead_gpt --set nanohead_proportion=0.4
+    taskset -c 1 python -m benchmarks.throughput --model_type bicameral_lm --threads 1 --compile
 
-Writes `throughput.json` and prints a table with the ratio to the baseline.
+With `--compile` each model is also timed as `torch.compile(model)` (inductor; the first warm-up call compiles, the
+timed steps reuse the graphs). Writes `throughput.json` and prints a table with each row's ratio to the baseline's
+eager path and to its best path.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from training.common import UsageError, run_cli
 
 from .generation import BASELINE, add_subject_arguments, load_subject
 from .harness import DTYPES, MIN_RUNS, environment, format_table, output_folder, resolve_device, time_training, \
-    write_json
+    torch_threads, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--no_baseline", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also time each model under torch.compile")
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled rows")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
@@ -51,25 +57,38 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not args.no_baseline and spec.model_type != "llama":
         torch.manual_seed(args.seed)
         subjects.append((BASELINE, LlamaForCausalLM(spec.baseline_config(model.config))))
+    paths = ("eager", "compiled") if args.compile else ("eager",)
     rows = []
-    for name, subject in tqdm(subjects, desc="throughput", unit="model"):
-        subject.to(device)  # parameters stay fp32; a lower --dtype runs under autocast
-        result = time_training(subject, batch_size=args.batch_size, seq_len=args.seq_len, device=device, dtype=dtype,
-                               warmup=args.warmup, runs=args.runs, seed=args.seed)
-        rows.append({"model": name, "parameters": sum(p.numel() for p in subject.parameters()), **result})
-    for row in rows[1:]:
-        rows[0]["vs_llama"] = rows[0]["tokens_per_second"] / row["tokens_per_second"]
+    with torch_threads(args.threads):
+        for (name, subject), path in tqdm([(s, p) for s in subjects for p in paths], desc="throughput", unit="row"):
+            subject.to(device)  # parameters stay fp32; a lower --dtype runs under autocast
+            timed = torch.compile(subject, backend=args.backend) if path == "compiled" else subject
+            result = time_training(timed, batch_size=args.batch_size, seq_len=args.seq_len, device=device,
+                                   dtype=dtype, warmup=max(args.warmup, 2 if path == "compiled" else 0),
+                                   runs=args.runs, seed=args.seed)
+            rows.append({"model": name, "path": path, "parameters": sum(p.numel() for p in subject.parameters()),
+                         **result})
+        environment_now = environment(device, dtype)
+    baseline = {row["path"]: row["tokens_per_second"] for row in rows if row["model"] == BASELINE}
+    if baseline:
+        for row in rows:
+            if row["model"] != BASELINE:
+                row["vs_llama"] = row["tokens_per_second"] / baseline["eager"]
+                row["vs_llama_best"] = row["tokens_per_second"] / max(baseline.values())
     report = {
         "model_type": spec.model_type,
-        "settings": {"batch_size": args.batch_size, "seq_len": args.seq_len, "warmup": args.warmup, "runs": args.runs},
-        "environment": environment(device, dtype),
+        "settings": {"batch_size": args.batch_size, "seq_len": args.seq_len, "warmup": args.warmup, "runs": args.runs,
+                     "compile": args.compile, "backend": args.backend if args.compile else None},
+        "environment": environment_now,
         "rows": rows,
     }
     output_dir = output_folder(args.output_dir, "throughput")
     write_json(output_dir / "throughput.json", report)
-    print(format_table(rows, [("model", "model"), ("parameters", "params"), ("tokens_per_second", "train tok/s"),
+    print(format_table(rows, [("model", "model"), ("path", "path"), ("parameters", "params"),
+                              ("tokens_per_second", "train tok/s"),
                               ("median_s", "s/step (median)"), ("p10_s", "p10"), ("p90_s", "p90"),
-                              ("spread_p90_p10", "p90/p10"), ("noisy", "noisy (> 1.5)"), ("vs_llama", "/ llama")]))
+                              ("spread_p90_p10", "p90/p10"), ("noisy", "noisy (> 1.5)"), ("vs_llama", "/ llama eager"),
+                              ("vs_llama_best", "/ llama best")]))
     print(f"\n{report['environment']['device_name']}, {args.dtype}, batch {args.batch_size} × {args.seq_len} tokens; "
           f"wrote {output_dir}/throughput.json")
     return report

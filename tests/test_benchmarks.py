@@ -86,6 +86,21 @@ def test_generation_cli_writes_the_figures_into_a_model_folder(tmp_path):
     assert "Generation speed" in card and "tok/s" in card
 
 
+def test_throughput_compile_times_both_paths_of_both_models(tmp_path):
+    """`--compile` adds a compiled row per model; each zoo row is compared with Llama's eager and best path."""
+    report = throughput.main(["--model_type", "toeplitz_mixer", "--set", "hidden_size=16,num_hidden_layers=1,"
+                              "num_heads=2,intermediate_size=16,max_position_embeddings=16,vocab_size=64",
+                              "--batch_size", "2", "--seq_len", "8", "--compile", "--backend", "eager", "--threads", "1",
+                              "--output_dir", str(tmp_path)])
+    rows = {(row["model"], row["path"]): row for row in report["rows"]}
+    assert set(rows) == {("toeplitz_mixer", "eager"), ("toeplitz_mixer", "compiled"), ("llama (baseline)", "eager"),
+                         ("llama (baseline)", "compiled")}
+    best = max(rows[("llama (baseline)", path)]["tokens_per_second"] for path in ("eager", "compiled"))
+    for path in ("eager", "compiled"):
+        row = rows[("toeplitz_mixer", path)]
+        assert row["vs_llama_best"] == pytest.approx(row["tokens_per_second"] / best)
+
+
 def test_throughput_cli_takes_the_deprecated_config_overrides_as_set(tmp_path):
     with pytest.warns(FutureWarning, match="--config_overrides is deprecated, use --set"):
         report = throughput.main(["--model_type", "llama", "--config_overrides", TINY, "--batch_size", "2",

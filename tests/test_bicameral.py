@@ -17,6 +17,7 @@ from hf_models.bicameral import BicameralConfig, BicameralForCausalLM
 from hf_models.bicameral.modeling_bicameral import (
     BicameralCausalLMOutput,
     cutoff_mask,
+    dense_causal_conv,
     direct_causal_conv,
     estimate_flops_per_byte,
     fft_causal_conv,
@@ -71,6 +72,37 @@ def test_fft_convolution_equals_direct_convolution(length, taps):
             expected[:, t] += kernel[j] * x[:, t - j]
     torch.testing.assert_close(direct_causal_conv(x, kernel), expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(fft_causal_conv(x, kernel), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dense_causal_conv(x, kernel), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["fft", "dense"])
+def test_both_sequence_convolutions_give_the_same_model_and_gradients(impl):
+    """`conv_impl="fft"` and `"dense"` give the same logits and gradients, and `"auto"` picks dense below
+    `fft_min_length` positions and FFTs from it (the other path is made to fail to tell them apart)."""
+    reference = scramble(tiny(conv_impl="fft" if impl == "dense" else "dense"))
+    model = scramble(tiny(conv_impl=impl))
+    ids = byte_ids(2, 40)
+    for subject in (reference, model):
+        subject.train(False)
+        subject(ids, labels=ids).loss.backward()
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-5)
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_auto_convolution_switches_at_fft_min_length(monkeypatch):
+    import hf_models.bicameral.modeling_bicameral as modeling
+
+    calls = []
+    monkeypatch.setattr(modeling, "fft_causal_conv", lambda x, k: calls.append("fft") or torch.zeros_like(x))
+    monkeypatch.setattr(modeling, "dense_causal_conv", lambda x, k: calls.append("dense") or torch.zeros_like(x))
+    model = tiny(conv_impl="auto", fft_min_length=16)
+    with torch.no_grad():
+        model(byte_ids(1, 15), use_cache=False)
+        model(byte_ids(1, 16), use_cache=False)
+    layers = model.config.num_hidden_layers
+    assert calls == ["dense"] * layers + ["fft"] * layers
 
 
 def test_fft_convolution_does_not_wrap_around():

@@ -14,6 +14,7 @@ from ..configuration_zoo_common import ZooConfig, check_bool, check_choice, chec
 
 CONTEXT_POOLINGS = ("causal", "global")
 SPECTRAL_GATINGS = ("kernel", "signal")
+CONV_IMPLEMENTATIONS = ("auto", "fft", "dense")
 
 
 def next_power_of_two(value: int) -> int:
@@ -63,6 +64,12 @@ class BicameralConfig(ZooConfig):
             document the leak; no cached generation).
         phase_activation (`bool`, *optional*, defaults to `False`): the original's learned per-bin, per-channel
             phase rotation of the signal's spectrum (requires `spectral_gating="signal"`; it has no causal form).
+        conv_impl (`str`, *optional*, defaults to `"auto"`): how a sequence is convolved with the long kernel:
+            `"fft"` (zero-padded FFTs in float32), `"dense"` (a lower-triangular Toeplitz matrix product, exact and
+            faster on a CPU for short sequences, O(seq²)) or `"auto"` (dense below `fft_min_length` positions).
+        fft_min_length (`int`, *optional*, defaults to 1024): sequence length from which `conv_impl="auto"` uses
+            FFTs (the forward + backward crossover measured on one CPU core at 256 channels and 128 taps: dense
+            1.6x faster at 256 positions, 1.4x at 512, FFT 1.2x faster at 1024).
         dropout (`float`, *optional*, defaults to 0.1): dropout on each block's two residual branches and inside
             the feed-forward network.
         layer_norm_eps (`float`, *optional*, defaults to 1e-5): epsilon of the LayerNorms.
@@ -95,6 +102,8 @@ class BicameralConfig(ZooConfig):
         context_pooling: str = "causal",
         spectral_gating: str = "kernel",
         phase_activation: bool = False,
+        conv_impl: str = "auto",
+        fft_min_length: int = 1024,
         dropout: float = 0.1,
         layer_norm_eps: float = 1e-5,
         initializer_range: float = 0.02,
@@ -109,7 +118,7 @@ class BicameralConfig(ZooConfig):
                             ("num_hidden_layers", num_hidden_layers),
                             ("max_position_embeddings", max_position_embeddings), ("kernel_len", kernel_len),
                             ("ffn_mult", ffn_mult), ("time_kernel_size", time_kernel_size),
-                            ("chunk_size", chunk_size)):
+                            ("chunk_size", chunk_size), ("fft_min_length", fft_min_length)):
             check_positive(name, value)
         if kernel_len > max_position_embeddings:
             raise ValueError(f"`kernel_len` ({kernel_len}) must not exceed `max_position_embeddings` "
@@ -127,6 +136,7 @@ class BicameralConfig(ZooConfig):
         check_choice("context_pooling", context_pooling, CONTEXT_POOLINGS)
         check_choice("spectral_gating", spectral_gating, SPECTRAL_GATINGS)
         check_bool("phase_activation", phase_activation)
+        check_choice("conv_impl", conv_impl, CONV_IMPLEMENTATIONS)
         if phase_activation and spectral_gating != "signal":
             raise ValueError("`phase_activation` rotates the signal's spectrum and has no causal form: it requires "
                              "`spectral_gating='signal'`.")
@@ -149,6 +159,8 @@ class BicameralConfig(ZooConfig):
         self.context_pooling = context_pooling
         self.spectral_gating = spectral_gating
         self.phase_activation = phase_activation
+        self.conv_impl = conv_impl
+        self.fft_min_length = fft_min_length
         self.dropout = dropout
         self.layer_norm_eps = layer_norm_eps
         self.initializer_range = initializer_range

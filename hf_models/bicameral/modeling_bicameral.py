@@ -25,9 +25,12 @@ Heads on the final LayerNorm: the byte head (`lm_head`, `C -> vocab_size` with b
 `t + chunk_size`) and, if `token_vocab_size > 0`, the token head (`token_head`, `C -> token_vocab_size` with bias;
 position `t` predicts the teacher-BPE token that covers byte `t`). The token head is computed only when asked for.
 
+A whole sequence is convolved with the long kernel by zero-padded FFTs or, below `fft_min_length` positions, as a
+lower-triangular Toeplitz matrix product (`conv_impl`; exact, and faster on a CPU at short lengths).
+
 Cached decoding: with the kernel limited to `K` taps, a step needs per layer only the last `max(K,
-time_kernel_size) - 1` inputs `x` (a ring buffer), and the running sum and count of the context mean: each step
-costs `O(layers * K * C)`, whatever the position. Prefill (and any multi-byte step) uses the FFT path.
+time_kernel_size)` inputs `x` (a ring buffer), and the running sum and count of the context mean: each step costs
+`O(layers * K * C)`, whatever the position. Prefill (and any multi-byte step) uses the sequence path.
 """
 
 from __future__ import annotations
@@ -47,7 +50,12 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.utils import ModelOutput, can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
-from ..modeling_zoo_common import ZooPreTrainedModel, ZooStateCacheGenerationMixin, fft_causal_conv
+from ..modeling_zoo_common import (
+    ZooPreTrainedModel,
+    ZooStateCacheGenerationMixin,
+    dense_causal_conv,
+    fft_causal_conv,
+)
 from .cache_bicameral import BicameralCache, work_dtype
 from .configuration_bicameral import BicameralConfig, next_power_of_two
 
@@ -130,6 +138,14 @@ class BicameralBlock(GradientCheckpointingLayer):
         spectrum = torch.fft.rfft(self.kernel.to(work_dtype(self.kernel.dtype)), n=size) * self.spectral_filter()
         return torch.fft.irfft(spectrum, n=size)[: self.config.kernel_len]
 
+    def _long_conv(self, x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        """`sum_{j<K} kernel[j] x[t - j]` over a sequence `(batch, seq, hidden)`, by FFTs or a Toeplitz matrix
+        product (`config.conv_impl`; the same numbers up to rounding)."""
+        impl = self.config.conv_impl
+        if impl == "fft" or (impl == "auto" and x.shape[1] >= self.config.fft_min_length):
+            return fft_causal_conv(x, kernel)
+        return dense_causal_conv(x, kernel)
+
     def _signal_gated_conv(self, x: torch.Tensor) -> torch.Tensor:
         """The original's frequency path (`spectral_gating="signal"`): gates, phase and mask on the product of the
         spectra; not causal."""
@@ -167,7 +183,7 @@ class BicameralBlock(GradientCheckpointingLayer):
                 window = x
             else:  # continuing a cached sequence: the last inputs are the convolution's left context
                 window = torch.cat([cache.past_inputs(self.layer_idx, cache.ring - 1), x], dim=1)
-            long_conv = fft_causal_conv(window, kernel)[:, -length:]
+            long_conv = self._long_conv(window, kernel)[:, -length:]
         y_freq = long_conv * self.spectral_gain * torch.sigmoid(self.freq_context_gate(context))
 
         width = self.config.time_kernel_size

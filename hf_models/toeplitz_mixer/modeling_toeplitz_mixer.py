@@ -58,25 +58,15 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
-from ..modeling_zoo_common import ZooPreTrainedModel, ZooStateCacheGenerationMixin, fft_causal_conv
+from ..modeling_zoo_common import (
+    ZooPreTrainedModel,
+    ZooStateCacheGenerationMixin,
+    fft_causal_conv,
+    toeplitz_matrix,
+)
 from .cache_toeplitz_mixer import ToeplitzMixerCache
 from .configuration_toeplitz_mixer import ToeplitzMixerConfig
 from .recurrent_toeplitz_mixer import ModalFit, ToeplitzRecurrentCache, fit_modal_kernel, modal_tables
-
-
-def toeplitz_matrix(kernel: torch.Tensor, row_start: int, num_rows: int, num_cols: int) -> torch.Tensor:
-    """Rows `row_start .. row_start + num_rows - 1` of the causal Toeplitz operator of each head.
-
-    Args:
-        kernel: `(H, S)` kernels, `kernel[h, m]` weighs the token `m` steps back.
-
-    Returns:
-        `(H, num_rows, num_cols)` with `M[h, i, s] = kernel[h, row_start + i - s]` if `s <= row_start + i`, else 0
-        (target position on rows, source position on columns; the transpose of the seed's `vector_to_matrix`).
-    """
-    targets = torch.arange(row_start, row_start + num_rows, device=kernel.device)
-    lag = targets[:, None] - torch.arange(num_cols, device=kernel.device)[None, :]
-    return kernel[:, lag.clamp(min=0)].masked_fill(lag < 0, 0.0)
 
 
 class ToeplitzMixer(nn.Module):
