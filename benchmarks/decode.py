@@ -35,6 +35,7 @@ Writes `decode.json` and prints a table with each row's ratio to `llama eager` a
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -51,8 +52,11 @@ from .harness import (
     MIN_RUNS,
     add_deprecated_override,
     add_set_argument,
+    card_command,
     environment,
+    environment_line,
     format_table,
+    generated_section,
     measure_memory_bandwidth,
     output_folder,
     parse_set,
@@ -295,7 +299,25 @@ COLUMNS = [("subject", "subject"), ("batch_size", "B"), ("prompt_length", "promp
            ("vs_llama_best", "÷ llama best"), ("unavailable", "note")]
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+CARD_COLUMNS = [*COLUMNS[:-1], ("noisy", "noisy (p90/p10 > 1.5)"), COLUMNS[-1]]
+
+
+def card_block(report: dict[str, Any], json_path: str) -> str:
+    """The model card's decode section of one run, generated from its `decode.json` report."""
+    settings = report["settings"]
+    rows = [{**row, "noisy": row["timing"]["noisy"] or row["prefill_timing"]["noisy"]} if "timing" in row else row
+            for row in report["rows"]]
+    header = (f"{environment_line(report['environment'])}; greedy decoding of {settings['new_tokens']} tokens after "
+              f"{settings['prompts']}, median of {settings['runs']} runs after {settings['warmup']} warm-up; compiled "
+              f"rows: `{settings['backend']}` backend; floor at {report['bandwidth_gbs']:.1f} GB/s "
+              f"({report['bandwidth_source']}).")
+    return generated_section("decode", json_path, header, format_table(rows, CARD_COLUMNS, markdown=True))
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if card_command(argv, "decode", card_block):  # python -m benchmarks.decode card <decode.json>
+        return None
     args = build_parser().parse_args(argv)
     if args.new_tokens < 2 or args.runs < MIN_RUNS or args.warmup < 1:
         raise UsageError(f"--new_tokens must be >= 2 (the decode step is timed against a 1-token run), --runs >= "

@@ -483,3 +483,43 @@ def replace_card_section(card: Path, experiment: str, block: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     card.write_text(text, encoding="utf-8")
+
+
+def run_section(benchmark: str, json_path: str | Path) -> str:
+    """The card-section name of one run of a benchmark whose JSON lies in its own folder: `"<benchmark> <folder>"`
+    (e.g. `decode bicameral_lm`), so one card can hold several runs."""
+    return f"{benchmark} {Path(json_path).parent.name}"
+
+
+def update_card_from_json(json_path: str | Path, experiment: str,
+                          card_block: Callable[[dict[str, Any], str], str], card: Path | None = None) -> str:
+    """Render `card_block(report, json path relative to the repository)` from the JSON at `json_path` and put it in
+    place of the card's `experiment` section; the card is `card`, else `model_cards/<report's model_type>.md`."""
+    json_path = Path(json_path)
+    report = json.loads(json_path.read_text(encoding="utf-8"))
+    block = card_block(report, json_path.resolve().relative_to(MODEL_CARDS.parent).as_posix())
+    replace_card_section(card or MODEL_CARDS / f"{report['model_type']}.md", experiment, block)
+    return block
+
+
+def environment_line(env: Mapping[str, Any]) -> str:
+    """`Measured on <device>, <n> thread(s), <dtype>, torch <version>` from an `environment()` record."""
+    return (f"Measured on {env['device_name']}, {env['torch_threads']} thread(s), {env['dtype']}, torch "
+            f"{env['torch']}")
+
+
+def generated_section(benchmark: str, json_path: str, *parts: str) -> str:
+    """A card section of one run of `benchmark` (see `run_section`): the markers naming `json_path` around
+    `parts`, separated by blank lines."""
+    begin, end = card_markers(run_section(benchmark, json_path))
+    return "\n\n".join([begin.format(json=json_path), *parts, end])
+
+
+def card_command(argv: Sequence[str], benchmark: str, card_block: Callable[[dict[str, Any], str], str]) -> bool:
+    """Handle `python -m benchmarks.<benchmark> card <json>` (regenerate the run's card section and print it);
+    whether `argv` was that command."""
+    if argv[:1] != ["card"]:
+        return False
+    print(update_card_from_json(argv[1], run_section(benchmark, argv[1]), card_block))
+    return True
+

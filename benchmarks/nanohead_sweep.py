@@ -45,8 +45,8 @@ from training.tokenization import token_byte_lengths
 from training.trainer import resolve_trainer
 
 from .harness import add_deprecated_settings, add_preset_argument, add_set_argument, apply_settings, environment, \
-    card_markers, format_table, mean_and_se, output_folder, prepare_corpus, pyplot, replace_card_section, \
-    resolve_device, save_figure, training_arguments, write_json
+    card_markers, format_table, mean_and_se, output_folder, prepare_corpus, pyplot, resolve_device, \
+    save_figure, training_arguments, update_card_from_json, write_json
 
 PROPORTIONS = (0.0, 0.2, 0.4, 0.6, 0.8)
 ARMS = {"faithful": False, "logit_scale": True}  # arm -> `learnable_logit_scale`
@@ -268,12 +268,7 @@ def card_block(report: dict[str, Any], json_path: str) -> str:
 
 def update_card(json_path: str | Path, card: Path = CARD) -> str:
     """Replace the card's generated results section with the one rendered from `json_path`."""
-    json_path = Path(json_path)
-    report = json.loads(json_path.read_text(encoding="utf-8"))
-    relative = json_path.resolve().relative_to(card.resolve().parents[1]).as_posix()
-    block = card_block(report, relative)
-    replace_card_section(card, "nanohead_sweep", block)
-    return block
+    return update_card_from_json(json_path, "nanohead_sweep", card_block, card=card)
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

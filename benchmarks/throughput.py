@@ -12,6 +12,8 @@ eager path and to its best path.
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,8 +24,8 @@ from transformers import LlamaForCausalLM
 from training.common import UsageError, run_cli
 
 from .generation import BASELINE, add_subject_arguments, load_subject
-from .harness import DTYPES, MIN_RUNS, environment, format_table, output_folder, resolve_device, time_training, \
-    torch_threads, write_json
+from .harness import DTYPES, MIN_RUNS, card_command, environment, environment_line, format_table, generated_section, \
+    output_folder, parse_set, resolve_device, time_training, torch_threads, write_json
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +46,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+COLUMNS = [("model", "model"), ("path", "path"), ("parameters", "params"), ("tokens_per_second", "train tok/s"),
+           ("median_s", "s/step (median)"), ("p10_s", "p10"), ("p90_s", "p90"), ("spread_p90_p10", "p90/p10"),
+           ("noisy", "noisy (> 1.5)"), ("vs_llama", "/ llama eager"), ("vs_llama_best", "/ llama best")]
+
+
+def card_block(report: dict[str, Any], json_path: str) -> str:
+    """The model card's training-throughput section of one run, generated from its `throughput.json` report."""
+    settings = report["settings"]
+    header = (f"{environment_line(report['environment'])}; forward + backward + AdamW step on random tokens, batch "
+              f"{settings['batch_size']} × {settings['seq_len']}, median of {settings['runs']} steps after "
+              f"{settings['warmup']} warm-up"
+              + (f"; compiled rows: `torch.compile(model, backend={settings['backend']!r})`" if settings.get("compile")
+                 else "") + f"; config fields set: `{json.dumps(report.get('config_overrides') or {})}`.")
+    return generated_section("throughput", json_path, header, format_table(report["rows"], COLUMNS, markdown=True))
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if card_command(argv, "throughput", card_block):  # python -m benchmarks.throughput card <throughput.json>
+        return None
     args = build_parser().parse_args(argv)
     if args.runs < MIN_RUNS or args.warmup < 0 or args.batch_size < 1 or args.seq_len < 2:
         raise UsageError(f"--runs must be >= {MIN_RUNS}, --warmup >= 0, --batch_size >= 1 and --seq_len >= 2")
@@ -77,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 row["vs_llama_best"] = row["tokens_per_second"] / max(baseline.values())
     report = {
         "model_type": spec.model_type,
+        "config": model.config.to_diff_dict(),
+        "config_overrides": parse_set(args.set) if getattr(args, "set", None) else {},
         "settings": {"batch_size": args.batch_size, "seq_len": args.seq_len, "warmup": args.warmup, "runs": args.runs,
                      "compile": args.compile, "backend": args.backend if args.compile else None},
         "environment": environment_now,
@@ -84,11 +107,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     output_dir = output_folder(args.output_dir, "throughput")
     write_json(output_dir / "throughput.json", report)
-    print(format_table(rows, [("model", "model"), ("path", "path"), ("parameters", "params"),
-                              ("tokens_per_second", "train tok/s"),
-                              ("median_s", "s/step (median)"), ("p10_s", "p10"), ("p90_s", "p90"),
-                              ("spread_p90_p10", "p90/p10"), ("noisy", "noisy (> 1.5)"), ("vs_llama", "/ llama eager"),
-                              ("vs_llama_best", "/ llama best")]))
+    print(format_table(rows, COLUMNS))
     print(f"\n{report['environment']['device_name']}, {args.dtype}, batch {args.batch_size} × {args.seq_len} tokens; "
           f"wrote {output_dir}/throughput.json")
     return report

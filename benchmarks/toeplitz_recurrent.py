@@ -50,10 +50,10 @@ from .harness import (
     positive_ints,
     pyplot,
     random_prompts,
-    replace_card_section,
     save_figure,
     time_generation,
     torch_threads,
+    update_card_from_json,
     write_json,
 )
 
@@ -231,15 +231,6 @@ def card_block(report: dict[str, Any], json_path: str) -> str:
     return f"{begin.format(json=json_path)}\n\n{card_table(report)}\n\n{end}"
 
 
-def update_card(json_path: str | Path, card: Path = CARD) -> str:
-    """Replace the Toeplitz card's generated recurrent-decoding section with the one rendered from `json_path`."""
-    json_path = Path(json_path)
-    block = card_block(json.loads(json_path.read_text(encoding="utf-8")),
-                       json_path.resolve().relative_to(card.resolve().parents[1]).as_posix())
-    replace_card_section(card, "toeplitz_recurrent", block)
-    return block
-
-
 def card_table(report: dict[str, Any]) -> str:
     """The card's Markdown tables, generated from a `toeplitz_recurrent.json` report."""
     env, settings = report["environment"], report["settings"]
@@ -286,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     def body(argv: Sequence[str] | None) -> dict[str, Any] | None:
         argv = list(sys.argv[1:] if argv is None else argv)
         if argv[:1] == ["card"]:  # regenerate the card's section and the plot from a committed JSON
-            print(update_card(argv[1]))
+            print(update_card_from_json(argv[1], "toeplitz_recurrent", card_block, card=CARD))
             plot(json.loads(Path(argv[1]).read_text()), Path(argv[1]).with_suffix(".png"))
             return None
         return run(build_parser().parse_args(argv))

@@ -319,3 +319,21 @@ def test_scaling_benchmark_reports_one_against_two_ranks(stories_file, tmp_path)
     assert rows[("llama", "ddp")]["vs_llama_same_mode"] == 1
     saved = json.loads((tmp_path / "scaling.json").read_text())
     assert saved["rows"] == report["rows"] and saved["environment"]["torch_threads"] >= 1
+
+
+@pytest.mark.parametrize("name", ["decode", "throughput"])
+def test_every_cards_benchmark_section_is_its_committed_json(name):
+    """Each committed `model_cards/results/<benchmark>/<run>/<benchmark>.json` is in its model's card exactly as
+    generated (`python -m benchmarks.<benchmark> card <json>`)."""
+    import importlib
+    from pathlib import Path
+
+    module = importlib.import_module(f"benchmarks.{name}")
+    root = Path(__file__).resolve().parents[1]
+    reports = sorted((root / "model_cards" / "results" / name).glob(f"*/{name}.json"))
+    assert reports, f"no committed {name} results"
+    for path in reports:
+        report = json.loads(path.read_text())
+        block = module.card_block(report, path.relative_to(root).as_posix())
+        assert block in (root / "model_cards" / f"{report['model_type']}.md").read_text(), \
+            f"regenerate with: python -m benchmarks.{name} card {path.relative_to(root)}"
