@@ -46,7 +46,7 @@ from training.trainer import resolve_trainer
 
 from .harness import add_deprecated_settings, add_preset_argument, add_set_argument, apply_settings, environment, \
     card_markers, format_table, mean_and_se, output_folder, prepare_corpus, pyplot, resolve_device, \
-    save_figure, training_arguments, update_card_from_json, write_json
+    run_section, save_figure, training_arguments, update_card_from_json, write_json
 
 PROPORTIONS = (0.0, 0.2, 0.4, 0.6, 0.8)
 ARMS = {"faithful": False, "logit_scale": True}  # arm -> `learnable_logit_scale`
@@ -61,6 +61,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                  batch_size=16, max_steps=500, learning_rate=1e-3, seeds=2, max_train_documents=None,
                  max_eval_blocks=256, train_file="tinystories_valid_sample.txt"),
 }
+# ~2M parameters, 400 steps of 16 x 128 tokens (about 3.5 epochs of the TinyStories sample: the local corpora, not
+# the CPU, cap the scale), proportions 0 / 0.4 / 0.8, both arms, 3 seeds: 18 runs, about 55 minutes on one CPU core
+# (4.7k tokens/s measured at this size).
+PRESETS["medium"] = {**PRESETS["smoke"], "target_params": 2e6, "vocab_size": 2048, "max_steps": 400,
+                     "learning_rate": 2e-3, "seeds": 3, "proportions": [0.0, 0.4, 0.8]}
 # One point at ~20M parameters on an H200 in about a minute (benchmarks.gpu_campaign, with --bf16; sized by
 # estimate, not yet measured on a GPU): one seed per proportion, 300 steps of 32 x 512 tokens.
 PRESETS["gpu"] = {**PRESETS["original"], "target_params": 20e6, "vocab_size": 8192, "block_size": 512, "batch_size": 32,
@@ -159,8 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    settings = apply_settings({**PRESETS[args.preset], "proportions": list(PROPORTIONS), "nanohead_dim": 3,
-                               "kv_group": 1, "arms": list(ARMS)}, args.set)
+    settings = apply_settings({"proportions": list(PROPORTIONS), "nanohead_dim": 3, "kv_group": 1, "arms": list(ARMS),
+                               **PRESETS[args.preset]}, args.set)
     settings["proportions"] = [float(p) for p in settings["proportions"]]
     unknown = [arm for arm in settings["arms"] if arm not in ARMS]
     if unknown or not settings["arms"]:
@@ -234,14 +239,14 @@ def _arm_gap(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 CARD = Path(__file__).resolve().parents[1] / "model_cards" / "nanohead_gpt.md"
-CARD_BEGIN, CARD_END = card_markers("nanohead_sweep")
 
 
 def card_block(report: dict[str, Any], json_path: str) -> str:
     """The card's results section, generated from a sweep's JSON: per arm and proportion the mean ± SE over seeds and
     the difference from the arm's p = 0 with its SE and whether it exceeds 2 SE; then the gap between the arms."""
     env = report.get("environment", {})
-    lines = [CARD_BEGIN.format(json=json_path), "",
+    begin, end = card_markers(run_section("nanohead_sweep", json_path))
+    lines = [begin.format(json=json_path), "",
              f"Preset `{report['preset']}`, {report['parameters']:,} parameters, {report['settings']['max_steps']} "
              f"steps of {report['settings']['batch_size']} × {report['settings']['block_size']} tokens; "
              f"{env.get('device_name', env.get('device', '?'))}, {env.get('torch_threads', '?')} torch thread(s); "
@@ -262,13 +267,13 @@ def card_block(report: dict[str, Any], json_path: str) -> str:
         lines += ["", "| p | logit_scale − faithful (bpb ± SE) | beyond 2 SE |", "|---|---|---|"]
         lines += [f"| {gap['proportion']} | {gap['delta_bpb']:+.4f} ± {gap['se']:.4f} | "
                   f"{'yes' if gap['beyond_2se'] else 'no'} |" for gap in report["arm_gap"]]
-    lines += ["", f"Verdict (code): {report['verdict']}", "", CARD_END]
+    lines += ["", f"Verdict (code): {report['verdict']}", "", end]
     return "\n".join(lines)
 
 
 def update_card(json_path: str | Path, card: Path = CARD) -> str:
     """Replace the card's generated results section with the one rendered from `json_path`."""
-    return update_card_from_json(json_path, "nanohead_sweep", card_block, card=card)
+    return update_card_from_json(json_path, run_section("nanohead_sweep", json_path), card_block, card=card)
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

@@ -588,12 +588,12 @@ def _report(bpbs: dict[tuple[str, float], list[float]]) -> dict:
 
 def test_card_block_is_generated_from_the_json_figures():
     report = _report({("faithful", 0.0): [1.0, 1.2], ("faithful", 0.4): [1.5, 1.7], ("logit_scale", 0.0): [1.0, 1.0]})
-    block = nanohead_sweep.card_block(report, "x.json")
+    block = nanohead_sweep.card_block(report, "results/run/x.json")
     # p = 0.4: +0.5 against p = 0, SE hypot(0.1, 0.1) = 0.1414, beyond 2 SE
     assert "| faithful | 0.4 | 2 | 1.6000 ± 0.1000 | +0.5000 ± 0.1414 | yes |" in block
     assert "| faithful | 0.0 | 2 | 1.1000 ± 0.1000 | — | — |" in block
     assert "| 0.0 | -0.1000 ± 0.1000 | no |" in block  # logit_scale - faithful at p = 0
-    assert block.startswith("<!-- nanohead_sweep results: generated from x.json -->")
+    assert block.startswith("<!-- nanohead_sweep run results: generated from results/run/x.json -->")
 
 
 def test_the_cards_sweep_figures_are_the_committed_json():
