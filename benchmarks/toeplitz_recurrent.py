@@ -2,7 +2,7 @@
 
     python -m training.train --model_type toeplitz_mixer --train_file tinystories_valid_sample.txt --block_size 512 \\
         --output_dir out/toeplitz --max_steps 300
-    taskset -c 1 python -m benchmarks.toeplitz_recurrent --model out/toeplitz --threads 1
+    taskset -c 1 python -m benchmarks.toeplitz_recurrent --model out/toeplitz --threads 1 --compile
     python -m benchmarks.toeplitz_recurrent card model_cards/results/toeplitz_recurrent/smoke/toeplitz_recurrent.json  # the card
 
 Quality (on the trained model `--model`, for every `--windows` × `--state_sizes` setting W, N of
@@ -16,7 +16,7 @@ Quality (on the trained model `--model`, for every `--windows` × `--state_sizes
 Speed (a model of the same shape with the context widened to the largest `--contexts` + `--new_tokens`, weights as
 initialised: the cost does not depend on their values; FFT prefill): the decode step's time, `(T(new_tokens) −
 T(1)) / (new_tokens − 1)` from greedy `generate` after a prompt of each context (median of `--runs`), exact against
-recurrent, and the cache's bytes.
+recurrent, eagerly and (with `--compile`) compiled, and the cache's bytes.
 Writes `toeplitz_recurrent.json` and `toeplitz_recurrent.png` into `--output_dir`.
 """
 
@@ -39,6 +39,7 @@ from hf_models.toeplitz_mixer.recurrent_toeplitz_mixer import ToeplitzRecurrentC
 from training.common import UsageError, run_cli
 from training.data import DataArguments, load_documents, tokenize_and_pack
 
+from .decode import compile_config
 from .harness import (
     MODEL_CARDS,
     card_markers,
@@ -76,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=1, help="rows of the speed measurement")
     parser.add_argument("--new_tokens", type=int, default=32)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time compiled decoding (generate with a compile_config: the exact static step, "
+                             "which reads all S slots, and the recurrent step)")
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled rows")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--preset", default="smoke", help="names the run (the model's training budget)")
     parser.add_argument("--output_dir", default=None)
@@ -159,21 +164,25 @@ def speed(model_dir: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     config.mixer_impl, config.recurrent_window, config.recurrent_state_size = "fft", window, size
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
+    paths = {"eager": {}}
+    if args.compile:
+        paths["compiled"] = {"compile_config": compile_config(args.backend, model.device)}
     rows = []
     for context in tqdm(args.contexts, desc="speed", unit="context"):
         prompts = random_prompts(config.vocab_size, args.batch_size, context, device=model.device)
-        for mode in ("exact", "recurrent"):
-            config.decode_mode = mode
-            timings = {n: time_generation(model, prompts, new_tokens=n, use_cache=True, runs=args.runs)
-                       for n in (args.new_tokens, 1)}
-            step_ms = 1000 * (timings[args.new_tokens]["median_s"] - timings[1]["median_s"]) / (args.new_tokens - 1)
-            with torch.no_grad():
-                cache = model(prompts[:, :1], use_cache=True).cache
-            rows.append({"context": context, "decode_mode": mode, "decode_step_ms": step_ms,
-                         "cache_bytes": cache_bytes(cache), "timing": timings[args.new_tokens],
-                         "prefill_timing": timings[1]})
-        exact, recurrent = rows[-2], rows[-1]
-        recurrent["speedup_vs_exact"] = exact["decode_step_ms"] / recurrent["decode_step_ms"]
+        for path, kwargs in paths.items():
+            for mode in ("exact", "recurrent"):
+                config.decode_mode = mode
+                timings = {n: time_generation(model, prompts, new_tokens=n, use_cache=True, mode_kwargs=kwargs,
+                                              runs=args.runs) for n in (args.new_tokens, 1)}
+                step_ms = 1000 * (timings[args.new_tokens]["median_s"] - timings[1]["median_s"]) / (args.new_tokens - 1)
+                with torch.no_grad():
+                    cache = model(prompts[:, :1], use_cache=True).cache
+                rows.append({"context": context, "path": path, "decode_mode": mode, "decode_step_ms": step_ms,
+                             "cache_bytes": cache_bytes(cache), "timing": timings[args.new_tokens],
+                             "prefill_timing": timings[1]})
+            exact, recurrent = rows[-2], rows[-1]
+            recurrent["speedup_vs_exact"] = exact["decode_step_ms"] / recurrent["decode_step_ms"]
     return rows
 
 
@@ -196,14 +205,15 @@ def plot(report: dict[str, Any], path: Path) -> Path:
              title="next-token KL on held-out text (± SE over windows)")
     log_ticks(left, sorted({row["state_size"] for row in report["quality"]}))
     left.legend(loc="best")
-    for mode in ("exact", "recurrent"):
-        rows = [row for row in report["speed"] if row["decode_mode"] == mode]
-        right.errorbar([row["context"] for row in rows], [row["decode_step_ms"] for row in rows], marker="o",
-                       capsize=3, label=mode)
+    for decode_path in dict.fromkeys(row["path"] for row in report["speed"]):
+        for mode in ("exact", "recurrent"):
+            rows = [row for row in report["speed"] if row["decode_mode"] == mode and row["path"] == decode_path]
+            right.plot([row["context"] for row in rows], [row["decode_step_ms"] for row in rows], marker="o",
+                       linestyle="-" if decode_path == "eager" else "--", label=f"{mode}, {decode_path}")
     right.set(xscale="log", xlabel="context (tokens in the cache)", ylabel="decode step, ms",
               title=f"decode step time, batch {report['settings']['batch_size']} (median of "
                     f"{report['settings']['runs']} runs)")
-    log_ticks(right, [row["context"] for row in report["speed"] if row["decode_mode"] == "exact"])
+    log_ticks(right, sorted({row["context"] for row in report["speed"]}))
     right.legend(loc="best")
     env = report["environment"]
     fig.suptitle(f"Toeplitz mixer recurrent decoding, {report['settings']['preset']} model "
@@ -217,7 +227,7 @@ QUALITY_COLUMNS = [("window", "W"), ("state_size", "N"), ("fit_error_mean", "fit
                    ("fit_error_max", "fit error (max)"), ("kl", "KL nats/token"), ("kl_se", "± se"),
                    ("top1_agreement", "top-1 agreement"), ("greedy_agreement", "greedy tokens equal"),
                    ("greedy_common_prefix", "common prefix (tokens)")]
-SPEED_COLUMNS = [("context", "context"), ("decode_mode", "decode"), ("decode_step_ms", "step ms"),
+SPEED_COLUMNS = [("context", "context"), ("path", "path"), ("decode_mode", "decode"), ("decode_step_ms", "step ms"),
                  ("speedup_vs_exact", "÷ exact"), ("cache_bytes", "cache bytes"), ("noisy", "noisy (p90/p10 > 1.5)")]
 
 
@@ -229,6 +239,27 @@ def card_block(report: dict[str, Any], json_path: str) -> str:
     """The card's section, generated from a `toeplitz_recurrent.json` report (between `card_markers`)."""
     begin, end = card_markers("toeplitz_recurrent")
     return f"{begin.format(json=json_path)}\n\n{card_table(report)}\n\n{end}"
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    """The findings in one paragraph, every figure read from the report."""
+    quality, speed = report["quality"], report["speed"]
+    largest = max(row["context"] for row in speed)
+    lines = [f"Over the {len(quality)} settings: kernel fit error {min(r['fit_error_mean'] for r in quality):.3f}–"
+             f"{max(r['fit_error_mean'] for r in quality):.3f} (mean over heads), next-token KL "
+             f"{min(r['kl'] for r in quality):.2g}–{max(r['kl'] for r in quality):.2g} nats/token, top-1 agreement "
+             f"≥ {min(r['top1_agreement'] for r in quality):.4f}, greedy tokens equal "
+             f"{min(r['greedy_agreement'] for r in quality):.3f}–{max(r['greedy_agreement'] for r in quality):.3f}."]
+    for path in dict.fromkeys(row["path"] for row in speed):
+        rows = {(r["context"], r["decode_mode"]): r for r in speed if r["path"] == path}
+        exact = [rows[(c, "exact")]["decode_step_ms"] for c in sorted({c for c, _ in rows})]
+        recurrent = [rows[(c, "recurrent")]["decode_step_ms"] for c in sorted({c for c, _ in rows})]
+        lines.append(f"{path.capitalize()}: the exact step takes {min(exact):.2f}–{max(exact):.2f} ms, the recurrent "
+                     f"one {min(recurrent):.2f}–{max(recurrent):.2f} ms; at {largest} tokens of context the recurrent "
+                     f"step is {rows[(largest, 'recurrent')]['speedup_vs_exact']:.2f}× faster, with a "
+                     f"{rows[(largest, 'exact')]['cache_bytes'] / rows[(largest, 'recurrent')]['cache_bytes']:.0f}× "
+                     "smaller cache.")
+    return " ".join(lines)
 
 
 def card_table(report: dict[str, Any]) -> str:
@@ -243,7 +274,7 @@ def card_table(report: dict[str, Any]) -> str:
             + format_table(report["quality"], QUALITY_COLUMNS, markdown=True) + "\n\n"
             + f"Speed: batch {settings['batch_size']}, {settings['new_tokens']} new tokens, recurrent W, N = "
               f"{settings['speed_setting']}.\n\n"
-            + format_table(speed_rows(report), SPEED_COLUMNS, markdown=True))
+            + format_table(speed_rows(report), SPEED_COLUMNS, markdown=True) + "\n\n" + summary_line(report))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

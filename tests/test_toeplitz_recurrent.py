@@ -162,11 +162,13 @@ def test_benchmark_micro_run_and_the_cards_figures_are_the_committed_json(tmp_pa
     report = toeplitz_recurrent.run(toeplitz_recurrent.build_parser().parse_args([
         "--model", str(tmp_path / "model"), "--heldout_file", str(stories_file), "--windows", "0,4",
         "--state_sizes", "2,8", "--prompt_tokens", "8", "--greedy_tokens", "4", "--max_windows", "2",
-        "--contexts", "16,48", "--speed_setting", "4,2", "--new_tokens", "4", "--output_dir", str(tmp_path / "out")]))
+        "--contexts", "16,48", "--speed_setting", "4,2", "--new_tokens", "4", "--compile", "--backend", "eager",
+        "--output_dir", str(tmp_path / "out")]))
     assert [(row["window"], row["state_size"]) for row in report["quality"]] == [(0, 2), (0, 8), (4, 2), (4, 8)]
     assert all(row["kl"] >= -1e-6 and 0 <= row["top1_agreement"] <= 1 for row in report["quality"])
-    assert [(row["context"], row["decode_mode"]) for row in report["speed"]] == [
-        (16, "exact"), (16, "recurrent"), (48, "exact"), (48, "recurrent")]
+    assert [(row["context"], row["path"], row["decode_mode"]) for row in report["speed"]] == [
+        (context, path, mode) for context in (16, 48) for path in ("eager", "compiled")
+        for mode in ("exact", "recurrent")]
     assert all(("speedup_vs_exact" in row) == (row["decode_mode"] == "recurrent") for row in report["speed"])
     assert (tmp_path / "out" / "toeplitz_recurrent.png").stat().st_size > 0
 
