@@ -311,7 +311,27 @@ def card_block(report: dict[str, Any], json_path: str) -> str:
               f"{settings['prompts']}, median of {settings['runs']} runs after {settings['warmup']} warm-up; compiled "
               f"rows: `{settings['backend']}` backend; floor at {report['bandwidth_gbs']:.1f} GB/s "
               f"({report['bandwidth_source']}).")
-    return generated_section("decode", json_path, header, format_table(rows, CARD_COLUMNS, markdown=True))
+    return generated_section("decode", json_path, header, format_table(rows, CARD_COLUMNS, markdown=True),
+                             summary_line(report))
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    """The run's findings: per setting the subject's best path against Llama's best, and the compiled steps'
+    fraction of the floor (ranges over the settings)."""
+    subject = [row for row in report["rows"] if row["model"] != LLAMA and "tokens_per_second" in row]
+    best: dict[tuple[int, int], float] = {}
+    for row in subject:
+        if "vs_llama_best" in row:
+            key = (row["batch_size"], row["prompt_length"])
+            best[key] = max(best.get(key, 0.0), row["vs_llama_best"])
+    parts = []
+    if best:
+        parts.append(f"{report['model_type']}'s best path ÷ Llama's best path: {min(best.values()):.2f}–"
+                     f"{max(best.values()):.2f} over the {len(best)} settings")
+    floors = [row["fraction_of_floor"] for row in subject if row["path"] == "compiled" and row.get("fraction_of_floor")]
+    if floors:
+        parts.append(f"compiled steps at {min(floors):.0%}–{max(floors):.0%} of the floor")
+    return ("; ".join(parts) + ".") if parts else "No figures for the subject in this run."
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:

@@ -59,7 +59,12 @@ def card_block(report: dict[str, Any], json_path: str) -> str:
               f"{settings['warmup']} warm-up"
               + (f"; compiled rows: `torch.compile(model, backend={settings['backend']!r})`" if settings.get("compile")
                  else "") + f"; config fields set: `{json.dumps(report.get('config_overrides') or {})}`.")
-    return generated_section("throughput", json_path, header, format_table(report["rows"], COLUMNS, markdown=True))
+    best = max((row for row in report["rows"] if "vs_llama_best" in row), key=lambda row: row["vs_llama_best"],
+               default=None)
+    summary = (f"Best path ({best['path']}): {best['vs_llama_best']:.2f}× Llama's best path." if best else
+               "No baseline in this run.")
+    return generated_section("throughput", json_path, header, format_table(report["rows"], COLUMNS, markdown=True),
+                             summary)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
