@@ -302,11 +302,17 @@ COLUMNS = [("subject", "subject"), ("batch_size", "B"), ("prompt_length", "promp
 CARD_COLUMNS = [*COLUMNS[:-1], ("noisy", "noisy (p90/p10 > 1.5)"), COLUMNS[-1]]
 
 
+def with_noisy(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows with `noisy`: whether either timing behind the row's figures (the decode, the prefill-only run) had a
+    p90/p10 spread above `NOISY_SPREAD`."""
+    return [{**row, "noisy": row["timing"]["noisy"] or row["prefill_timing"]["noisy"]} if "timing" in row else row
+            for row in rows]
+
+
 def card_block(report: dict[str, Any], json_path: str) -> str:
     """The model card's decode section of one run, generated from its `decode.json` report."""
     settings = report["settings"]
-    rows = [{**row, "noisy": row["timing"]["noisy"] or row["prefill_timing"]["noisy"]} if "timing" in row else row
-            for row in report["rows"]]
+    rows = with_noisy(report["rows"])
     header = (f"{environment_line(report['environment'])}; greedy decoding of {settings['new_tokens']} tokens after "
               f"{settings['prompts']}, median of {settings['runs']} runs after {settings['warmup']} warm-up; compiled "
               f"rows: `{settings['backend']}` backend; floor at {report['bandwidth_gbs']:.1f} GB/s "
@@ -378,7 +384,7 @@ def run(args: argparse.Namespace, spec: ArchitectureSpec, config: PreTrainedConf
     }
     output_dir = output_folder(args.output_dir, "decode", spec.model_type)
     write_json(output_dir / "decode.json", report)
-    print(format_table(rows, COLUMNS))
+    print(format_table(with_noisy(rows), CARD_COLUMNS))
     env = report["environment"]
     print(f"\n{env['device_name']}, {env['dtype']}, torch {env['torch']}, {env['torch_threads']} threads; median of "
           f"{args.runs} runs after {args.warmup} warm-up; floor at {bandwidth:.1f} GB/s ({report['bandwidth_source']}); "

@@ -49,8 +49,8 @@ from training.common import UsageError, run_cli
 from training.diffusion import DiffusionObjective, diffusion_loss, diffusion_losses, mask_tokens, sample_mask_rates
 from training.train import config_for_tokenizer
 
-from .harness import add_deprecated_settings, add_set_argument, apply_settings, environment, output_folder, pyplot, \
-    save_figure, torch_threads, write_json
+from .harness import add_deprecated_settings, add_set_argument, apply_settings, environment, figure_title, \
+    output_folder, pyplot, save_figure, torch_threads, write_json
 from .sampler_coherence import PRESETS, prepare_data
 
 MODES = ("fixed", "elbo", "mean", "onebatch", "ar")
@@ -156,8 +156,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     settings = report["settings"]
-    ax.set_title(f"diffusion_plateau: mode {settings['mode']}, lr {settings['lr']}, batch {settings['batch']} x 128 "
-                 f"(rows of {settings['block']})", fontsize=9)
+    ax.set_title(figure_title("Masked diffusion plateau diagnosis", report["environment"], f"mode {settings['mode']}",
+                              f"{steps[-1] if steps else 0} steps", f"lr {settings['lr']}",
+                              f"batch {settings['batch']} × 128 (rows of {settings['block']})"), fontsize=8)
     save_figure(fig, path)
 
 

@@ -34,8 +34,8 @@ from hf_models.bicameral.modeling_bicameral import direct_causal_conv, fft_causa
 from hf_models.registry import get_spec
 from training.common import UsageError, run_cli
 
-from .harness import DTYPES, MIN_RUNS, environment, format_table, output_folder, positive_ints, pyplot, \
-    resolve_device, save_figure, time_runs, write_json
+from .harness import DTYPES, MIN_RUNS, environment, figure_title, format_table, output_folder, positive_ints, \
+    pyplot, resolve_device, save_figure, time_runs, write_json
 
 SERIES = ("fft_conv_k", "fft_conv_global", "direct_conv_k", "sdpa_attention", "bicameral_layer", "llama_layer",
           "bicameral_decode_step", "llama_decode_step")
@@ -108,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         row: dict[str, Any] = {"length": length}
         with torch.no_grad():
             for name in SERIES:
-                row[name] = time_runs(candidates[name], device=device, warmup=args.warmup, runs=args.runs).median
+                timing = time_runs(candidates[name], device=device, warmup=args.warmup, runs=args.runs)
+                row[name], row[f"{name}_timing"] = timing.median, timing.summary()
         rows.append(row)
 
     report = {
@@ -144,16 +145,20 @@ def plot(report: dict[str, Any], path: Path) -> None:
     lengths = [row["length"] for row in report["rows"]]
     for name in SERIES:
         style = "^:" if "decode" in name else "s--" if "layer" in name else "o-"
-        ax.plot(lengths, [1000 * row[name] for row in report["rows"]], style, label=name)
+        medians = [1000 * row[name] for row in report["rows"]]
+        spread = [[1000 * (row[name] - row[f"{name}_timing"]["p10_s"]) for row in report["rows"]],
+                  [1000 * (row[f"{name}_timing"]["p90_s"] - row[name]) for row in report["rows"]]]
+        ax.errorbar(lengths, medians, yerr=spread, fmt=style, capsize=2, label=name)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length (bytes)")
-    ax.set_ylabel("forward time, ms (median)")
+    ax.set_ylabel("time, ms (median; bars: p10–p90 of the runs)")
     settings = report["settings"]
-    ax.set_title(f"hidden {settings['hidden_size']}, K={settings['kernel_len']}, batch {settings['batch_size']} "
-                 f"({report['environment']['device_name'][:30]})", fontsize=9)
+    ax.set_title(figure_title("FFT vs direct convolution vs attention", report["environment"],
+                              f"hidden {settings['hidden_size']}", f"K={settings['kernel_len']}",
+                              f"batch {settings['batch_size']}"), fontsize=8)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left")
     save_figure(fig, path)
 
 

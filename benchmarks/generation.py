@@ -31,12 +31,14 @@ from .harness import (
     add_deprecated_override,
     add_set_argument,
     environment,
+    figure_title,
     format_table,
     output_folder,
     parse_set,
     positive_ints,
     pyplot,
     random_prompts,
+    rate_errors,
     resolve_device,
     save_figure,
     time_generation,
@@ -171,24 +173,28 @@ def plot(report: dict[str, Any], path: Path) -> None:
     batch_sizes = sorted({row["batch_size"] for row in report["rows"]})
     fig, axes = plt.subplots(1, len(batch_sizes), figsize=(5.5 * len(batch_sizes), 4), squeeze=False)
     for ax, batch in zip(axes[0], batch_sizes):
-        series: dict[str, list[tuple[int, float]]] = {}
+        series: dict[str, list[tuple[int, float, dict[str, Any]]]] = {}
         for row in report["rows"]:
             if row["batch_size"] != batch:
                 continue
             for key in ("cached", "uncached", "generate"):
                 if f"{key}_tokens_per_second" in row:
                     label = f"{row['model']} / {row['mode']} / {key}"
-                    series.setdefault(label, []).append((row["prompt_length"], row[f"{key}_tokens_per_second"]))
+                    series.setdefault(label, []).append((row["prompt_length"], row[f"{key}_tokens_per_second"],
+                                                         row[f"{key}_timing"]))
         for label, points in series.items():
-            points.sort()
-            ax.plot(*zip(*points), "o-" if "llama" not in label else "s--", label=label)
+            lengths, rates, timings = zip(*sorted(points, key=lambda point: point[0]))
+            ax.errorbar(lengths, rates, yerr=rate_errors(rates, timings), fmt="o-" if "llama" not in label else "s--",
+                        capsize=3, label=label)
         ax.set_yscale("log")
         ax.set_xlabel("prompt length (tokens)")
-        ax.set_ylabel("tokens / s (median)")
-        ax.set_title(f"batch {batch}, {report['settings']['new_tokens']} new tokens")
+        ax.set_ylabel("tokens / s (median; bars: p10–p90 of the runs)")
+        ax.set_title(f"batch {batch}")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{report['model_type']} on {report['environment']['device_name']} ({report['environment']['dtype']})")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+    env = report["environment"]
+    fig.suptitle(figure_title(f"{report['model_type']}: greedy decoding", env, env["dtype"],
+                              f"{report['settings']['new_tokens']} new tokens"), fontsize=10)
     save_figure(fig, path)
 
 

@@ -30,7 +30,7 @@ import transformers
 from transformers import PreTrainedModel, TrainingArguments
 
 from hf_models.registry import parse_config_overrides
-from training.common import UsageError
+from training.common import UsageError, device_name
 from training.data import DataArguments, default_data_dir, load_documents, tokenize_and_pack
 from training.tokenization import train_bpe_tokenizer
 
@@ -147,24 +147,15 @@ def git_revision() -> str | None:
         return None
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """What a figure depends on: device, dtype, library versions, threads, revision."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    name = device_name(device)
     return {
         "device": str(device),
         "device_name": name,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()),  # 1, 5, 15 minutes: other work on the machine while measuring
         "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -451,6 +442,23 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def figure_title(what: str, env: Mapping[str, Any], *facts: str) -> str:
+    """A figure's title: `what (facts) — device, n thread(s)[, load l]` from an `environment()` record."""
+    load = env.get("load_average")
+    machine = f"{env.get('device_name', env.get('device', '?'))}, {env.get('torch_threads', '?')} thread(s)"
+    if load:
+        machine += f", load {load[0]:.1f}"
+    return f"{what} ({', '.join(facts)}) — {machine}" if facts else f"{what} — {machine}"
+
+
+def rate_errors(rates: Sequence[float], timings: Sequence[Mapping[str, Any]]) -> list[list[float]]:
+    """Asymmetric error bars `[below, above]` of rates `work / median seconds` from their timings' p90 / p10 (a
+    slower run gives a lower rate), for `errorbar(yerr=...)`."""
+    below = [rate - rate * timing["median_s"] / timing["p90_s"] for rate, timing in zip(rates, timings)]
+    above = [rate * timing["median_s"] / timing["p10_s"] - rate for rate, timing in zip(rates, timings)]
+    return [below, above]
 
 
 def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:

@@ -456,7 +456,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"Masked diffusion sampler coherence ({report['preset']}): {parameters:,} "
                  f"parameters, {settings['max_steps']} steps (Llama {settings['reference_max_steps']}), "
                  f"T={settings['temperature']}, top-p={settings['top_p']}, "
-                 f"{settings['num_prompts']} prompts — {report['environment']['device_name']}", fontsize=9)
+                 f"{settings['num_prompts']} prompts — {report['environment']['device_name']}, "
+                 f"{report['environment']['torch_threads']} thread(s)", fontsize=9)
     save_figure(fig, path)
 
 

@@ -28,8 +28,9 @@ def architecture_notes(model_type: str) -> str:
     return path.read_text(encoding="utf-8").strip() if path.exists() else ""
 
 
-def plot_loss_curve(log_history: Sequence[Mapping[str, Any]], path: str | Path) -> bool:
-    """Plot training (and evaluation) loss against the step from a Trainer's `log_history`.
+def plot_loss_curve(log_history: Sequence[Mapping[str, Any]], path: str | Path, title: str | None = None) -> bool:
+    """Plot training (and evaluation) loss against the step from a Trainer's `log_history`, titled `title` (what was
+    trained, how long, on what).
 
     Returns:
         Whether the PNG was written (`False` when matplotlib is not installed or nothing was logged).
@@ -54,7 +55,9 @@ def plot_loss_curve(log_history: Sequence[Mapping[str, Any]], path: str | Path) 
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper right")
+    if title:
+        ax.set_title(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -337,3 +337,52 @@ def test_every_cards_benchmark_section_is_its_committed_json(name):
         block = module.card_block(report, path.relative_to(root).as_posix())
         assert block in (root / "model_cards" / f"{report['model_type']}.md").read_text(), \
             f"regenerate with: python -m benchmarks.{name} card {path.relative_to(root)}"
+
+
+def _timing(median: float) -> dict:
+    return {"median_s": median, "p10_s": 0.9 * median, "p90_s": 1.2 * median, "noisy": False}
+
+
+def test_timing_plots_carry_error_bars_a_titled_machine_and_a_legend_off_the_data(monkeypatch):
+    """The decoding plot draws each series with p10–p90 error bars, names the machine, threads and load in its title,
+    and puts its legend below the axes."""
+    from matplotlib.container import ErrorbarContainer
+
+    figures = []
+    monkeypatch.setattr(generation, "save_figure", lambda fig, path: figures.append(fig))
+    rows = [{"batch_size": 1, "prompt_length": length, "model": model, "mode": "default",
+             "cached_tokens_per_second": rate, "cached_timing": _timing(8 / rate)}
+            for model, rate in (("toeplitz_mixer", 100.0), ("llama", 80.0)) for length in (1, 64)]
+    report = {"rows": rows, "model_type": "toeplitz_mixer", "settings": {"new_tokens": 8},
+              "environment": {"device_name": "Some CPU", "torch_threads": 1, "load_average": [0.5, 0.4, 0.3],
+                              "dtype": "float32"}}
+    generation.plot(report, "unused.png")
+    (fig,) = figures
+    assert "Some CPU, 1 thread(s), load 0.5" in fig._suptitle.get_text()
+    ax = fig.axes[0]
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 2  # one per series
+    low, high = bars[0].lines[2][0].get_segments()[0][:, 1]  # the first point's bar: rate·median/p90 .. /p10
+    assert low == pytest.approx(100 / 1.2) and high == pytest.approx(100 / 0.9)
+    assert ax.get_legend().get_bbox_to_anchor().y0 < ax.get_position().y0 * fig.bbox.height - 1  # below the axes
+
+
+def test_the_training_loss_curve_has_a_title(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from model_cards import plot_loss_curve
+
+    titles = []
+    original = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: titles.append(fig.axes[0].get_title()) or
+                        original(fig, *a, **k))
+    history = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}, {"step": 2, "eval_loss": 2.7}]
+    assert plot_loss_curve(history, tmp_path / "curve.png", title="llama: 2 steps on Some CPU")
+    assert titles == ["llama: 2 steps on Some CPU"]
+
+
+def test_environment_records_threads_and_load():
+    from benchmarks.harness import environment
+
+    env = environment(torch.device("cpu"), torch.float32)
+    assert env["torch_threads"] == torch.get_num_threads() and len(env["load_average"]) == 3

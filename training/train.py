@@ -33,7 +33,7 @@ import hf_models
 from hf_models.registry import ArchitectureSpec, all_specs, get_spec, parse_config_overrides
 from model_cards import BENCHMARK_FILE, LOSS_CURVE_FILE, plot_loss_curve, write_model_card
 
-from .common import UsageError, run_cli
+from .common import UsageError, device_name, run_cli
 from .data import KNOWN_CORPORA, DataArguments, PackedSplit, load_documents, tokenize_and_pack
 from .metrics import exact_bits_per_byte
 from .tokenization import load_tokenizer, record_model_max_length, token_byte_lengths, train_bpe_tokenizer
@@ -343,7 +343,10 @@ def main(argv: Sequence[str] | None = None) -> ZooTrainer:
     (output_dir / "training_args.json").write_text(training_args.to_json_string(), encoding="utf-8")
     trainer.save_state()
     trainer.save_metrics("all", metrics)
-    plot_loss_curve(trainer.state.log_history, output_dir / LOSS_CURVE_FILE)
+    plot_loss_curve(trainer.state.log_history, output_dir / LOSS_CURVE_FILE, title=(
+        f"{spec.model_type}: {trainer.state.global_step} steps ({trainer.state.epoch or 0:.1f} epochs) of "
+        f"{training_args.per_device_train_batch_size * training_args.world_size} × {data_args.block_size} tokens — "
+        f"{device_name(training_args.device)}, {torch.get_num_threads()} thread(s)"))
     _write_card(spec, trainer, data_args, training_args, train, validation, metrics, model_args, sample)
     if model_args.merge_lora:
         merged = trainer.model.merge_and_unload()
