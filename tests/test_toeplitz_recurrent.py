@@ -100,6 +100,18 @@ def test_a_multi_token_continuation_steps_through_the_recurrence():
     torch.testing.assert_close(chunk, full, rtol=1e-4, atol=1e-4)
 
 
+def test_sliding_recompute_refills_a_recurrent_cache_past_the_context():
+    """Under `context_overflow="sliding_recompute"` a recurrent cache re-reads the last S tokens once full (an exact
+    prefill into the reset state): on modal kernels greedy decoding past the context equals uncached decoding."""
+    model = modal_model(decode_mode="recurrent", context_overflow="sliding_recompute")
+    input_ids, mask = _left_padded([ids(1, 28, seed=5)[0], ids(1, 21, seed=6)[0]])
+    cached = _greedy(model, input_ids, mask, new_tokens=10)
+    uncached = _greedy(model, input_ids, mask, new_tokens=10, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for step_cached, step_uncached in zip(cached.scores, uncached.scores):
+        torch.testing.assert_close(step_cached, step_uncached, rtol=1e-4, atol=1e-4)
+
+
 def test_the_recurrent_state_does_not_grow_with_the_context():
     """Apart from layer 0's token ids and row positions, no state tensor scales with `max_position_embeddings`."""
     def state_elements(length: int) -> int:
