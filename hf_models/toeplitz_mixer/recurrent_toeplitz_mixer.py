@@ -129,9 +129,9 @@ class ToeplitzRecurrentCache(ToeplitzMixerCache):
     Per layer: `window` `(batch, num_heads, W, head_dim)`, a ring buffer of the last W mixer inputs (position q in slot
     q mod W; a convolution state), and `modes_re` / `modes_im` `(batch, num_heads, N, head_dim)`, the real and
     imaginary parts of the modal states z (recurrent states). Layer 0 also keeps the token ids and per-row positions
-    of [`ToeplitzMixerCache`] (for the normaliser, the bias and `context_overflow="sliding_recompute"`). The memory
-    does not grow with the context; every write is in place at the tensor position `cache_position`, so the step
-    compiles to one graph as the exact static step does.
+    of [`ToeplitzMixerCache`] (for the normaliser, the bias and `context_overflow="sliding_recompute"`). Apart from
+    those ids (one integer per position) the memory does not grow with the context; every write is in place at the
+    tensor position `cache_position`, so the step compiles to one graph as the exact static step does.
     """
 
     def _allocate_layer(self, layer_idx: int, config: ToeplitzMixerConfig, batch_size: int,
