@@ -35,7 +35,7 @@ from hf_models.registry import get_spec
 from training.common import UsageError, run_cli
 
 from .harness import DTYPES, MIN_RUNS, environment, format_table, output_folder, positive_ints, pyplot, \
-    resolve_device, save_figure, time_runs, write_json
+    figure_title, outside_legend, resolve_device, save_figure, time_runs, write_json
 
 SERIES = ("fft_conv_k", "fft_conv_global", "direct_conv_k", "sdpa_attention", "bicameral_layer", "llama_layer",
           "bicameral_decode_step", "llama_decode_step")
@@ -150,10 +150,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("sequence length (bytes)")
     ax.set_ylabel("forward time, ms (median)")
     settings = report["settings"]
-    ax.set_title(f"hidden {settings['hidden_size']}, K={settings['kernel_len']}, batch {settings['batch_size']} "
-                 f"({report['environment']['device_name'][:30]})", fontsize=9)
+    ax.set_title(figure_title(f"fft_crossover: hidden {settings['hidden_size']}, K={settings['kernel_len']}, batch "
+                              f"{settings['batch_size']}", None, None, report["environment"]), fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    outside_legend(ax)
     save_figure(fig, path)
 
 

@@ -31,6 +31,7 @@ from .harness import (
     add_deprecated_override,
     add_set_argument,
     environment,
+    figure_title,
     format_table,
     output_folder,
     parse_set,
@@ -187,8 +188,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.set_ylabel("tokens / s (median)")
         ax.set_title(f"batch {batch}, {report['settings']['new_tokens']} new tokens")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{report['model_type']} on {report['environment']['device_name']} ({report['environment']['dtype']})")
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle(figure_title(f"{report['model_type']} generation ({report['environment']['dtype']})", None, None,
+                              report["environment"]), fontsize=10)
     save_figure(fig, path)
 
 

@@ -170,6 +170,7 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "git_revision": git_revision(),
+        "load_1min": os.getloadavg()[0],
     }
 
 
@@ -453,12 +454,30 @@ def pyplot() -> Any:
     return plt
 
 
+def hardware(env: Mapping[str, Any]) -> str:
+    """`<device name> (<device>), <n> thread(s)` from an `environment()` record."""
+    return f"{env['device_name']} ({env['device']}), {env['torch_threads']} thread(s)"
+
+
+def figure_title(what: str, preset: str | None, steps: int | None, env: Mapping[str, Any]) -> str:
+    """A figure's title: what it shows, then the preset, the training steps (each left out when `None`) and the
+    hardware of `env` (an `environment()` record)."""
+    details = [f"preset {preset}"] * (preset is not None) + [f"{steps} steps"] * (steps is not None)
+    return f"{what}\n" + ", ".join([*details, hardware(env)])
+
+
+def outside_legend(ax: Any, **kwargs: Any) -> Any:
+    """A legend to the right of `ax`, outside the axes, so that it covers neither the data nor another legend."""
+    return ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=7, **kwargs)
+
+
 def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
-    """Lay out `fig`, write it to `path` (creating the folder) and close it."""
+    """Lay out `fig`, write it to `path` (creating the folder; the bounding box takes in legends outside the
+    axes) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
     pyplot().close(fig)
     return path
 
@@ -504,8 +523,9 @@ def update_card_from_json(json_path: str | Path, experiment: str,
 
 def environment_line(env: Mapping[str, Any]) -> str:
     """`Measured on <device>, <n> thread(s), <dtype>, torch <version>` from an `environment()` record."""
+    load = f", 1-minute load {env['load_1min']:.2f}" if "load_1min" in env else ""
     return (f"Measured on {env['device_name']}, {env['torch_threads']} thread(s), {env['dtype']}, torch "
-            f"{env['torch']}")
+            f"{env['torch']}{load}")
 
 
 def generated_section(benchmark: str, json_path: str, *parts: str) -> str:

@@ -28,8 +28,8 @@ def architecture_notes(model_type: str) -> str:
     return path.read_text(encoding="utf-8").strip() if path.exists() else ""
 
 
-def plot_loss_curve(log_history: Sequence[Mapping[str, Any]], path: str | Path) -> bool:
-    """Plot training (and evaluation) loss against the step from a Trainer's `log_history`.
+def plot_loss_curve(log_history: Sequence[Mapping[str, Any]], path: str | Path, title: str) -> bool:
+    """Plot training (and evaluation) loss against the step from a Trainer's `log_history`, under `title`.
 
     Returns:
         Whether the PNG was written (`False` when matplotlib is not installed or nothing was logged).
@@ -53,8 +53,9 @@ def plot_loss_curve(log_history: Sequence[Mapping[str, Any]], path: str | Path) 
         ax.plot(*zip(*evals), "o-", label="eval loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

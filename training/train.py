@@ -343,7 +343,11 @@ def main(argv: Sequence[str] | None = None) -> ZooTrainer:
     (output_dir / "training_args.json").write_text(training_args.to_json_string(), encoding="utf-8")
     trainer.save_state()
     trainer.save_metrics("all", metrics)
-    plot_loss_curve(trainer.state.log_history, output_dir / LOSS_CURVE_FILE)
+    from benchmarks.harness import environment, figure_title  # benchmarks imports training: not at the top
+
+    title = figure_title(f"{spec.model_type} training loss", None, trainer.state.global_step,
+                         environment(training_args.device, model.dtype))
+    plot_loss_curve(trainer.state.log_history, output_dir / LOSS_CURVE_FILE, title)
     _write_card(spec, trainer, data_args, training_args, train, validation, metrics, model_args, sample)
     if model_args.merge_lora:
         merged = trainer.model.merge_and_unload()
