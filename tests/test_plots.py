@@ -40,6 +40,14 @@ def assert_labelled(fig: Any) -> None:
         assert ax.get_xlabel() and ax.get_ylabel(), ax.get_title()
 
 
+def assert_seeded_figure(figures: list[Any], preset_and_steps: str) -> None:
+    """The one figure drawn names the preset, steps and hardware, labels its axes and has error bars on the first."""
+    (fig,) = figures
+    assert f"{preset_and_steps}, {HARDWARE}" in title(fig)
+    assert_labelled(fig)
+    assert any(isinstance(c, ErrorbarContainer) for c in fig.axes[0].containers)
+
+
 def test_figure_title_names_what_preset_steps_and_hardware() -> None:
     assert harness.figure_title("loss", "smoke", 300, ENV) == f"loss\npreset smoke, 300 steps, {HARDWARE}"
     assert harness.figure_title("speed", None, None, ENV) == f"speed\n{HARDWARE}"
@@ -57,10 +65,7 @@ def test_nanohead_sweep_plot_has_title_labels_and_error_bars(figures: list[Any])
     report = {"summary": summary, "runs": [{"proportion": 0.0, "val_bpb": 2.0}], "parameters": 1000, "preset": "smoke",
               "settings": {"max_steps": 150, "seeds": 2, "nanohead_dim": 4}, "environment": ENV}
     nanohead_sweep.plot(report, "unused.png")
-    (fig,) = figures
-    assert "preset smoke" in title(fig) and "150 steps" in title(fig) and HARDWARE in title(fig)
-    assert_labelled(fig)
-    assert any(isinstance(c, ErrorbarContainer) for c in fig.axes[0].containers)
+    assert_seeded_figure(figures, "preset smoke, 150 steps")
 
 
 def test_toeplitz_recurrent_plot_has_title_labels_and_error_bars(figures: list[Any]) -> None:
@@ -70,10 +75,7 @@ def test_toeplitz_recurrent_plot_has_title_labels_and_error_bars(figures: list[A
     report = {"quality": quality, "speed": speed, "settings": {"preset": "smoke", "batch_size": 1, "runs": 5},
               "model": {"steps": 300}, "environment": ENV}
     toeplitz_recurrent.plot(report, "unused.png")
-    (fig,) = figures
-    assert "preset smoke" in title(fig) and "300 steps" in title(fig) and HARDWARE in title(fig)
-    assert_labelled(fig)
-    assert any(isinstance(c, ErrorbarContainer) for c in fig.axes[0].containers)
+    assert_seeded_figure(figures, "preset smoke, 300 steps")
 
 
 def test_fft_crossover_plot_names_the_hardware_and_keeps_the_legend_off_the_data(figures: list[Any]) -> None:
