@@ -35,7 +35,7 @@ from hf_models.registry import get_spec
 from training.common import UsageError, run_cli
 
 from .harness import DTYPES, MIN_RUNS, environment, format_table, output_folder, positive_ints, pyplot, \
-    figure_title, outside_legend, resolve_device, save_figure, time_runs, write_json
+    figure_title, outside_legend, resolve_device, save_figure, time_runs, worst_spread, write_json
 
 SERIES = ("fft_conv_k", "fft_conv_global", "direct_conv_k", "sdpa_attention", "bicameral_layer", "llama_layer",
           "bicameral_decode_step", "llama_decode_step")
@@ -105,11 +105,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         with torch.no_grad():
             for name, model in (("bicameral_decode_step", bicameral), ("llama_decode_step", llama)):
                 candidates[name] = _decode_step(model, ids)
-        row: dict[str, Any] = {"length": length}
         with torch.no_grad():
-            for name in SERIES:
-                row[name] = time_runs(candidates[name], device=device, warmup=args.warmup, runs=args.runs).median
-        rows.append(row)
+            timings = {name: time_runs(candidates[name], device=device, warmup=args.warmup, runs=args.runs).summary()
+                       for name in SERIES}
+        rows.append({"length": length, **{name: timing["median_s"] for name, timing in timings.items()},
+                     **worst_spread(list(timings.values()))})
 
     report = {
         "settings": {"hidden_size": args.hidden_size, "kernel_len": args.kernel_len, "heads": heads,
@@ -129,8 +129,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     output_dir = output_folder(args.output_dir, "fft_crossover")
     write_json(output_dir / "fft_crossover.json", report)
     plot(report, output_dir / "fft_crossover.png")
-    print(format_table([{k: (v * 1000 if k != "length" else v) for k, v in row.items()} for row in rows],
-                       [("length", "seq")] + [(name, f"{name} ms") for name in SERIES]))
+    print(format_table([{**row, **{name: 1000 * row[name] for name in SERIES}} for row in rows],
+                       [("length", "seq"), *((name, f"{name} ms") for name in SERIES),
+                        ("spread_p90_p10", "max p90/p10"), ("noisy", "p90/p10 > 1.5")]))
     print(f"\ncrossovers (first length from which the first is faster at every longer length): {report['crossover']}")
     print(f"{report['environment']['device_name']}, {args.dtype}, {report['environment']['torch_threads']} threads, "
           f"batch {args.batch_size}, hidden {args.hidden_size}, K={args.kernel_len}; wrote {output_dir}")

@@ -269,6 +269,13 @@ def write_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
     return path
 
 
+def worst_spread(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """A table row's timing columns from the `Timing.summary()`s it is made of: the largest p90/p10 and `"noisy"`
+    when any of them is noisy (else `""`)."""
+    return {"spread_p90_p10": max(summary["spread_p90_p10"] for summary in summaries),
+            "noisy": "noisy" if any(summary["noisy"] for summary in summaries) else ""}
+
+
 def format_table(rows: list[Mapping[str, Any]], columns: list[tuple[str, str]], markdown: bool = False) -> str:
     """A plain-text (or Markdown) table of `rows` with `(key, header)` columns; floats get 4 significant digits."""
 

@@ -101,3 +101,13 @@ def test_loss_curve_has_the_title_and_labels(tmp_path: Path, monkeypatch: pytest
     assert_labelled(fig)
     monkeypatch.undo()
     plt.close(fig)
+
+
+def test_a_row_with_one_noisy_timing_is_marked_noisy_with_its_worst_spread() -> None:
+    steady = harness.Timing([1.0, 1.0, 1.1, 1.0, 1.0]).summary()
+    noisy = harness.Timing([1.0, 1.0, 3.0, 1.0, 4.0]).summary()
+    assert harness.worst_spread([steady, steady]) == {"spread_p90_p10": steady["spread_p90_p10"], "noisy": ""}
+    row = harness.worst_spread([steady, noisy])
+    assert row == {"spread_p90_p10": noisy["spread_p90_p10"], "noisy": "noisy"} and noisy["spread_p90_p10"] > 1.5
+    table = harness.format_table([{"length": 8, **row}], [("length", "seq"), ("noisy", "p90/p10 > 1.5")])
+    assert table.splitlines()[-1].split() == ["8", "noisy"]
