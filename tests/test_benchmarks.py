@@ -68,10 +68,13 @@ def test_generation_cli_measures_cached_uncached_and_the_llama_baseline(tmp_path
     for row in report["rows"]:
         assert row["cached_tokens_per_second"] > 0 and row["uncached_tokens_per_second"] > 0
         assert row["cached_timing"]["runs"] == 5
+        assert row["spread_p90_p10"] >= 1.0 and row["noisy"] in ("", "noisy")
     saved = json.loads((tmp_path / "generation.json").read_text())
     assert saved["environment"]["device"] == "cpu" and saved["settings"]["new_tokens"] == 4
+    assert saved["environment"]["load_1min"] >= 0 and saved["environment"]["torch_threads"] >= 1
     assert (tmp_path / "generation.png").stat().st_size > 0
-    assert "cached tok/s" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "cached tok/s" in out and "max p90/p10" in out
 
 
 def test_generation_cli_writes_the_figures_into_a_model_folder(tmp_path):
