@@ -22,7 +22,7 @@ from typing import Any
 
 from training.common import UsageError, run_cli
 
-from .harness import format_table, mean_and_se, pyplot, save_figure, write_json
+from .harness import figure_title, format_table, mean_and_se, pyplot, save_figure, write_json
 
 MODES = ("cached_parallel", "cached_sequential", "uncached_parallel", "uncached_sequential")
 
@@ -142,6 +142,7 @@ def plot_comparison(results: list[dict[str, Any]], path: str | Path) -> Path:
     for ax, values, title in panels:
         ax.bar(x, values, color="tab:blue")
         ax.set_title(title)
+        ax.set_ylabel(title)
         ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=8)
         ax.grid(alpha=0.3, axis="y")
     width = 0.2
@@ -150,15 +151,17 @@ def plot_comparison(results: list[dict[str, Any]], path: str | Path) -> Path:
                        width, label=mode)
     axes[1, 0].set_title("generation tokens / s (seed setting)")
     axes[1, 0].set_yscale("log")
+    axes[1, 0].set_ylabel("tokens / s (log scale)")
     speedups = ("cache_speedup_parallel", "cache_speedup_sequential", "parallel_speedup_cached",
                 "parallel_speedup_uncached")
     for i, key in enumerate(speedups):
         axes[1, 1].bar([j + (i - 1.5) * width for j in x], [r["speedups"][key] for r in results], width, label=key)
     axes[1, 1].axhline(1.0, color="black", linewidth=0.8)
     axes[1, 1].set_title("speed-ups (×)")
+    axes[1, 1].set_ylabel("speed-up (×)")
     for ax in (axes[1, 0], axes[1, 1]):
         ax.set_xticks(list(x), names, rotation=30, ha="right", fontsize=8)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="best")
         ax.grid(alpha=0.3, axis="y")
     ax = axes[1, 2]
     for r in results:
@@ -166,8 +169,11 @@ def plot_comparison(results: list[dict[str, Any]], path: str | Path) -> Path:
         ax.annotate(r["model_name"], (r["generation"]["cached_parallel"]["tokens_per_second"], r["training"]["eval_loss"]),
                     fontsize=7)
     ax.set_xlabel("cached parallel tokens / s")
-    ax.set_ylabel("eval loss")
+    ax.set_ylabel("eval loss (nats/token)")
     ax.set_title("quality vs speed")
+    extra = results[0]["extra"]
+    fig.suptitle(figure_title(f"Toeplitz mixer variants ({len(results)})", extra.get("preset"),
+                              extra["optimizer_steps"], extra["environment"]))
     ax.grid(alpha=0.3)
     save_figure(fig, path, dpi=110)
     return Path(path)

@@ -50,7 +50,7 @@ from training.diffusion import DiffusionObjective, diffusion_loss, diffusion_los
 from training.train import config_for_tokenizer
 
 from .harness import add_deprecated_settings, add_set_argument, apply_settings, environment, figure_title, \
-    output_folder, pyplot, save_figure, torch_threads, write_json
+    outside_legend, output_folder, pyplot, save_figure, torch_threads, write_json
 from .sampler_coherence import PRESETS, prepare_data
 
 MODES = ("fixed", "elbo", "mean", "onebatch", "ar")
@@ -154,11 +154,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation loss, nats/token")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    outside_legend(ax)
     settings = report["settings"]
-    ax.set_title(figure_title("Masked diffusion plateau diagnosis", report["environment"], f"mode {settings['mode']}",
-                              f"{steps[-1] if steps else 0} steps", f"lr {settings['lr']}",
-                              f"batch {settings['batch']} × 128 (rows of {settings['block']})"), fontsize=8)
+    ax.set_title(figure_title(f"diffusion_plateau: mode {settings['mode']}, lr {settings['lr']}, batch "
+                              f"{settings['batch']} x 128 (rows of {settings['block']})", "smoke", settings["steps"],
+                              report["environment"]), fontsize=9)
     save_figure(fig, path)
 
 

@@ -41,7 +41,7 @@ from training.tokenization import load_tokenizer
 from training.train import language_model_metrics
 
 from .harness import add_deprecated_override, add_preset_argument, add_set_argument, apply_settings, environment, \
-    format_table, output_folder, pyplot, resolve_device, save_figure, training_arguments, write_json
+    figure_title, format_table, output_folder, pyplot, resolve_device, save_figure, training_arguments, write_json
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -241,7 +241,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(f"training loss (nats; byte loss: trailing mean of {smooth})")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle(figure_title("dual_head: single vs dual head training loss", report["preset"],
+                              report["settings"]["max_steps"], report["environment"]), fontsize=10)
     save_figure(fig, path)
 
 

@@ -34,8 +34,8 @@ from hf_models.bicameral.modeling_bicameral import direct_causal_conv, fft_causa
 from hf_models.registry import get_spec
 from training.common import UsageError, run_cli
 
-from .harness import DTYPES, MIN_RUNS, environment, figure_title, format_table, output_folder, positive_ints, \
-    pyplot, resolve_device, save_figure, time_runs, write_json
+from .harness import DTYPES, MIN_RUNS, environment, figure_title, format_table, output_folder, outside_legend, \
+    positive_ints, pyplot, resolve_device, save_figure, time_runs, worst_spread, write_json
 
 SERIES = ("fft_conv_k", "fft_conv_global", "direct_conv_k", "sdpa_attention", "bicameral_layer", "llama_layer",
           "bicameral_decode_step", "llama_decode_step")
@@ -105,12 +105,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         with torch.no_grad():
             for name, model in (("bicameral_decode_step", bicameral), ("llama_decode_step", llama)):
                 candidates[name] = _decode_step(model, ids)
-        row: dict[str, Any] = {"length": length}
         with torch.no_grad():
-            for name in SERIES:
-                timing = time_runs(candidates[name], device=device, warmup=args.warmup, runs=args.runs)
-                row[name], row[f"{name}_timing"] = timing.median, timing.summary()
-        rows.append(row)
+            timings = {name: time_runs(candidates[name], device=device, warmup=args.warmup, runs=args.runs).summary()
+                       for name in SERIES}
+        rows.append({"length": length, **{name: timing["median_s"] for name, timing in timings.items()},
+                     **{f"{name}_timing": timing for name, timing in timings.items()},
+                     **worst_spread(list(timings.values()))})
 
     report = {
         "settings": {"hidden_size": args.hidden_size, "kernel_len": args.kernel_len, "heads": heads,
@@ -130,8 +130,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     output_dir = output_folder(args.output_dir, "fft_crossover")
     write_json(output_dir / "fft_crossover.json", report)
     plot(report, output_dir / "fft_crossover.png")
-    print(format_table([{k: (v * 1000 if k != "length" else v) for k, v in row.items()} for row in rows],
-                       [("length", "seq")] + [(name, f"{name} ms") for name in SERIES]))
+    print(format_table([{**row, **{name: 1000 * row[name] for name in SERIES}} for row in rows],
+                       [("length", "seq"), *((name, f"{name} ms") for name in SERIES),
+                        ("spread_p90_p10", "max p90/p10"), ("noisy", "p90/p10 > 1.5")]))
     print(f"\ncrossovers (first length from which the first is faster at every longer length): {report['crossover']}")
     print(f"{report['environment']['device_name']}, {args.dtype}, {report['environment']['torch_threads']} threads, "
           f"batch {args.batch_size}, hidden {args.hidden_size}, K={args.kernel_len}; wrote {output_dir}")
@@ -154,11 +155,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("sequence length (bytes)")
     ax.set_ylabel("time, ms (median; bars: p10–p90 of the runs)")
     settings = report["settings"]
-    ax.set_title(figure_title("FFT vs direct convolution vs attention", report["environment"],
-                              f"hidden {settings['hidden_size']}", f"K={settings['kernel_len']}",
-                              f"batch {settings['batch_size']}"), fontsize=8)
+    ax.set_title(figure_title(f"fft_crossover: hidden {settings['hidden_size']}, K={settings['kernel_len']}, batch "
+                              f"{settings['batch_size']}", None, None, report["environment"]), fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="upper left")
+    outside_legend(ax)
     save_figure(fig, path)
 
 

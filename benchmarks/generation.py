@@ -42,6 +42,7 @@ from .harness import (
     resolve_device,
     save_figure,
     time_generation,
+    worst_spread,
     write_json,
 )
 
@@ -134,7 +135,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             row[f"{key}_tokens_per_second"] = result["tokens_per_second"]
             row[f"{key}_timing"] = result
         timings = [row[f"{key}_timing"] for key in ("cached", "uncached", "generate") if f"{key}_timing" in row]
-        row["noisy"] = "noisy" if any(timing["noisy"] for timing in timings) else ""
+        row.update(worst_spread(timings))
         if "uncached_tokens_per_second" in row and "cached_tokens_per_second" in row:
             row["cache_speedup"] = row["cached_tokens_per_second"] / row["uncached_tokens_per_second"]
         rows.append(row)
@@ -163,7 +164,7 @@ COLUMNS = [
     ("model", "model"), ("mode", "mode"), ("batch_size", "B"), ("prompt_length", "prompt"), ("new_tokens", "new"),
     ("cached_tokens_per_second", "cached tok/s"), ("uncached_tokens_per_second", "uncached tok/s"),
     ("generate_tokens_per_second", "tok/s"), ("cache_speedup", "cache ×"), ("cached_vs_llama", "cached / llama"),
-    ("uncached_vs_llama", "uncached / llama"), ("noisy", "p90/p10 > 1.5"),
+    ("uncached_vs_llama", "uncached / llama"), ("spread_p90_p10", "max p90/p10"), ("noisy", "p90/p10 > 1.5"),
 ]
 
 
@@ -193,8 +194,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     env = report["environment"]
-    fig.suptitle(figure_title(f"{report['model_type']}: greedy decoding", env, env["dtype"],
-                              f"{report['settings']['new_tokens']} new tokens"), fontsize=10)
+    fig.suptitle(figure_title(f"{report['model_type']}: greedy decoding of {report['settings']['new_tokens']} new "
+                              f"tokens ({env['dtype']})", None, None, env), fontsize=10)
     save_figure(fig, path)
 
 

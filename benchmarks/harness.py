@@ -259,6 +259,13 @@ def write_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
     return path
 
 
+def worst_spread(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """A table row's timing columns from the `Timing.summary()`s it is made of: the largest p90/p10 and `"noisy"`
+    when any of them is noisy (else `""`)."""
+    return {"spread_p90_p10": max(summary["spread_p90_p10"] for summary in summaries),
+            "noisy": "noisy" if any(summary["noisy"] for summary in summaries) else ""}
+
+
 def format_table(rows: list[Mapping[str, Any]], columns: list[tuple[str, str]], markdown: bool = False) -> str:
     """A plain-text (or Markdown) table of `rows` with `(key, header)` columns; floats get 4 significant digits."""
 
@@ -444,13 +451,23 @@ def pyplot() -> Any:
     return plt
 
 
-def figure_title(what: str, env: Mapping[str, Any], *facts: str) -> str:
-    """A figure's title: `what (facts) — device, n thread(s)[, load l]` from an `environment()` record."""
+def hardware(env: Mapping[str, Any]) -> str:
+    """`<device name> (<device>), <n> thread(s)[, load <1-minute load>]` from an `environment()` record."""
     load = env.get("load_average")
-    machine = f"{env.get('device_name', env.get('device', '?'))}, {env.get('torch_threads', '?')} thread(s)"
-    if load:
-        machine += f", load {load[0]:.1f}"
-    return f"{what} ({', '.join(facts)}) — {machine}" if facts else f"{what} — {machine}"
+    return (f"{env['device_name']} ({env['device']}), {env['torch_threads']} thread(s)"
+            + (f", load {load[0]:.1f}" if load else ""))
+
+
+def figure_title(what: str, preset: str | None, steps: int | None, env: Mapping[str, Any]) -> str:
+    """A figure's title: what it shows, then the preset, the training steps (each left out when `None`) and the
+    hardware of `env` (an `environment()` record)."""
+    details = [f"preset {preset}"] * (preset is not None) + [f"{steps} steps"] * (steps is not None)
+    return f"{what}\n" + ", ".join([*details, hardware(env)])
+
+
+def outside_legend(ax: Any, **kwargs: Any) -> Any:
+    """A legend to the right of `ax`, outside the axes, so that it covers neither the data nor another legend."""
+    return ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=7, **kwargs)
 
 
 def rate_errors(rates: Sequence[float], timings: Sequence[Mapping[str, Any]]) -> list[list[float]]:
@@ -462,11 +479,12 @@ def rate_errors(rates: Sequence[float], timings: Sequence[Mapping[str, Any]]) ->
 
 
 def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
-    """Lay out `fig`, write it to `path` (creating the folder) and close it."""
+    """Lay out `fig`, write it to `path` (creating the folder; the bounding box takes in legends outside the
+    axes) and close it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
     pyplot().close(fig)
     return path
 
@@ -512,8 +530,9 @@ def update_card_from_json(json_path: str | Path, experiment: str,
 
 def environment_line(env: Mapping[str, Any]) -> str:
     """`Measured on <device>, <n> thread(s), <dtype>, torch <version>` from an `environment()` record."""
+    load = f", 1-minute load {env['load_average'][0]:.2f}" if env.get("load_average") else ""
     return (f"Measured on {env['device_name']}, {env['torch_threads']} thread(s), {env['dtype']}, torch "
-            f"{env['torch']}")
+            f"{env['torch']}{load}")
 
 
 def generated_section(benchmark: str, json_path: str, *parts: str) -> str:

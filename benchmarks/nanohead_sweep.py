@@ -45,8 +45,8 @@ from training.tokenization import token_byte_lengths
 from training.trainer import resolve_trainer
 
 from .harness import add_deprecated_settings, add_preset_argument, add_set_argument, apply_settings, environment, \
-    card_markers, format_table, mean_and_se, output_folder, prepare_corpus, pyplot, resolve_device, \
-    run_section, save_figure, training_arguments, update_card_from_json, write_json
+    card_markers, figure_title, format_table, mean_and_se, output_folder, outside_legend, prepare_corpus, pyplot, \
+    resolve_device, run_section, save_figure, training_arguments, update_card_from_json, write_json
 
 PROPORTIONS = (0.0, 0.2, 0.4, 0.6, 0.8)
 ARMS = {"faithful": False, "logit_scale": True}  # arm -> `learnable_logit_scale`
@@ -303,12 +303,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
         rows = [row for row in summary if row["arm"] == arm]
         ax_speed.plot([row["proportion"] for row in rows], [row["train_tokens_per_second"] for row in rows], "o-",
                       color=f"C{index}", label=arm)
-    ax_speed.legend(fontsize=7)
+    outside_legend(ax_speed)
     ax_speed.set_xlabel("nanohead proportion")
     ax_speed.set_ylabel("training tokens / s")
-    ax_speed.set_title(report["environment"]["device_name"], fontsize=9)
+    ax_speed.set_title("training speed", fontsize=9)
     ax_speed.grid(alpha=0.3)
-    fig.suptitle(f"Nanohead sweep ({report['preset']}, nanohead dim {settings['nanohead_dim']})")
+    fig.suptitle(figure_title(f"Nanohead sweep, nanohead dim {settings['nanohead_dim']}", report["preset"],
+                              settings["max_steps"], report["environment"]), fontsize=10)
     save_figure(fig, path)
 
 

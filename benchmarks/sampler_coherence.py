@@ -62,7 +62,7 @@ from training.train import config_for_tokenizer
 from training.trainer import resolve_trainer
 
 from .harness import add_deprecated_settings, add_preset_argument, add_set_argument, apply_settings, environment, \
-    format_table, mean_and_se, output_folder, positive_floats, positive_ints, prepare_corpus, pyplot, resolve_device, save_figure, \
+    figure_title, format_table, mean_and_se, output_folder, positive_floats, positive_ints, prepare_corpus, pyplot, resolve_device, save_figure, \
     torch_threads, training_arguments, write_json
 
 METHODS = {
@@ -450,14 +450,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.set_xlabel(f"model calls (trunk passes) per sample for {report['settings']['new_tokens']} tokens")
         ax.set_ylabel(label, fontsize=8)
         ax.grid(alpha=0.3, which="both")
-    axes.flat[0].legend(fontsize=7)
+    axes.flat[0].legend(fontsize=7, loc="best")
     settings = report["settings"]
     parameters = report["training"]["diffusion_parameters"]
-    fig.suptitle(f"Masked diffusion sampler coherence ({report['preset']}): {parameters:,} "
-                 f"parameters, {settings['max_steps']} steps (Llama {settings['reference_max_steps']}), "
-                 f"T={settings['temperature']}, top-p={settings['top_p']}, "
-                 f"{settings['num_prompts']} prompts — {report['environment']['device_name']}, "
-                 f"{report['environment']['torch_threads']} thread(s)", fontsize=9)
+    fig.suptitle(figure_title(f"Masked diffusion sampler coherence: {parameters:,} parameters (Llama "
+                              f"{settings['reference_max_steps']} steps), T={settings['temperature']}, "
+                              f"top-p={settings['top_p']}, {settings['num_prompts']} prompts", report["preset"],
+                              settings["max_steps"], report["environment"]), fontsize=9)
     save_figure(fig, path)
 
 

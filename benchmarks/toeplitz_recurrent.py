@@ -45,6 +45,7 @@ from .harness import (
     card_markers,
     corpus_path,
     environment,
+    figure_title,
     format_table,
     mean_and_se,
     output_folder,
@@ -216,9 +217,8 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     log_ticks(right, sorted({row["context"] for row in report["speed"]}))
     right.legend(loc="best")
     env = report["environment"]
-    fig.suptitle(f"Toeplitz mixer recurrent decoding, {report['settings']['preset']} model "
-                 f"({report['model']['steps']} steps) — "
-                 f"{env['device_name']}, {env['torch_threads']} thread(s)")
+    fig.suptitle(figure_title("Toeplitz mixer recurrent decoding", report["settings"]["preset"],
+                              report["model"]["steps"], env))
     return save_figure(fig, path)
 
 

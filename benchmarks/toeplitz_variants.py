@@ -291,6 +291,7 @@ def train_variant(name: str, flags: dict[str, bool], parallel: bool, settings: d
                                "meaning); train_loss_last_logged is the last logged one",
             "train_loss_last_logged": last_logged,
             "eval_perplexity": math.exp(min(evaluation["eval_loss"], 50.0)),
+            "preset": settings["preset"],
             "optimizer_steps": trainer.state.global_step,
             "num_parameters": sum(p.numel() for p in model.parameters()),
             "model_config": config.to_diff_dict(),

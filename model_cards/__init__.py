@@ -55,7 +55,7 @@ def plot_loss_curve(log_history: Sequence[Mapping[str, Any]], path: str | Path, 
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper right")
+    ax.legend(loc="best")
     if title:
         ax.set_title(title, fontsize=8)
     fig.tight_layout()

@@ -68,10 +68,13 @@ def test_generation_cli_measures_cached_uncached_and_the_llama_baseline(tmp_path
     for row in report["rows"]:
         assert row["cached_tokens_per_second"] > 0 and row["uncached_tokens_per_second"] > 0
         assert row["cached_timing"]["runs"] == 5
+        assert row["spread_p90_p10"] >= 1.0 and row["noisy"] in ("", "noisy")
     saved = json.loads((tmp_path / "generation.json").read_text())
     assert saved["environment"]["device"] == "cpu" and saved["settings"]["new_tokens"] == 4
+    assert saved["environment"]["load_average"][0] >= 0 and saved["environment"]["torch_threads"] >= 1
     assert (tmp_path / "generation.png").stat().st_size > 0
-    assert "cached tok/s" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "cached tok/s" in out and "max p90/p10" in out
 
 
 def test_generation_cli_writes_the_figures_into_a_model_folder(tmp_path):
@@ -354,11 +357,11 @@ def test_timing_plots_carry_error_bars_a_titled_machine_and_a_legend_off_the_dat
              "cached_tokens_per_second": rate, "cached_timing": _timing(8 / rate)}
             for model, rate in (("toeplitz_mixer", 100.0), ("llama", 80.0)) for length in (1, 64)]
     report = {"rows": rows, "model_type": "toeplitz_mixer", "settings": {"new_tokens": 8},
-              "environment": {"device_name": "Some CPU", "torch_threads": 1, "load_average": [0.5, 0.4, 0.3],
-                              "dtype": "float32"}}
+              "environment": {"device_name": "Some CPU", "device": "cpu", "torch_threads": 1,
+                              "load_average": [0.5, 0.4, 0.3], "dtype": "float32"}}
     generation.plot(report, "unused.png")
     (fig,) = figures
-    assert "Some CPU, 1 thread(s), load 0.5" in fig._suptitle.get_text()
+    assert "Some CPU (cpu), 1 thread(s), load 0.5" in fig._suptitle.get_text()
     ax = fig.axes[0]
     bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
     assert len(bars) == 2  # one per series
