@@ -23,6 +23,8 @@ from hf_models.toeplitz_mixer.modeling_toeplitz_mixer import (
     toeplitz_matrix,
 )
 
+from .conftest import assert_same_generation, left_padded
+
 VARIANTS = {
     "mean_proj": dict(do_toep_mean=True, do_toep_proj=True),
     "mean_noproj": dict(do_toep_mean=True, do_toep_proj=False),
@@ -190,28 +192,16 @@ def _greedy(model, input_ids, attention_mask=None, use_cache=True, new_tokens=7,
     )
 
 
-def _left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(row) for row in rows)
-    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = row
-        mask[i, width - len(row):] = 1
-    return input_ids, mask
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_cached_generation_equals_uncached_for_every_variant_and_schedule(variant):
     model = tiny_model(**VARIANTS[variant])
     rows = [ids(1, 6, seed=2)[0], ids(1, 3, seed=3)[0], ids(1, 5, seed=4)[0]]
-    input_ids, mask = _left_padded(rows)
+    input_ids, mask = left_padded(rows)
     reference = None
     for parallel in (True, False):
         cached = _greedy(model, input_ids, mask, use_cache=True, parallel_heads=parallel)
         uncached = _greedy(model, input_ids, mask, use_cache=False, parallel_heads=parallel)
-        assert torch.equal(cached.sequences, uncached.sequences)
-        for step_cached, step_uncached in zip(cached.scores, uncached.scores):
-            torch.testing.assert_close(step_cached, step_uncached, rtol=1e-4, atol=1e-4)
+        assert_same_generation(cached, uncached)
         reference = reference if reference is not None else cached.sequences
         assert torch.equal(cached.sequences, reference)
     for i, row in enumerate(rows):  # left padding is exact: each row alone gives the same tokens and scores
@@ -286,7 +276,7 @@ def test_static_decode_step_equals_dynamic_step_and_full_forward(variant):
     """The shape-static step (whole buffer, weights gathered by a tensor position) gives the dynamic step's logits,
     for both head schedules, a batch of 3 and a left-padded batch."""
     model = tiny_model(kernel_param="identity", **VARIANTS[variant])
-    input_ids, mask = _left_padded([ids(1, 13, seed=2)[0], ids(1, 9, seed=3)[0], ids(1, 11, seed=4)[0]])
+    input_ids, mask = left_padded([ids(1, 13, seed=2)[0], ids(1, 9, seed=3)[0], ids(1, 11, seed=4)[0]])
     with torch.no_grad():
         full = model(input_ids, attention_mask=mask).logits[:, 4:]
     for parallel in (True, False):
@@ -325,7 +315,7 @@ def test_static_decode_step_compiles_to_one_graph_without_breaks():
 
     torch._dynamo.reset()
     model = tiny_model()
-    input_ids, mask = _left_padded([ids(1, 12, seed=5)[0], ids(1, 8, seed=6)[0]])
+    input_ids, mask = left_padded([ids(1, 12, seed=5)[0], ids(1, 8, seed=6)[0]])
     with torch.no_grad():
         full = model(input_ids, attention_mask=mask).logits[:, 3:]
     counter = CompileCounter()
@@ -348,7 +338,7 @@ def test_generate_with_compile_config_uses_the_compiled_static_step():
     model = tiny_model()
     config = CompileConfig(fullgraph=True, dynamic=False, backend="eager")
     config._compile_all_devices = True  # the library compiles only on accelerators unless told otherwise
-    input_ids, mask = _left_padded([ids(1, 6, seed=7)[0], ids(1, 4, seed=8)[0]])
+    input_ids, mask = left_padded([ids(1, 6, seed=7)[0], ids(1, 4, seed=8)[0]])
     eager = _greedy(model, input_ids, mask)
     compiled = _greedy(model, input_ids, mask, compile_config=config)
     assert hasattr(model, "_compiled_call")
@@ -407,12 +397,10 @@ def test_context_overflow_error_is_clear_and_early():
 @pytest.mark.parametrize("decode_step", ["dynamic", "static"])
 def test_sliding_recompute_cached_equals_uncached_past_the_context(decode_step):
     model = tiny_model(context_overflow="sliding_recompute", decode_step=decode_step)
-    input_ids, mask = _left_padded([ids(1, 12, seed=5)[0], ids(1, 9, seed=6)[0]])
+    input_ids, mask = left_padded([ids(1, 12, seed=5)[0], ids(1, 9, seed=6)[0]])
     cached = _greedy(model, input_ids, mask, new_tokens=10)
     uncached = _greedy(model, input_ids, mask, new_tokens=10, use_cache=False)
-    assert torch.equal(cached.sequences, uncached.sequences)
-    for step_cached, step_uncached in zip(cached.scores, uncached.scores):
-        torch.testing.assert_close(step_cached, step_uncached, rtol=1e-4, atol=1e-4)
+    assert_same_generation(cached, uncached)
     # past the context, each step reads exactly the last 16 tokens from position 0
     sequence = cached.sequences[:1]
     with torch.no_grad():

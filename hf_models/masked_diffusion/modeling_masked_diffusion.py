@@ -70,7 +70,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from ..modeling_zoo_common import ZooPreTrainedModel, ZooRotaryEmbedding, apply_rotary
 from .configuration_masked_diffusion import MaskedDiffusionConfig
 from .sampling import DiffusionGenerateOutput, TokenSampler, ceil_div, top_k_per_row
-from .wavefront import filled_neighbour, wavefront_fill
+from .wavefront import filled_neighbour, wavefront_fill  # noqa: F401  (public here too)
 
 SAMPLERS = ("auto", "naive", "wavefront", "left_to_right", "threshold")
 
