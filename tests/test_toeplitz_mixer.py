@@ -23,7 +23,8 @@ from hf_models.toeplitz_mixer.modeling_toeplitz_mixer import (
     toeplitz_matrix,
 )
 
-from .conftest import assert_same_generation, left_padded
+from .conftest import assert_same_generation
+from .conftest import left_padded as _left_padded
 
 VARIANTS = {
     "mean_proj": dict(do_toep_mean=True, do_toep_proj=True),
@@ -196,7 +197,7 @@ def _greedy(model, input_ids, attention_mask=None, use_cache=True, new_tokens=7,
 def test_cached_generation_equals_uncached_for_every_variant_and_schedule(variant):
     model = tiny_model(**VARIANTS[variant])
     rows = [ids(1, 6, seed=2)[0], ids(1, 3, seed=3)[0], ids(1, 5, seed=4)[0]]
-    input_ids, mask = left_padded(rows)
+    input_ids, mask = _left_padded(rows)
     reference = None
     for parallel in (True, False):
         cached = _greedy(model, input_ids, mask, use_cache=True, parallel_heads=parallel)
@@ -276,7 +277,7 @@ def test_static_decode_step_equals_dynamic_step_and_full_forward(variant):
     """The shape-static step (whole buffer, weights gathered by a tensor position) gives the dynamic step's logits,
     for both head schedules, a batch of 3 and a left-padded batch."""
     model = tiny_model(kernel_param="identity", **VARIANTS[variant])
-    input_ids, mask = left_padded([ids(1, 13, seed=2)[0], ids(1, 9, seed=3)[0], ids(1, 11, seed=4)[0]])
+    input_ids, mask = _left_padded([ids(1, 13, seed=2)[0], ids(1, 9, seed=3)[0], ids(1, 11, seed=4)[0]])
     with torch.no_grad():
         full = model(input_ids, attention_mask=mask).logits[:, 4:]
     for parallel in (True, False):
@@ -315,7 +316,7 @@ def test_static_decode_step_compiles_to_one_graph_without_breaks():
 
     torch._dynamo.reset()
     model = tiny_model()
-    input_ids, mask = left_padded([ids(1, 12, seed=5)[0], ids(1, 8, seed=6)[0]])
+    input_ids, mask = _left_padded([ids(1, 12, seed=5)[0], ids(1, 8, seed=6)[0]])
     with torch.no_grad():
         full = model(input_ids, attention_mask=mask).logits[:, 3:]
     counter = CompileCounter()
@@ -338,7 +339,7 @@ def test_generate_with_compile_config_uses_the_compiled_static_step():
     model = tiny_model()
     config = CompileConfig(fullgraph=True, dynamic=False, backend="eager")
     config._compile_all_devices = True  # the library compiles only on accelerators unless told otherwise
-    input_ids, mask = left_padded([ids(1, 6, seed=7)[0], ids(1, 4, seed=8)[0]])
+    input_ids, mask = _left_padded([ids(1, 6, seed=7)[0], ids(1, 4, seed=8)[0]])
     eager = _greedy(model, input_ids, mask)
     compiled = _greedy(model, input_ids, mask, compile_config=config)
     assert hasattr(model, "_compiled_call")
@@ -397,7 +398,7 @@ def test_context_overflow_error_is_clear_and_early():
 @pytest.mark.parametrize("decode_step", ["dynamic", "static"])
 def test_sliding_recompute_cached_equals_uncached_past_the_context(decode_step):
     model = tiny_model(context_overflow="sliding_recompute", decode_step=decode_step)
-    input_ids, mask = left_padded([ids(1, 12, seed=5)[0], ids(1, 9, seed=6)[0]])
+    input_ids, mask = _left_padded([ids(1, 12, seed=5)[0], ids(1, 9, seed=6)[0]])
     cached = _greedy(model, input_ids, mask, new_tokens=10)
     uncached = _greedy(model, input_ids, mask, new_tokens=10, use_cache=False)
     assert_same_generation(cached, uncached)
