@@ -87,8 +87,9 @@ class ArchitectureSpec:
         trainer: `"module:Class"` of the `Trainer` subclass that implements the objective (resolved lazily, so
             the library never imports `training`).
         default_config: config fields the CLI starts from before `--config_overrides` (a small model that trains
-            on a CPU); anything not listed keeps the config class's default.
-        tiny_config: config fields of a tiny model for the test battery (vocabulary 64 unless stated).
+            on a CPU, usually built by `default_sizes`); anything not listed keeps the config class's default.
+        tiny_config: config fields of a tiny model for the test battery (usually built by `tiny_sizes`: vocabulary
+            64 unless stated).
         invalid_configs: `(overrides, field)` pairs that the config must reject with a `ValueError` naming `field`.
         benchmark_modes: named keyword sets passed to the generation method (e.g. head schedules); the
             benchmark times each.
