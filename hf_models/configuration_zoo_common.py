@@ -103,8 +103,13 @@ def check_interval(name: str, value: Any, low: float, high: float, *, closed_hig
         raise ValueError(f"`{name}` must lie in [{low}, {high}{bracket}, got {value}.")
 
 
-class ZooConfig(PreTrainedConfig):
-    """Base class of the zoo's configurations: a `PreTrainedConfig` whose saved folders carry their code."""
+class RemoteCodeConfigMixin:
+    """Mixed in before a `PreTrainedConfig` class: `save_pretrained` also bundles the zoo's shared modules (see
+    `bundle_remote_code`), so the saved folder carries its code.
+
+    A plain class, not a config: mixed into a `LlamaConfig` subclass (NPT's) it leaves Llama's dataclass `__init__`
+    and defaults in place, where a `PreTrainedConfig` base would put its own `__init__` first.
+    """
 
     def save_pretrained(self, save_directory: str | Path, push_to_hub: bool = False, **kwargs: Any) -> None:
         with parent_imports_skipped():
@@ -112,3 +117,7 @@ class ZooConfig(PreTrainedConfig):
         bundle_remote_code(save_directory)
         if push_to_hub:
             self.push_to_hub(kwargs.pop("repo_id", Path(save_directory).name), **kwargs)
+
+
+class ZooConfig(RemoteCodeConfigMixin, PreTrainedConfig):
+    """Base class of the zoo's configurations: a `PreTrainedConfig` whose saved folders carry their code."""

@@ -47,6 +47,16 @@ class ZooPreTrainedModel(PreTrainedModel):
                                                                      mean_resizing=mean_resizing))
         return embeddings
 
+    def causal_lm_loss(
+        self, logits: torch.Tensor, labels: torch.LongTensor | None, **kwargs: Any
+    ) -> torch.Tensor | None:
+        """The language-model loss of a causal head (`self.loss_function`: cross-entropy of `logits` `(batch, seq,
+        vocab)` against `labels` `(batch, seq)` shifted by one, `-100` ignored; `kwargs` such as
+        `num_items_in_batch` pass through), or `None` without labels."""
+        if labels is None:
+            return None
+        return self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
     def _map_every_auto_class(self) -> None:
         """Add every class of this model's module registered with an `Auto*` factory to the config's `auto_map`.
 

@@ -54,23 +54,42 @@ def same_size_llama_config(config: PreTrainedConfig) -> LlamaConfig:
     )
 
 
+TINY_SIZES: Mapping[str, int] = {
+    "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "max_position_embeddings": 64,
+}
+DEFAULT_SIZES: Mapping[str, int] = {"hidden_size": 256, "num_hidden_layers": 4, "max_position_embeddings": 1024}
+
+
+def tiny_sizes(**fields: Any) -> dict[str, Any]:
+    """A spec's `tiny_config`: the zoo's tiny test sizes (`TINY_SIZES`, Hugging Face field names) updated with the
+    architecture's own `fields`."""
+    return {**TINY_SIZES, **fields}
+
+
+def default_sizes(**fields: Any) -> dict[str, Any]:
+    """A spec's `default_config`: the zoo's CPU-trainable sizes (`DEFAULT_SIZES`) updated with the architecture's own
+    `fields`."""
+    return {**DEFAULT_SIZES, **fields}
+
+
 @dataclass(frozen=True)
 class ArchitectureSpec:
     """Everything the zoo's tools need to know about one architecture.
 
     Attributes:
-        model_type: the config's `model_type` (the CLI's `--model_type`).
         config_class: the configuration class.
         model_class: the model trained, generated from and pushed (`...ForCausalLM` / `...ForMaskedLM`).
         task: `"causal-lm"` (next-token, `generate`) or `"masked-lm"` (bidirectional, own sampler).
         description: one line for tables, cards and `--help`.
+        model_type: the CLI's `--model_type`; by default (and normally) the config class's `model_type`.
         base_model_class: the headless `...Model`, if any.
         tokenizer: `"bpe"` (a BPE tokenizer trained on the corpus or `--tokenizer_name`) or `"byte"`.
         trainer: `"module:Class"` of the `Trainer` subclass that implements the objective (resolved lazily, so
             the library never imports `training`).
         default_config: config fields the CLI starts from before `--config_overrides` (a small model that trains
-            on a CPU); anything not listed keeps the config class's default.
-        tiny_config: config fields of a tiny model for the test battery (vocabulary 64 unless stated).
+            on a CPU, usually built by `default_sizes`); anything not listed keeps the config class's default.
+        tiny_config: config fields of a tiny model for the test battery (usually built by `tiny_sizes`: vocabulary
+            64 unless stated).
         invalid_configs: `(overrides, field)` pairs that the config must reject with a `ValueError` naming `field`.
         benchmark_modes: named keyword sets passed to the generation method (e.g. head schedules); the
             benchmark times each.
@@ -98,11 +117,11 @@ class ArchitectureSpec:
             has no attention weights: `output_attentions=True` returns none).
     """
 
-    model_type: str
     config_class: type[PreTrainedConfig]
     model_class: type[PreTrainedModel]
     task: Task
     description: str
+    model_type: str = ""
     base_model_class: type[PreTrainedModel] | None = None
     tokenizer: Literal["bpe", "byte"] = "bpe"
     trainer: str = "training.trainer:ZooTrainer"
@@ -125,6 +144,10 @@ class ArchitectureSpec:
     hard_context: bool = False
     base_model_required: str | None = None
     not_applicable: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.model_type:
+            object.__setattr__(self, "model_type", self.config_class.model_type)
 
     def make_config(self, overrides: Mapping[str, Any] | None = None, *, tiny: bool = False) -> PreTrainedConfig:
         """Build a config from the defaults (or the tiny test config) updated with `overrides`.

@@ -49,4 +49,23 @@ def tiny_model(spec: ArchitectureSpec, seed: int = 0, **overrides):
     return spec.model_class(spec.make_config(overrides, tiny=True)).eval()
 
 
+def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad 1-D id rows with 0 into a batch: `input_ids` and `attention_mask`, both `(len(rows), longest)`."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row):] = row
+        attention_mask[i, width - len(row):] = 1
+    return input_ids, attention_mask
+
+
+def assert_same_generation(first, second, atol: float = 1e-4) -> None:
+    """Two `generate(..., output_scores=True, return_dict_in_generate=True)` outputs: equal sequences, scores equal
+    up to `atol` (absolute and relative)."""
+    assert torch.equal(first.sequences, second.sequences)
+    for a, b in zip(first.scores, second.scores):
+        torch.testing.assert_close(a, b, rtol=atol, atol=atol)
+
+
 assert hf_models.all_specs(), "no architecture registered"

@@ -36,6 +36,8 @@ from training.dual_head import (
     decode_utf8_with_offsets,
 )
 
+from .conftest import assert_same_generation, left_padded
+
 SPEC = get_spec("bicameral_lm")
 
 
@@ -237,12 +239,8 @@ def test_left_padded_rows_equal_unpadded_rows_with_scrambled_weights():
     # The default init zeroes the context gates, so padding leaking into the context mean would not show there.
     model = scramble(tiny(num_hidden_layers=2))
     rows = [byte_ids(1, 9, seed=2)[0], byte_ids(1, 4, seed=3)[0]]
-    width = max(len(row) for row in rows)
-    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
-    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = row
-        attention_mask[i, width - len(row):] = 1
+    input_ids, attention_mask = left_padded(rows)
+    width = input_ids.shape[1]
     kwargs = dict(max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=257, output_scores=True,
                   return_dict_in_generate=True)
     for use_cache in (True, False):
@@ -337,9 +335,7 @@ def test_generate_cached_equals_uncached_with_a_cutoff_and_a_batch():
                   return_dict_in_generate=True)
     cached = model.generate(ids, use_cache=True, **kwargs)
     uncached = model.generate(ids, use_cache=False, **kwargs)
-    assert torch.equal(cached.sequences, uncached.sequences)
-    for a, b in zip(cached.scores, uncached.scores):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert_same_generation(cached, uncached)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from training.tokenization import train_bpe_tokenizer
 from training.train import config_for_tokenizer
 from training.trainer import resolve_trainer
 
-from .conftest import CACHED_SPECS, CAUSAL_SPECS, SPECS, spec_id, tiny_model
+from .conftest import CACHED_SPECS, CAUSAL_SPECS, SPECS, assert_same_generation, left_padded, spec_id, tiny_model
 
 AUTO_FOR_TASK = {"causal-lm": AutoModelForCausalLM, "masked-lm": AutoModelForMaskedLM}
 
@@ -124,21 +124,15 @@ def test_cached_generation_equals_uncached(spec: ArchitectureSpec):
     input_ids = random_ids(spec, 3, 6)
     cached = _greedy(model, input_ids, use_cache=True)
     uncached = _greedy(model, input_ids, use_cache=False)
-    assert torch.equal(cached.sequences, uncached.sequences)
-    for step_cached, step_uncached in zip(cached.scores, uncached.scores):
-        torch.testing.assert_close(step_cached, step_uncached, rtol=1e-4, atol=1e-4)
+    assert_same_generation(cached, uncached)
 
 
 @pytest.mark.parametrize("spec", CAUSAL_SPECS, ids=spec_id)
 def test_left_padded_batch_equals_each_row_alone(spec: ArchitectureSpec):
     model = tiny_model(spec)
     rows = [random_ids(spec, 1, 7, seed=2)[0], random_ids(spec, 1, 4, seed=3)[0]]
-    width = max(len(row) for row in rows)
-    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
-    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = row
-        attention_mask[i, width - len(row):] = 1
+    input_ids, attention_mask = left_padded(rows)
+    width = input_ids.shape[1]
     batched = _greedy(model, input_ids, attention_mask, use_cache=spec.supports_cache)
     for i, row in enumerate(rows):
         alone = _greedy(model, row[None], use_cache=spec.supports_cache)

@@ -18,7 +18,7 @@ from hf_models.tokenization_byte import ByteTokenizer
 from training.push import stage_repository
 from training.tokenization import record_model_max_length, train_bpe_tokenizer
 
-from .conftest import CACHED_SPECS, SPECS, spec_id, tiny_model
+from .conftest import CACHED_SPECS, SPECS, assert_same_generation, spec_id, tiny_model
 from .test_common import random_ids
 
 
@@ -108,9 +108,7 @@ def test_static_cache_generation_equals_dynamic(spec: ArchitectureSpec):
     assert caches[0] is not None
     if not all(caches[0].is_linear):
         assert isinstance(caches[0], StaticCache)
-    assert torch.equal(static.sequences, dynamic.sequences)
-    for a, b in zip(static.scores, dynamic.scores):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert_same_generation(static, dynamic)
 
 
 @pytest.mark.parametrize("spec", CACHED_SPECS, ids=spec_id)

@@ -17,6 +17,8 @@ from hf_models.nanohead import NanoheadConfig, NanoheadForCausalLM, calculate_na
 from hf_models.nanohead import modeling_nanohead
 from training.tokenization import token_byte_lengths, train_bpe_tokenizer
 
+from .conftest import assert_same_generation
+
 TINY = dict(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, nanohead_dim=3, max_position_embeddings=64)
 
@@ -37,12 +39,6 @@ def greedy(model, input_ids, attention_mask=None, new_tokens=8, **kwargs):
     return model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens, do_sample=False,
                           eos_token_id=None, pad_token_id=0, output_scores=True, return_dict_in_generate=True,
                           **kwargs)
-
-
-def assert_same_generation(first, second, atol=1e-4):
-    assert torch.equal(first.sequences, second.sequences)
-    for a, b in zip(first.scores, second.scores):
-        torch.testing.assert_close(a, b, rtol=atol, atol=atol)
 
 
 # --- the split -------------------------------------------------------------------------------------------------

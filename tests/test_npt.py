@@ -17,6 +17,8 @@ import hf_models
 from hf_models.npt import NPModulator, NPTConfig, NPTForCausalLM, load_npt_or_convert_llama, resolve_npt_layers
 from training.npt import LOSS_WEIGHTING_FILE, NPTLossModule, NPTLossOptions, NPTTrainer, capture_teacher
 
+from .conftest import assert_same_generation
+
 VOCAB = 256
 
 
@@ -305,9 +307,7 @@ def test_cached_generation_equals_uncached_with_every_option(llama):
                   return_dict_in_generate=True)
     cached = model.generate(input_ids, use_cache=True, **kwargs)
     uncached = model.generate(input_ids, use_cache=False, **kwargs)
-    assert torch.equal(cached.sequences, uncached.sequences)
-    for a, b in zip(cached.scores, uncached.scores):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert_same_generation(cached, uncached)
     short = {**kwargs, "max_new_tokens": 4}
     with model.npt_alpha(3.0):
         stronger = model.generate(input_ids, use_cache=True, **short)

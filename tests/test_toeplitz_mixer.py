@@ -23,6 +23,9 @@ from hf_models.toeplitz_mixer.modeling_toeplitz_mixer import (
     toeplitz_matrix,
 )
 
+from .conftest import assert_same_generation
+from .conftest import left_padded as _left_padded
+
 VARIANTS = {
     "mean_proj": dict(do_toep_mean=True, do_toep_proj=True),
     "mean_noproj": dict(do_toep_mean=True, do_toep_proj=False),
@@ -190,16 +193,6 @@ def _greedy(model, input_ids, attention_mask=None, use_cache=True, new_tokens=7,
     )
 
 
-def _left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(row) for row in rows)
-    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = row
-        mask[i, width - len(row):] = 1
-    return input_ids, mask
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_cached_generation_equals_uncached_for_every_variant_and_schedule(variant):
     model = tiny_model(**VARIANTS[variant])
@@ -209,9 +202,7 @@ def test_cached_generation_equals_uncached_for_every_variant_and_schedule(varian
     for parallel in (True, False):
         cached = _greedy(model, input_ids, mask, use_cache=True, parallel_heads=parallel)
         uncached = _greedy(model, input_ids, mask, use_cache=False, parallel_heads=parallel)
-        assert torch.equal(cached.sequences, uncached.sequences)
-        for step_cached, step_uncached in zip(cached.scores, uncached.scores):
-            torch.testing.assert_close(step_cached, step_uncached, rtol=1e-4, atol=1e-4)
+        assert_same_generation(cached, uncached)
         reference = reference if reference is not None else cached.sequences
         assert torch.equal(cached.sequences, reference)
     for i, row in enumerate(rows):  # left padding is exact: each row alone gives the same tokens and scores
@@ -415,9 +406,7 @@ def test_sliding_recompute_cached_equals_uncached_past_the_context(decode_step):
     input_ids, mask = _left_padded([ids(1, 12, seed=5)[0], ids(1, 9, seed=6)[0]])
     cached = _greedy(model, input_ids, mask, new_tokens=10)
     uncached = _greedy(model, input_ids, mask, new_tokens=10, use_cache=False)
-    assert torch.equal(cached.sequences, uncached.sequences)
-    for step_cached, step_uncached in zip(cached.scores, uncached.scores):
-        torch.testing.assert_close(step_cached, step_uncached, rtol=1e-4, atol=1e-4)
+    assert_same_generation(cached, uncached)
     # past the context, each step reads exactly the last 16 tokens from position 0
     sequence = cached.sequences[:1]
     with torch.no_grad():

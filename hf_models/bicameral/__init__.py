@@ -3,7 +3,7 @@ convolution and a short convolution, with an optional teacher-token head trained
 
 from transformers import LlamaConfig, PreTrainedConfig
 
-from ..registry import ArchitectureSpec, register, same_size_llama_config
+from ..registry import ArchitectureSpec, default_sizes, register, same_size_llama_config, tiny_sizes
 from .configuration_bicameral import BicameralConfig
 from .modeling_bicameral import (
     BicameralCache,
@@ -25,7 +25,6 @@ def parameter_matched_llama_config(config: PreTrainedConfig) -> LlamaConfig:
 
 SPEC = register(
     ArchitectureSpec(
-        model_type=BicameralConfig.model_type,
         config_class=BicameralConfig,
         model_class=BicameralForCausalLM,
         base_model_class=BicameralModel,
@@ -34,19 +33,13 @@ SPEC = register(
         trainer="training.dual_head:DualHeadTrainer",
         description="Bicameral FFT byte LM: causal FFT long convolution + short convolution per block, with a "
                     "teacher-BPE token head trained beside the byte head (seed 000).",
-        default_config=dict(
-            hidden_size=256,
-            num_hidden_layers=4,
-            max_position_embeddings=1024,
+        default_config=default_sizes(
             kernel_len=128,
             cutoff=128,
             token_vocab_size=2048,
         ),
-        tiny_config=dict(
+        tiny_config=tiny_sizes(
             vocab_size=259,
-            hidden_size=32,
-            num_hidden_layers=2,
-            max_position_embeddings=64,
             kernel_len=8,
             transition_bins=4,
             token_vocab_size=300,

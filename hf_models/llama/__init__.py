@@ -3,33 +3,25 @@ zoo's architectures (the CLI trains it, the benchmarks compare every architectur
 
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
-from ..registry import ArchitectureSpec, register
+from ..registry import ArchitectureSpec, default_sizes, register, tiny_sizes
 
 SPEC = register(
     ArchitectureSpec(
-        model_type="llama",
         config_class=LlamaConfig,
         model_class=LlamaForCausalLM,
         base_model_class=LlamaModel,
         task="causal-lm",
         description="Hugging Face Llama (RoPE, RMSNorm, SwiGLU, GQA): the zoo's baseline.",
-        default_config=dict(
-            hidden_size=256,
+        default_config=default_sizes(
             intermediate_size=768,
-            num_hidden_layers=4,
             num_attention_heads=4,
             num_key_value_heads=4,
-            max_position_embeddings=1024,
             tie_word_embeddings=False,
         ),
-        tiny_config=dict(
-            vocab_size=64,
-            hidden_size=32,
+        tiny_config=tiny_sizes(
             intermediate_size=64,
-            num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
-            max_position_embeddings=64,
             tie_word_embeddings=False,
         ),
         invalid_configs=(({"hidden_size": 30, "num_attention_heads": 4}, "hidden_size"),),

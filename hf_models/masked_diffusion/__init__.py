@@ -3,7 +3,7 @@ with an optional sampler head for locally coherent wavefront sampling and an opt
 `diffusion_generate` samples text."""
 
 
-from ..registry import ArchitectureSpec, register
+from ..registry import ArchitectureSpec, default_sizes, register, tiny_sizes
 from .configuration_masked_diffusion import MaskedDiffusionConfig
 from .modeling_masked_diffusion import (
     DiffusionGenerateOutput,
@@ -16,7 +16,6 @@ from .modeling_masked_diffusion import (
 
 SPEC = register(
     ArchitectureSpec(
-        model_type=MaskedDiffusionConfig.model_type,
         config_class=MaskedDiffusionConfig,
         model_class=MaskedDiffusionForMaskedLM,
         base_model_class=MaskedDiffusionModel,
@@ -25,22 +24,15 @@ SPEC = register(
                     "diffusion, ELBO-weighted), sampled by iterative un-masking, with a sampler head for locally "
                     "coherent wavefront filling and a critic head for remasking (seed 002).",
         trainer="training.diffusion:DiffusionTrainer",
-        default_config=dict(
-            hidden_size=256,
-            num_hidden_layers=4,
+        default_config=default_sizes(
             num_attention_heads=4,
-            max_position_embeddings=1024,
             mask_token_id=2,  # the zoo BPE's <mask>; the training CLI sets the tokenizer's own
             add_sampler_head=True,
             add_critic_head=True,
         ),
-        tiny_config=dict(
-            vocab_size=64,
-            hidden_size=32,
+        tiny_config=tiny_sizes(
             intermediate_size=64,
-            num_hidden_layers=2,
             num_attention_heads=4,
-            max_position_embeddings=64,
             mask_token_id=2,
             add_sampler_head=True,
             add_critic_head=True,

@@ -2,7 +2,7 @@
 
 from transformers import LlamaConfig, PreTrainedConfig
 
-from ..registry import ArchitectureSpec, register, same_size_llama_config
+from ..registry import ArchitectureSpec, default_sizes, register, same_size_llama_config, tiny_sizes
 from .configuration_nanohead import NanoheadConfig, NanoheadSplit, calculate_nanohead_split
 from .modeling_nanohead import NanoheadForCausalLM, NanoheadModel, NanoheadPreTrainedModel
 
@@ -20,31 +20,24 @@ def parameter_matched_llama_config(config: PreTrainedConfig) -> LlamaConfig:
 
 SPEC = register(
     ArchitectureSpec(
-        model_type=NanoheadConfig.model_type,
         config_class=NanoheadConfig,
         model_class=NanoheadForCausalLM,
         base_model_class=NanoheadModel,
         task="causal-lm",
         description="Nanohead GPT: nanochat GPT (QK-norm, ReLU², soft-capped logits) whose attention mixes rotary "
                     "GQA heads with tiny position-free nanoheads (seed 003).",
-        default_config=dict(
-            hidden_size=256,
-            num_hidden_layers=4,
+        default_config=default_sizes(
             num_attention_heads=4,
             nanohead_proportion=0.2,
             nanohead_dim=3,
-            max_position_embeddings=1024,
         ),
-        tiny_config=dict(
-            vocab_size=64,
+        tiny_config=tiny_sizes(
             hidden_size=48,
             intermediate_size=96,
-            num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
             nanohead_proportion=0.4,
             nanohead_dim=3,
-            max_position_embeddings=64,
         ),
         invalid_configs=(
             ({"nanohead_proportion": 1.0}, "nanohead_proportion"),

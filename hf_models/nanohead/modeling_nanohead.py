@@ -488,9 +488,7 @@ class NanoheadForCausalLM(NanoheadPreTrainedModel, GenerationMixin):
         else:  # cap * tanh(W h / cap); the division on the hidden states and an in-place tanh spare two
             # vocabulary-wide temporaries (the matmul's backward does not need its output)
             logits = cap * self.lm_head(hidden_states / cap).float().tanh_()
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        loss = self.causal_lm_loss(logits, labels, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,

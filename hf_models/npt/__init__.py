@@ -8,6 +8,7 @@ from typing import Any
 
 from transformers import AutoConfig, PreTrainedModel
 
+from ..llama import SPEC as LLAMA_SPEC
 from ..registry import ArchitectureSpec, register
 from .configuration_npt import NPTConfig, resolve_npt_layers
 from .modeling_npt import (
@@ -46,7 +47,6 @@ def load_npt_or_convert_llama(path: str, overrides: Mapping[str, Any], trust_rem
 
 SPEC = register(
     ArchitectureSpec(
-        model_type=NPTConfig.model_type,
         config_class=NPTConfig,
         model_class=NPTForCausalLM,
         base_model_class=NPTModel,
@@ -54,25 +54,10 @@ SPEC = register(
         trainer="training.npt:NPTTrainer",
         description="Neuro-Plastic Transformer: a Llama whose chosen layers turn attention into per-token rank-k "
                     "MLP weight updates, distilled layer-wise from the base Llama (seed 004).",
-        default_config=dict(
-            hidden_size=256,
-            intermediate_size=768,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=1024,
-            tie_word_embeddings=False,
-            np_rank=64,
-        ),
+        # the sizes of the Llama it converts
+        default_config=dict(LLAMA_SPEC.default_config, np_rank=64),
         tiny_config=dict(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            tie_word_embeddings=False,
+            LLAMA_SPEC.tiny_config,
             # A fresh random model is the battery's teacher: with Llama's 0.02 init its attention output is small
             # and the linear generator's modulation, quadratic (even) in it, barely moves in 30 steps; wider
             # weights, the kept attention residual and the affine generator (a term linear in `a`) let the

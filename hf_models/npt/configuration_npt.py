@@ -8,18 +8,11 @@ below; `NPTConfig.from_llama_config(llama_config, **npt_fields)` builds one from
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from transformers import LlamaConfig
 
-from ..configuration_zoo_common import (
-    bundle_remote_code,
-    check_bool,
-    check_choice,
-    check_positive,
-    parent_imports_skipped,
-)
+from ..configuration_zoo_common import RemoteCodeConfigMixin, check_bool, check_choice, check_positive
 
 NP_MODULATIONS = {"gate": ("gate",), "gate_up": ("gate", "up"), "gate_up_down": ("gate", "up", "down")}
 NP_RESIDUAL_MODES = ("replace", "keep")
@@ -66,7 +59,7 @@ def resolve_npt_layers(spec: Any, num_layers: int) -> list[int]:
     return sorted(resolved)
 
 
-class NPTConfig(LlamaConfig):
+class NPTConfig(RemoteCodeConfigMixin, LlamaConfig):
     r"""Configuration of an [`NPTForCausalLM`]: a [`LlamaConfig`] plus the neuro-plastic fields.
 
     In an NPT layer the attention output `a` no longer enters the residual stream directly (mode `"replace"`) or
@@ -208,15 +201,6 @@ class NPTConfig(LlamaConfig):
             mlp_bias=mlp_bias, head_dim=head_dim, **kwargs,
         )
         self.validate()  # `@strict` runs LlamaConfig's class validators for LlamaConfig itself, not for subclasses
-
-    def save_pretrained(self, save_directory: str | Path, push_to_hub: bool = False, **kwargs: Any) -> None:
-        # `ZooConfig`'s saving, written out: mixing `ZooConfig` into a `LlamaConfig` subclass would put the generic
-        # config's dataclass `__init__` before Llama's and drop Llama's defaults from `to_dict()`.
-        with parent_imports_skipped():
-            super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
-        bundle_remote_code(save_directory)
-        if push_to_hub:
-            self.push_to_hub(kwargs.pop("repo_id", Path(save_directory).name), **kwargs)
 
     @property
     def np_projections(self) -> tuple[str, ...]:

@@ -499,9 +499,7 @@ class NPTForCausalLM(NPTAdapterMixin, NPTFoldingMixin, NPTPreTrainedModel, Llama
             )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        loss = self.causal_lm_loss(logits, labels, **kwargs)
         return NPTCausalLMOutputWithPast(
             loss=loss,
             logits=logits,

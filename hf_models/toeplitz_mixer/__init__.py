@@ -2,7 +2,7 @@
 causal convolution per head, with exact O(t)-per-token cached decoding."""
 
 
-from ..registry import ArchitectureSpec, register
+from ..registry import ArchitectureSpec, default_sizes, register, tiny_sizes
 from .configuration_toeplitz_mixer import ToeplitzMixerConfig
 from .modeling_toeplitz_mixer import (
     ToeplitzMixerCache,
@@ -14,27 +14,20 @@ from .modeling_toeplitz_mixer import (
 
 SPEC = register(
     ArchitectureSpec(
-        model_type=ToeplitzMixerConfig.model_type,
         config_class=ToeplitzMixerConfig,
         model_class=ToeplitzMixerForCausalLM,
         base_model_class=ToeplitzMixerModel,
         task="causal-lm",
         description="Multi-head Toeplitz mixer: attention-free blocks mixing tokens with one learned causal kernel "
                     "per head (optional mean normaliser and projections), exact O(t) cached decoding (seed 001).",
-        default_config=dict(
-            hidden_size=256,
-            num_hidden_layers=4,
+        default_config=default_sizes(
             num_heads=4,
             intermediate_size=256,
             max_position_embeddings=512,
         ),
-        tiny_config=dict(
-            vocab_size=64,
-            hidden_size=32,
-            num_hidden_layers=2,
+        tiny_config=tiny_sizes(
             num_heads=4,
             intermediate_size=64,
-            max_position_embeddings=64,
         ),
         invalid_configs=(
             ({"hidden_size": 30, "num_heads": 4}, "hidden_size"),

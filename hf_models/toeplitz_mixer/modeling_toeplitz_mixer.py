@@ -569,10 +569,9 @@ class ToeplitzMixerForCausalLM(ToeplitzMixerPreTrainedModel, ZooStateCacheGenera
             **kwargs,
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
-        loss = None
         if labels is not None:
             labels = labels[:, -outputs.last_hidden_state.shape[1]:]
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        loss = self.causal_lm_loss(logits, labels, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
                                       hidden_states=outputs.hidden_states)
 
