@@ -265,14 +265,14 @@ def card_block(report: dict[str, Any], json_path: str) -> str:
              f"Preset `{report['preset']}` ({settings['steps']} steps of {settings['batch_size']} × "
              f"{settings['block_size']} tokens, teacher `{settings['teacher_overrides']}`), {settings['seeds']} seeds "
              f"(NP initialisation and data order; one teacher, seed 0); wall time {report['wall_seconds'] / 60:.1f} "
-             f"min on {env.get('device_name', env.get('device', '?'))}, {env.get('torch_threads', '?')} torch "
-             f"thread(s). Mean ± SE over seeds. Ranked by KL(teacher ‖ NPT) across residual modes; R is ranked only "
+             f"min on {env.get('device_name', env.get('device', '?'))} ({env.get('cpu_count', '?')} cores, load "
+             f"{env.get('load_average', ['?'])[0]:.3g} at the end), {env.get('torch_threads', '?')} torch thread(s). Mean ± SE over seeds. Ranked by KL(teacher ‖ NPT) across residual modes; R is ranked only "
              f"within a mode, since its denominator PPL_drop − PPL_base differs between modes.", "",
              "| KL rank | config | layers | mode | seeds | KL | top-1 (rank) | PPL_npt | R denominator | R | "
              "R rank in mode |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["summary"]:
         lines.append(f"| {row['kl_rank']} | {row['config']} | {row['layers']} | {row['mode']} | {row['seeds']} | "
-                     f"{row['kl_mean']:.4f} ± {row['kl_se']:.4f} | {row['top1_mean']:.4f} ± {row['top1_se']:.4f} "
+                     f"{row['kl_mean']:.4g} ± {row['kl_se']:.2g} | {row['top1_mean']:.4f} ± {row['top1_se']:.4f} "
                      f"({row['top1_rank']}) | {row['ppl_npt_mean']:.3f} ± {row['ppl_npt_se']:.3f} | "
                      f"{row['denominator_mean']:.3f} ± {row['denominator_se']:.3f} | {row['R_mean']:.3f} ± "
                      f"{row['R_se']:.3f} | {row['r_rank']} |")
@@ -286,8 +286,8 @@ def card_block(report: dict[str, Any], json_path: str) -> str:
     if report["controls"]:
         lines += ["", "| control − adaptive | layers | seeds | ΔKL ± SE | beyond 2 SE | adaptivity matters |",
                   "|---|---|---|---|---|---|"]
-        lines += [f"| {c['control']} − {c['adaptive']} | {c['layers']} | {c['seeds']} | {c['delta_kl']:+.4f} ± "
-                  f"{c['se']:.4f} | {'yes' if c['beyond_2se'] else 'no'} | "
+        lines += [f"| {c['control']} − {c['adaptive']} | {c['layers']} | {c['seeds']} | {c['delta_kl']:+.3g} ± "
+                  f"{c['se']:.2g} | {'yes' if c['beyond_2se'] else 'no'} | "
                   f"{'yes' if c['beyond_2se'] and c['delta_kl'] > 0 else 'not shown'} |" for c in report["controls"]]
     lines += ["", end]
     return "\n".join(lines)
