@@ -23,6 +23,9 @@ shape error) is recorded with its error.
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,8 +41,11 @@ from training.data import DataArguments, default_data_dir, load_documents, token
 from training.npt import NPTLossModule, NPTLossOptions, NPTTrainer, evaluate_npt
 from training.tokenization import load_tokenizer
 
-from .harness import add_deprecated_settings, add_preset_argument, add_set_argument, apply_settings, environment, \
-    format_table, pyplot, save_figure, torch_threads, training_arguments, write_json
+from .harness import add_deprecated_settings, add_preset_argument, add_set_argument, apply_settings, card_markers, \
+    environment, format_table, mean_and_se, pyplot, run_section, save_figure, torch_threads, training_arguments, \
+    update_card_from_json, write_json
+
+CARD = Path(__file__).resolve().parents[1] / "model_cards" / "npt_llama.md"
 
 BASE_LOSSES = "direct+fidelity+regularization"
 # name → (NPT config fields, loss options); one change at a time from "base".
@@ -64,6 +70,8 @@ CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "adaptive_gradnorm": ({}, {"adaptive": "gradnorm"}),
     "adaptive_uncertainty": ({}, {"adaptive": "uncertainty"}),
     "adaptive_seed": ({}, {"adaptive": "seed"}),
+    # the control of adaptive_invgrad: static weights at the values that run (same seed) converged to
+    "fixed_invgrad": ({}, {}),
     "generator_affine": ({"np_generator": "affine"}, {}),
     "residual_keep": ({"np_residual_mode": "keep"}, {}),
     "modulation_gate_up": ({"np_modulation": "gate_up"}, {}),
@@ -71,6 +79,9 @@ CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "keep_affine_gate_up_mg": ({"np_residual_mode": "keep", "np_generator": "affine", "np_modulation": "gate_up"},
                                {"losses": BASE_LOSSES + "+mg"}),
 }
+# a fixed-weights control → the adaptive configuration whose converged weights (same seed) it trains with
+FIXED_CONTROLS = {"fixed_invgrad": "adaptive_invgrad"}
+CONVERGED_LAST = 5  # the converged weights: mean of the last this-many logged steps' applied weights
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(teacher_overrides="hidden_size=64,intermediate_size=176,num_hidden_layers=4,num_attention_heads=4,"
                                     "num_key_value_heads=2,max_position_embeddings=128",
@@ -124,9 +135,9 @@ class _EvalCurve(TrainerCallback):
 
 
 def run_config(name: str, teacher: Path, layers: Sequence[int], fields: dict[str, Any], loss_args: dict[str, Any],
-               blocks: dict[str, Any], preset: dict[str, Any], work_dir: Path) -> dict[str, Any]:
-    """Convert, distil and evaluate one configuration."""
-    set_seed(0)
+               blocks: dict[str, Any], preset: dict[str, Any], work_dir: Path, seed: int = 0) -> dict[str, Any]:
+    """Convert, distil and evaluate one configuration (NP initialisation and data order from `seed`)."""
+    set_seed(seed)
     model = NPTForCausalLM.from_llama(str(teacher), npt_layers=list(layers), np_rank=preset["np_rank"], **fields)
     options = NPTLossOptions.from_args({"stage1_steps": max(1, preset["steps"] // 6), **loss_args})
     validation = blocks["validation"]
@@ -134,14 +145,14 @@ def run_config(name: str, teacher: Path, layers: Sequence[int], fields: dict[str
     curve = _EvalCurve(model, validation, preset["eval_every"], preset["eval_batches"], preset["batch_size"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args = training_arguments(
-        work_dir, device=device, seed=0, max_steps=preset["steps"], per_device_train_batch_size=preset["batch_size"],
+        work_dir, device=device, seed=seed, max_steps=preset["steps"], per_device_train_batch_size=preset["batch_size"],
         learning_rate=preset["lr"], lr_scheduler_type="cosine", warmup_steps=0.05, max_grad_norm=1.0,
         logging_steps=10, disable_tqdm=True,
     )
     trainer = NPTTrainer(model=model, args=args, train_dataset=blocks["train"],
                          loss_module=NPTLossModule(options), callbacks=[curve])
     started = time.perf_counter()
-    result: dict[str, Any] = {"name": name, "layers": list(layers), "npt_fields": fields, "loss_options": loss_args,
+    result: dict[str, Any] = {"name": name, "seed": seed, "layers": list(layers), "npt_fields": fields, "loss_options": loss_args,
                               "np_parameters": sum(p.numel() for _, p in model.np_parameters()), "before": before}
     try:
         trainer.train()
@@ -152,26 +163,89 @@ def run_config(name: str, teacher: Path, layers: Sequence[int], fields: dict[str
     result["after"] = evaluate_npt(model, validation, preset["batch_size"], preset["eval_batches"])
     result["curve"] = [{"step": 0, **before}] + curve.points
     result["log"] = [entry for entry in trainer.state.log_history if "loss" in entry]
+    if loss_args.get("adaptive", "none") != "none":
+        result["converged_weights"] = converged_weights(result["log"])
     return result
 
 
+def converged_weights(log: Sequence[dict[str, Any]], last: int = CONVERGED_LAST) -> dict[str, float]:
+    """The loss weights a run converged to: the mean over its last `last` logged steps of each applied weight, keyed
+    by the `NPTLossOptions` field that sets it statically (`weight_<loss>`; the log names it `loss_weight_<loss>`)."""
+    tail = list(log)[-last:]
+    names = sorted({key for entry in tail for key in entry if key.startswith("loss_weight_")})
+    return {name.removeprefix("loss_"): statistics.fmean(float(entry[name]) for entry in tail if name in entry)
+            for name in names}
+
+
+def residual_mode(result: dict[str, Any]) -> str:
+    return result["npt_fields"].get("np_residual_mode", "replace")
+
+
+def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per configuration and layer set: mean ± SE over seeds of KL, top-1, R and R's denominator PPL_drop − PPL_base;
+    `kl_rank` / `top1_rank` rank every row across residual modes, `r_rank` only within the row's mode (R's
+    denominator differs by an order of magnitude between modes, so R is not comparable across them)."""
+    groups: dict[tuple[str, tuple[int, ...]], list[dict[str, Any]]] = {}
+    for result in results:
+        if "after" in result:
+            groups.setdefault((result["name"], tuple(result["layers"])), []).append(result)
+    rows = []
+    for (name, layers), runs in groups.items():
+        row: dict[str, Any] = {"config": name, "layers": ",".join(map(str, layers)), "mode": residual_mode(runs[0]),
+                               "seeds": len(runs)}
+        values = {"kl": [r["after"]["kl"] for r in runs], "top1": [r["after"]["top1"] for r in runs],
+                  "R": [r["after"]["recovery"] for r in runs], "ppl_npt": [r["after"]["ppl_npt"] for r in runs],
+                  "denominator": [r["after"]["ppl_drop"] - r["after"]["ppl_base"] for r in runs]}
+        for key, series in values.items():
+            row[f"{key}_mean"], row[f"{key}_se"] = mean_and_se(series)
+        rows.append(row)
+    for key, reverse in (("kl", False), ("top1", True)):
+        for rank, row in enumerate(sorted(rows, key=lambda r: r[f"{key}_mean"], reverse=reverse), 1):
+            row[f"{key}_rank"] = rank
+    for mode in {row["mode"] for row in rows}:
+        within = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["R_mean"], reverse=True)
+        for rank, row in enumerate(within, 1):
+            row["r_rank"] = rank
+    return sorted(rows, key=lambda r: r["kl_rank"])
+
+
+def control_verdicts(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per fixed-weights control: KL(control) − KL(adaptive) with its SE (the two SEs in quadrature) and whether the
+    difference exceeds 2 SE, i.e. whether the adaptivity matters beyond the values of the weights it converged to."""
+    by_key = {(row["config"], row["layers"]): row for row in rows}
+    verdicts = []
+    for control, adaptive in FIXED_CONTROLS.items():
+        for (name, layers), row in by_key.items():
+            other = by_key.get((adaptive, layers))
+            if name != control or other is None:
+                continue
+            delta = row["kl_mean"] - other["kl_mean"]
+            se = math.hypot(row["kl_se"], other["kl_se"])
+            verdicts.append({"control": control, "adaptive": adaptive, "layers": layers, "seeds": row["seeds"],
+                             "delta_kl": delta, "se": se, "beyond_2se": bool(se > 0 and abs(delta) > 2 * se)})
+    return verdicts
+
+
 def plot(results: list[dict[str, Any]], folder: Path) -> None:
-    """`ablation.png` (R and KL after training per configuration) and `curves.png` (KL and NMSE by step)."""
+    """`ablation.png` (R and KL after training per configuration, mean ± SE over seeds, R's denominator in the label)
+    and `curves.png` (KL and NMSE by step, one line per run)."""
     plt = pyplot()
 
-    done = [r for r in results if "after" in r]
-    labels = [f"{r['name']} L{','.join(map(str, r['layers']))}" for r in done]
-    fig, axes = plt.subplots(1, 2, figsize=(14, max(4, 0.3 * len(done) + 1)))
-    axes[0].barh(labels, [r["after"]["recovery"] for r in done], color="tab:blue")
+    rows = summarize(results)
+    labels = [f"{r['config']} L{r['layers']} [{r['mode']}, R denom {r['denominator_mean']:.3g}]" for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(14, max(4, 0.3 * len(rows) + 1)))
+    axes[0].barh(labels, [r["R_mean"] for r in rows], xerr=[r["R_se"] for r in rows], color="tab:blue", capsize=2)
     axes[0].axvline(0, color="k", lw=0.8)
-    axes[0].set_xlabel("recovery R = (PPL_drop − PPL_npt)/(PPL_drop − PPL_base)")
-    axes[1].barh(labels, [r["after"]["kl"] for r in done], color="tab:orange")
-    axes[1].set_xlabel("KL(teacher ‖ NPT), nats/token")
+    axes[0].set_xlabel("recovery R = (PPL_drop − PPL_npt)/(PPL_drop − PPL_base), mean ± SE; compare within a mode")
+    axes[1].barh(labels, [r["kl_mean"] for r in rows], xerr=[r["kl_se"] for r in rows], color="tab:orange",
+                 capsize=2)
+    axes[1].set_xlabel("KL(teacher ‖ NPT), nats/token, mean ± SE (ranked across modes)")
     axes[1].set_xscale("log")
     axes[1].set_yticklabels([])
     save_figure(fig, folder / "ablation.png")
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
-    for r, label in zip(done, labels):
+    for r in (r for r in results if "after" in r):
+        label = f"{r['name']} L{','.join(map(str, r['layers']))} s{r.get('seed', 0)}"
         steps = [p["step"] for p in r["curve"]]
         axes[0].plot(steps, [p["kl"] for p in r["curve"]], label=label)
         axes[1].plot(steps, [p["direct_nmse"] for p in r["curve"]], label=label)
@@ -181,17 +255,70 @@ def plot(results: list[dict[str, Any]], folder: Path) -> None:
     save_figure(fig, folder / "curves.png")
 
 
+def card_block(report: dict[str, Any], json_path: str) -> str:
+    """The card's results section, generated from the ablation's JSON: every configuration ranked by KL across
+    residual modes (with top-1), R per mode with its denominator and its rank within the mode, mean ± SE over seeds;
+    the converged weights of the adaptive runs and the fixed-weights controls' verdicts."""
+    env, settings = report.get("environment", {}), report["settings"]
+    begin, end = card_markers(run_section("npt_losses", json_path))
+    lines = [begin.format(json=json_path), "",
+             f"Preset `{report['preset']}` ({settings['steps']} steps of {settings['batch_size']} × "
+             f"{settings['block_size']} tokens, teacher `{settings['teacher_overrides']}`), {settings['seeds']} seeds "
+             f"(NP initialisation and data order; one teacher, seed 0); wall time {report['wall_seconds'] / 60:.1f} "
+             f"min on {env.get('device_name', env.get('device', '?'))} ({env.get('cpu_count', '?')} cores, load "
+             f"{env.get('load_average', ['?'])[0]:.3g} at the end), {env.get('torch_threads', '?')} torch thread(s). Mean ± SE over seeds. Ranked by KL(teacher ‖ NPT) across residual modes; R is ranked only "
+             f"within a mode, since its denominator PPL_drop − PPL_base differs between modes.", "",
+             "| KL rank | config | layers | mode | seeds | KL | top-1 (rank) | PPL_npt | R denominator | R | "
+             "R rank in mode |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in report["summary"]:
+        lines.append(f"| {row['kl_rank']} | {row['config']} | {row['layers']} | {row['mode']} | {row['seeds']} | "
+                     f"{row['kl_mean']:.4g} ± {row['kl_se']:.2g} | {row['top1_mean']:.4f} ± {row['top1_se']:.4f} "
+                     f"({row['top1_rank']}) | {row['ppl_npt_mean']:.3f} ± {row['ppl_npt_se']:.3f} | "
+                     f"{row['denominator_mean']:.3f} ± {row['denominator_se']:.3f} | {row['R_mean']:.3f} ± "
+                     f"{row['R_se']:.3f} | {row['r_rank']} |")
+    converged = [r for r in report["results"] if "converged_weights" in r]
+    if converged:
+        lines += ["", f"Weights the adaptive runs converged to (mean of the last {CONVERGED_LAST} logged steps); "
+                      "each fixed-weights control trains with those of the adaptive run of its own seed:", ""]
+        lines += [f"- {r['name']} seed {r['seed']} L{','.join(map(str, r['layers']))}: " +
+                  ", ".join(f"{k.removeprefix('weight_')} {v:.4g}" for k, v in r["converged_weights"].items())
+                  for r in converged]
+    if report["controls"]:
+        lines += ["", "| control − adaptive | layers | seeds | ΔKL ± SE | beyond 2 SE | adaptivity matters |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {c['control']} − {c['adaptive']} | {c['layers']} | {c['seeds']} | {c['delta_kl']:+.3g} ± "
+                  f"{c['se']:.2g} | {'yes' if c['beyond_2se'] else 'no'} | "
+                  f"{'yes' if c['beyond_2se'] and c['delta_kl'] > 0 else 'not shown'} |" for c in report["controls"]]
+    lines += ["", end]
+    return "\n".join(lines)
+
+
+def update_card(json_path: str | Path, card: Path = CARD) -> str:
+    """Replace the card's generated results section with the one rendered from `json_path`."""
+    return update_card_from_json(json_path, run_section("npt_losses", json_path), card_block, card=card)
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_preset_argument(parser, PRESETS)
     add_set_argument(parser, "preset fields, e.g. --set steps=50,teacher_steps=100")
-    parser.add_argument("--output_dir", default="results/npt_losses")
+    parser.add_argument("--output_dir", default="model_cards/results/npt_losses",
+                        help="results.json and the PNGs go to <output_dir>/<preset>/ (small files, tracked)")
+    parser.add_argument("--work_dir", default="results/npt_losses",
+                        help="the teacher and the trainer's scratch go to <work_dir>/<preset>/ (untracked)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per configuration (the teacher: seed 0)")
     parser.add_argument("--data_file", default=None, help="default: $HF_ZOO_DATA/tinystories_valid_sample.txt")
     parser.add_argument("--configs", default=None, help=f"comma-separated subset of: {', '.join(CONFIGS)}")
     add_deprecated_settings(parser, {"steps": int, "teacher_steps": int})
     parser.add_argument("--no_multi_layer", action="store_true", help="skip the several-layer runs")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: 1 for smoke, whose tiny matrices only lose from more)")
+    if argv[:1] == ["card"]:  # python -m benchmarks.npt_losses card <results.json>: regenerate the card's section
+        if len(argv) != 2:
+            raise UsageError("usage: python -m benchmarks.npt_losses card <results.json>")
+        print(update_card(argv[1]))
+        return []
     args = parser.parse_args(argv)
     preset = apply_settings(PRESETS[args.preset], args.set)
     with torch_threads(args.threads or (1 if args.preset == "smoke" else None)):
@@ -204,13 +331,18 @@ def run(args: argparse.Namespace, preset: dict[str, Any]) -> list[dict[str, Any]
     unknown = sorted(set(names) - set(CONFIGS))
     if unknown:
         raise UsageError(f"unknown configuration(s) {unknown}; known: {', '.join(CONFIGS)}")
+    for control, adaptive in FIXED_CONTROLS.items():
+        if control in names and adaptive not in names:
+            raise UsageError(f"{control} takes its weights from {adaptive}; add it to --configs")
+    names.sort(key=lambda n: n in FIXED_CONTROLS)  # the adaptive runs first: the controls read their weights
     data_file = Path(args.data_file) if args.data_file else default_data_dir() / "tinystories_valid_sample.txt"
     if not data_file.exists():
         raise UsageError(f"no corpus at {data_file}")
-    folder = Path(args.output_dir) / args.preset
+    folder, work = Path(args.output_dir) / args.preset, Path(args.work_dir) / args.preset
     folder.mkdir(parents=True, exist_ok=True)
 
-    teacher = train_teacher(folder / "teacher", data_file, preset)
+    started = time.perf_counter()
+    teacher = train_teacher(work / "teacher", data_file, preset)
     tokenizer = load_tokenizer(str(teacher))
     documents = load_documents(DataArguments(train_file=str(data_file), max_train_documents=preset["max_documents"]))
     blocks = {split: tokenize_and_pack(documents[split], tokenizer, preset["block_size"], split_name=split).blocks
@@ -219,28 +351,38 @@ def run(args: argparse.Namespace, preset: dict[str, Any]) -> list[dict[str, Any]
     runs = [(name, layers) for layers in preset["layers"] for name in names]
     if not args.no_multi_layer:
         runs += [(name, preset["multi_layer"]) for name in ("base", "mg_exact") if name in names]
-    results = []
-    for number, (name, layers) in enumerate(runs, 1):
+    runs = [(seed, name, layers) for seed in range(args.seeds) for name, layers in runs]
+    results: list[dict[str, Any]] = []
+    for number, (seed, name, layers) in enumerate(runs, 1):
         fields, loss_args = CONFIGS[name]
-        print(f"[{number}/{len(runs)}] {name} on layers {layers} ...", flush=True)
-        result = run_config(name, teacher, layers, fields, loss_args, blocks, preset, folder / "work")
+        if name in FIXED_CONTROLS:
+            source = next((r for r in results if r["name"] == FIXED_CONTROLS[name] and r["seed"] == seed
+                           and r["layers"] == list(layers) and "converged_weights" in r), None)
+            if source is None:
+                print(f"[{number}/{len(runs)}] {name} seed {seed}: skipped, {FIXED_CONTROLS[name]} failed", flush=True)
+                continue
+            loss_args = {**loss_args, **source["converged_weights"]}
+        print(f"[{number}/{len(runs)}] {name} seed {seed} on layers {layers} ...", flush=True)
+        result = run_config(name, teacher, layers, fields, loss_args, blocks, preset, work / "work", seed)
         results.append(result)
         after = result.get("after")
         print(f"    {'error: ' + result['error'] if after is None else ', '.join(f'{k}={after[k]:.4g}' for k in ('kl', 'top1', 'recovery', 'direct_nmse'))}",
               flush=True)
 
-    payload = {"preset": args.preset, "settings": preset, "environment": environment(torch.device("cpu"),
-                                                                                     torch.float32),
-               "teacher": str(teacher), "results": results}
+    summary = summarize(results)
+    payload = {"preset": args.preset, "settings": {**preset, "seeds": args.seeds}, "model_type": "npt_llama",
+               "environment": environment(torch.device("cpu"), torch.float32),
+               "wall_seconds": time.perf_counter() - started, "teacher": str(teacher), "results": results,
+               "summary": summary, "controls": control_verdicts(summary)}
     write_json(folder / "results.json", payload)
     plot(results, folder)
-    rows = [{"config": r["name"], "layers": ",".join(map(str, r["layers"])),
+    rows = [{"config": r["name"], "seed": r["seed"], "layers": ",".join(map(str, r["layers"])),
              **({"kl0": r["before"]["kl"], "kl": r["after"]["kl"], "top1": r["after"]["top1"],
                  "ppl_base": r["after"]["ppl_base"], "ppl_npt": r["after"]["ppl_npt"],
                  "ppl_drop": r["after"]["ppl_drop"], "R": r["after"]["recovery"],
                  "nmse": r["after"]["direct_nmse"], "var_s": r["after"]["s_var"]} if "after" in r else
                 {"kl0": r["before"]["kl"], "kl": r["error"]})} for r in results]
-    columns = [("config", "config"), ("layers", "layers"), ("kl0", "KL@0"), ("kl", "KL"), ("top1", "top1"),
+    columns = [("config", "config"), ("seed", "seed"), ("layers", "layers"), ("kl0", "KL@0"), ("kl", "KL"), ("top1", "top1"),
                ("ppl_base", "PPL base"), ("ppl_npt", "PPL npt"), ("ppl_drop", "PPL drop"), ("R", "R"),
                ("nmse", "NMSE"), ("var_s", "Var(s)")]
     print(format_table(rows, columns))

@@ -412,3 +412,83 @@ def test_vib_needs_a_variational_model():
     with pytest.raises(ValueError, match="np_variational=True"):
         NPTTrainer(model=tiny_npt(npt_layers=[1]), args=TrainingArguments(output_dir="unused", use_cpu=True),
                    loss_module=NPTLossModule(NPTLossOptions(losses="direct+ib", ib_impl="vib")))
+
+
+# ------------------------------------------------------------------------ the ablation's summary and card section
+def _run(name: str, seed: int, kl: float, top1: float, ppl_npt: float, ppl_drop: float, mode: str = "replace",
+         ppl_base: float = 19.6) -> dict:
+    fields = {} if mode == "replace" else {"np_residual_mode": mode}
+    return {"name": name, "seed": seed, "layers": [2], "npt_fields": fields,
+            "after": {"kl": kl, "top1": top1, "ppl_base": ppl_base, "ppl_npt": ppl_npt, "ppl_drop": ppl_drop,
+                      "recovery": (ppl_drop - ppl_npt) / (ppl_drop - ppl_base)}}
+
+
+def _synthetic_results() -> list[dict]:
+    # replace mode: denominator 1.2; keep mode: denominator 0.1, where a tiny PPL gain is a large R
+    return [_run("base", 0, 0.024, 0.85, 20.3, 20.8), _run("base", 1, 0.026, 0.84, 20.4, 20.8),
+            _run("adaptive_invgrad", 0, 0.020, 0.87, 20.2, 20.8), _run("adaptive_invgrad", 1, 0.022, 0.86, 20.2, 20.8),
+            _run("fixed_invgrad", 0, 0.030, 0.83, 20.5, 20.8), _run("fixed_invgrad", 1, 0.031, 0.83, 20.5, 20.8),
+            _run("residual_keep", 0, 0.0012, 0.97, 19.61, 19.7, "keep"),
+            _run("residual_keep", 1, 0.0014, 0.96, 19.64, 19.7, "keep"),
+            _run("keep_bad", 0, 0.0030, 0.95, 19.68, 19.7, "keep"),
+            {"name": "failed", "seed": 0, "layers": [2], "npt_fields": {}, "error": "RuntimeError: x"}]
+
+
+def test_summary_reports_r_with_its_denominator_and_se_and_ranks_r_only_within_a_mode():
+    from benchmarks.npt_losses import summarize
+
+    rows = {row["config"]: row for row in summarize(_synthetic_results())}
+    assert set(rows) == {"base", "adaptive_invgrad", "fixed_invgrad", "residual_keep", "keep_bad"}  # failed: none
+    base, keep = rows["base"], rows["residual_keep"]
+    assert (base["mode"], keep["mode"], base["seeds"], rows["keep_bad"]["seeds"]) == ("replace", "keep", 2, 1)
+    assert base["denominator_mean"] == pytest.approx(1.2) and keep["denominator_mean"] == pytest.approx(0.1)
+    r0, r1 = (20.8 - 20.3) / 1.2, (20.8 - 20.4) / 1.2
+    assert base["R_mean"] == pytest.approx((r0 + r1) / 2)
+    assert base["R_se"] == pytest.approx(abs(r0 - r1) / 2)  # two values: SE = |a − b| / 2
+    assert base["kl_se"] == pytest.approx(0.001) and rows["keep_bad"]["kl_se"] == 0.0
+    # KL and top-1 rank across the modes: both keep-mode rows first
+    assert [rows[n]["kl_rank"] for n in ("residual_keep", "keep_bad", "adaptive_invgrad", "base", "fixed_invgrad")] \
+        == [1, 2, 3, 4, 5]
+    assert [rows[n]["top1_rank"] for n in ("residual_keep", "keep_bad", "adaptive_invgrad", "base")] == [1, 2, 3, 4]
+    # R ranks within its own mode: keep-mode R (≈0.75) exceeds every replace R but does not outrank them
+    assert keep["R_mean"] > rows["adaptive_invgrad"]["R_mean"]
+    assert (keep["r_rank"], rows["keep_bad"]["r_rank"]) == (1, 2)
+    assert [rows[n]["r_rank"] for n in ("adaptive_invgrad", "base", "fixed_invgrad")] == [1, 2, 3]
+
+
+def test_control_verdict_compares_kl_with_the_adaptive_run_within_2_se():
+    from benchmarks.npt_losses import control_verdicts, summarize
+
+    (verdict,) = control_verdicts(summarize(_synthetic_results()))
+    assert (verdict["control"], verdict["adaptive"], verdict["seeds"]) == ("fixed_invgrad", "adaptive_invgrad", 2)
+    assert verdict["delta_kl"] == pytest.approx(0.0305 - 0.021)
+    assert verdict["se"] == pytest.approx(math.hypot(0.0005, 0.001))
+    assert verdict["beyond_2se"] is True
+    close = [_run("adaptive_invgrad", 0, 0.020, 0.87, 20.2, 20.8), _run("adaptive_invgrad", 1, 0.030, 0.86, 20.2, 20.8),
+             _run("fixed_invgrad", 0, 0.026, 0.83, 20.5, 20.8), _run("fixed_invgrad", 1, 0.027, 0.83, 20.5, 20.8)]
+    assert control_verdicts(summarize(close))[0]["beyond_2se"] is False
+
+
+def test_converged_weights_are_the_mean_of_the_last_logged_steps_as_option_fields():
+    from benchmarks.npt_losses import converged_weights
+
+    log = [{"loss": 1.0, "loss_weight_direct": value, "loss_weight_fidelity": 2.0 - value} for value in
+           (1.0, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5)]
+    weights = converged_weights(log, last=5)
+    assert weights == pytest.approx({"weight_direct": 0.3, "weight_fidelity": 1.7})
+    assert NPTLossOptions.from_args(weights).weight_direct == pytest.approx(0.3)  # the fields the control sets
+
+
+def test_the_cards_npt_losses_section_is_generated_from_its_committed_json():
+    """`python -m benchmarks.npt_losses card <results.json>` wrote the card's section: no hand-typed figure."""
+    import json
+    from pathlib import Path
+
+    from benchmarks.npt_losses import CARD, card_block
+
+    root = Path(__file__).resolve().parents[1]
+    reports = sorted((root / "model_cards" / "results" / "npt_losses").glob("*/results.json"))
+    assert reports, "no committed npt_losses results"
+    for path in reports:
+        block = card_block(json.loads(path.read_text()), path.relative_to(root).as_posix())
+        assert block in CARD.read_text(), f"regenerate with: python -m benchmarks.npt_losses card {path.relative_to(root)}"
