@@ -266,10 +266,11 @@ def seed_verdict(summary: dict[str, Any]) -> str:
     """One sentence per effect, every figure read from `summary`."""
     parts = []
     for effect in summary["effects"]:
-        direction = "lowers" if effect["mean"] < 0 else "raises"
-        parts.append(f"{effect['effect']} ({effect['with']} vs {effect['without']}) {direction} the eval loss by "
-                     f"{abs(effect['mean']):.3f} ± {effect['se']:.3f} over {len(effect['seeds'])} paired seeds "
-                     f"({'beyond' if effect['beyond_2se'] else 'within'} 2 SE)")
+        direction = "lower" if effect["mean"] < 0 else "higher"
+        measured = "beyond 2 SE: a measured effect" if effect["beyond_2se"] else "within 2 SE: not a measured effect"
+        parts.append(f"{effect['effect']}: eval loss {effect['with']} − {effect['without']} = "
+                     f"{plus_minus(effect, 3, signed=True)} over {len(effect['seeds'])} paired seeds ({direction} with "
+                     f"the flag; {measured})")
     return "; ".join(parts) + "."
 
 
@@ -279,13 +280,15 @@ def card_table(report: dict[str, Any]) -> str:
     settings, env, summary = report["settings"], report["environment"], report["summary"]
     model, training, bench, data = settings["model"], settings["training"], settings["bench"], settings["data"]
     first, last = bench["prompt_lengths"][0], bench["prompt_lengths"][-1]
-    parameters = sorted({run["num_parameters"] for run in report["runs"]})
+    sizes = [run["num_parameters"] for run in report["runs"]]
+    parameters = f"{min(sizes):,}–{max(sizes):,}" if min(sizes) < max(sizes) else f"{min(sizes):,}"
     overrides = ", ".join(f"{key}={value}" for key, value in settings["overrides"].items())
     setting = (
-        f"Preset `{report['preset']}`{f' with `--set {overrides}`' if overrides else ''}: E={model['hidden_size']}, L={model['num_hidden_layers']}, "
+        f"Preset `{report['preset']}`{f' with `--set {overrides}`' if overrides else ''}: E={model['hidden_size']}, "
+        f"L={model['num_hidden_layers']}, "
         f"H={model['num_heads']}, F={model['intermediate_size']}, S={model['max_position_embeddings']}, "
-        f"{model['kernel_param']} kernels, dropout {model['dropout']}, {parameters[0]:,}–{parameters[-1]:,} "
-        f"parameters; BPE of {data['vocab_size']} tokens trained on `{data.get('train_file')}`, blocks of "
+        f"{model['kernel_param']} kernels, dropout {model['dropout']}, {parameters} parameters; "
+        f"BPE of {data['vocab_size']} tokens trained on `{data.get('train_file')}`, blocks of "
         f"{data['block_size']}; {training['max_steps']} steps of batch {training['per_device_train_batch_size']}, "
         f"lr {training['learning_rate']} {training['lr_scheduler_type']}; seeds {settings['seeds']} (initial weights "
         f"and data order; one data split). Generation: B={bench['batch_size']}, {bench['new_tokens']} new greedy "

@@ -595,7 +595,7 @@ def test_seed_summary_pairs_the_ablations_by_seed():
     assert normaliser["beyond_2se"] is True
     within = effects[("mean_noproj", "nomean_noproj")]
     assert (within["mean"], within["se"]) == pytest.approx((0.05, 0.05 / 3 ** 0.5)) and within["beyond_2se"] is False
-    assert "lowers the eval loss by 0.300 ± 0.012 over 3 paired seeds (beyond 2 SE)" in \
+    assert "mean_proj − nomean_proj = -0.300 ± 0.012 over 3 paired seeds (lower with the flag; beyond 2 SE" in \
         analyze_toeplitz.seed_verdict(summary)
 
 
