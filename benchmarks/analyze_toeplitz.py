@@ -8,7 +8,9 @@ Prints every variant's metrics, the best eval loss, the fastest cached / uncache
 eval loss vs cached tokens/s, the effect of the mean normaliser and of the projections on eval loss (each holding
 the other flags fixed), the projections' decode overhead, the parallel-heads speed-ups (mean ± std across
 variants) and, for 8-variant runs, the effect of the training head schedule. Writes `verdicts.json` and
-`comparison_plots.png` into the run folder.
+`comparison_plots.png` into the run folder; a run of several seeds gets those of its first seed, and
+`seed_summary.json`: eval loss per variant as mean ± SE over seeds and each ablation's difference paired by seed
+with its SE and 2-SE verdict (also the core of the seed report `toeplitz_variants.json` and of the card's section).
 """
 
 from __future__ import annotations
@@ -16,15 +18,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from training.common import UsageError, run_cli
 
-from .harness import figure_title, format_table, mean_and_se, pyplot, save_figure, write_json
+from .harness import MODEL_CARDS, card_markers, figure_title, format_table, mean_and_se, pyplot, save_figure, write_json
+from .seed_stats import mean_se, paired_difference, plus_minus
 
 MODES = ("cached_parallel", "cached_sequential", "uncached_parallel", "uncached_sequential")
+CARD = MODEL_CARDS / "toeplitz_mixer.md"
+EFFECTS = (("mean normaliser", "do_toep_mean"), ("projections", "do_toep_proj"),
+           ("parallel training schedule", "parallel_mixer"))
 
 
 def _key(result: dict[str, Any]) -> tuple[bool, bool, bool]:
@@ -179,6 +186,183 @@ def plot_comparison(results: list[dict[str, Any]], path: str | Path) -> Path:
     return Path(path)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The seed report: every variant trained once per seed, the ablations paired by seed
+
+
+def compact_run(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The figures of one variant's `metrics.json` that the seed report keeps (no weights, no log history):
+    its flags and seed, eval and train losses, the eval-loss curve, runtime, size and the decode sweep (median
+    tokens/s of the parallel-heads modes per prompt length)."""
+    extra = metrics["extra"]
+    return {
+        "variant": metrics["model_name"], "seed": metrics["seed"], **metrics["config"],
+        "eval_loss": _loss(metrics),
+        "train_loss_run_mean": metrics["training"]["train_loss"],
+        "train_loss_last_logged": extra["train_loss_last_logged"],
+        "train_runtime_s": metrics["training"]["train_runtime"],
+        "optimizer_steps": extra["optimizer_steps"],
+        "num_parameters": extra["num_parameters"],
+        "eval_curve": [[entry["step"], entry["eval_loss"]] for entry in extra["log_history"] if "eval_loss" in entry],
+        "decode": [{"prompt_length": row["prompt_length"],
+                    "cached_tok_s": row["cached_parallel"]["tokens_per_second_median"],
+                    "uncached_tok_s": row["uncached_parallel"]["tokens_per_second_median"],
+                    "cache_speedup": row["cache_speedup_parallel"]} for row in extra["generation_sweep"]],
+    }
+
+
+def seed_summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per variant (in run order): the seeds, eval loss and last-logged train loss as mean ± SE over seeds, and the
+    decode figures (cached / uncached tokens/s and the cache speed-up per prompt length, mean ± SE); per flag
+    (mean normaliser, projections, training schedule) and each setting of the other flags: the paired difference
+    `eval loss with − without`, paired by seed, with its SE and whether it exceeds 2 SE."""
+    variants: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        variants.setdefault(run["variant"], []).append(run)
+    rows = []
+    for name, chosen in variants.items():
+        rows.append({
+            "variant": name, "seeds": [run["seed"] for run in chosen],
+            "eval_loss": mean_se([run["eval_loss"] for run in chosen]),
+            "train_loss_last_logged": None if any(run["train_loss_last_logged"] is None for run in chosen)
+            else mean_se([run["train_loss_last_logged"] for run in chosen]),  # None: a run logged no loss
+            "decode": [{"prompt_length": point["prompt_length"],
+                        **{key: mean_se([run["decode"][i][key] for run in chosen])
+                           for key in ("cached_tok_s", "uncached_tok_s", "cache_speedup")}}
+                       for i, point in enumerate(chosen[0]["decode"])],
+        })
+    flags = {name: (chosen[0]["do_toep_mean"], chosen[0]["do_toep_proj"], chosen[0]["parallel_mixer"])
+             for name, chosen in variants.items()}
+    by_flags = {key: name for name, key in flags.items()}
+    effects = []
+    for index, (effect, flag) in enumerate(EFFECTS):
+        for name, key in flags.items():
+            off = by_flags.get(tuple(not v if i == index else v for i, v in enumerate(key)))
+            if key[index] and off is not None:
+                losses = [{run["seed"]: run["eval_loss"] for run in variants[n]} for n in (name, off)]
+                effects.append({"effect": effect, "flag": flag, "with": name, "without": off,
+                                **paired_difference(*losses)})
+    return {"variants": rows, "effects": effects}
+
+
+def seed_report(settings: dict[str, Any], results: list[dict[str, Any]], env: dict[str, Any],
+                wall_time_s: float) -> dict[str, Any]:
+    """The small JSON behind the card's section: settings, environment (with the OMP threads and the CPUs the
+    process may use), the whole command's wall time, every (variant, seed) run compacted and their `seed_summary`."""
+    runs = [compact_run(metrics) for metrics in results]
+    return {
+        "experiment": "toeplitz_variants", "preset": settings["preset"],
+        "settings": {**{key: settings[key] for key in ("overrides", "model", "training", "bench", "seeds", "variants",
+                                                        "schedules")},
+                     "data": {**settings["data"], **({"train_file": Path(settings["data"]["train_file"]).name}
+                                                     if settings["data"].get("train_file") else {})}},
+        "environment": {**env, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                        "cpus_allowed": len(os.sched_getaffinity(0))},
+        "wall_time_s": wall_time_s,
+        "runs": runs,
+        "summary": seed_summary(runs),
+    }
+
+
+def _beyond(effect: dict[str, Any]) -> str:
+    return "yes" if effect["beyond_2se"] else "no"
+
+
+def seed_verdict(summary: dict[str, Any]) -> str:
+    """One sentence per effect, every figure read from `summary`."""
+    parts = []
+    for effect in summary["effects"]:
+        direction = "lower" if effect["mean"] < 0 else "higher"
+        measured = "beyond 2 SE: a measured effect" if effect["beyond_2se"] else "within 2 SE: not a measured effect"
+        parts.append(f"{effect['effect']}: eval loss {effect['with']} − {effect['without']} = "
+                     f"{plus_minus(effect, 3, signed=True)} over {len(effect['seeds'])} paired seeds ({direction} with "
+                     f"the flag; {measured})")
+    return "; ".join(parts) + "."
+
+
+def card_table(report: dict[str, Any]) -> str:
+    """The section's text: the setting (from the report), the per-variant table, the paired-effects table and the
+    verdict."""
+    settings, env, summary = report["settings"], report["environment"], report["summary"]
+    model, training, bench, data = settings["model"], settings["training"], settings["bench"], settings["data"]
+    first, last = bench["prompt_lengths"][0], bench["prompt_lengths"][-1]
+    sizes = [run["num_parameters"] for run in report["runs"]]
+    parameters = f"{min(sizes):,}–{max(sizes):,}" if min(sizes) < max(sizes) else f"{min(sizes):,}"
+    overrides = ", ".join(f"{key}={value}" for key, value in settings["overrides"].items())
+    setting = (
+        f"Preset `{report['preset']}`{f' with `--set {overrides}`' if overrides else ''}: E={model['hidden_size']}, "
+        f"L={model['num_hidden_layers']}, "
+        f"H={model['num_heads']}, F={model['intermediate_size']}, S={model['max_position_embeddings']}, "
+        f"{model['kernel_param']} kernels, dropout {model['dropout']}, {parameters} parameters; "
+        f"BPE of {data['vocab_size']} tokens trained on `{data.get('train_file')}`, blocks of "
+        f"{data['block_size']}; {training['max_steps']} steps of batch {training['per_device_train_batch_size']}, "
+        f"lr {training['learning_rate']} {training['lr_scheduler_type']}; seeds {settings['seeds']} (initial weights "
+        f"and data order; one data split). Generation: B={bench['batch_size']}, {bench['new_tokens']} new greedy "
+        f"tokens, median of {bench['runs']} runs after {bench['warmup']} warm-up, parallel heads. Measured on "
+        f"{env['device_name']}, {env['cpus_allowed']} core(s) allowed, {env['torch_threads']} torch thread(s), "
+        f"OMP_NUM_THREADS={env['omp_num_threads']}, fp32, torch {env['torch']}; "
+        f"{report['wall_time_s'] / 60:.1f} min for the whole command ({len(report['runs'])} trainings).")
+    rows = []
+    for row in summary["variants"]:
+        decode = {point["prompt_length"]: point for point in row["decode"]}
+        rows.append(
+            f"| {row['variant']} | {len(row['seeds'])} | {plus_minus(row['eval_loss'], 3)} | "
+            f"{plus_minus(row['train_loss_last_logged'], 3) if row['train_loss_last_logged'] else '—'} | "
+            f"{decode[first]['cached_tok_s']['mean']:.0f} → {decode[last]['cached_tok_s']['mean']:.0f} | "
+            f"{decode[first]['uncached_tok_s']['mean']:.0f} → {decode[last]['uncached_tok_s']['mean']:.0f} | "
+            f"{plus_minus(decode[last]['cache_speedup'], 1)} |")
+    variants = "\n".join([
+        f"| variant | seeds | eval loss, mean ± SE | train loss (last log), mean ± SE | cached tok/s, prompt "
+        f"{first} → {last} (mean) | uncached tok/s, prompt {first} → {last} (mean) | cache × at prompt {last} |",
+        "|---|---|---|---|---|---|---|", *rows])
+    effects = "\n".join([
+        "| effect | with − without | Δ eval loss, mean ± SE (paired by seed) | per seed | beyond 2 SE |",
+        "|---|---|---|---|---|",
+        *(f"| {e['effect']} | {e['with']} − {e['without']} | {plus_minus(e, 3, signed=True)} | "
+          f"{', '.join(f'{d:+.3f}' for d in e['differences'])} | {_beyond(e)} |" for e in summary["effects"])])
+    return "\n\n".join([setting, variants, effects, f"Verdict (code): {seed_verdict(summary)}"])
+
+
+def card_block(report: dict[str, Any], json_path: str) -> str:
+    """The card's seed-experiment section, generated from a `toeplitz_variants.json` report (between
+    `card_markers`)."""
+    begin, end = card_markers("toeplitz_variants")
+    return f"{begin.format(json=json_path)}\n\n{card_table(report)}\n\n{end}"
+
+
+def plot_seeds(report: dict[str, Any], path: str | Path) -> Path:
+    """Eval loss per variant (each seed, and mean ± SE) and the paired effects (mean ± SE, the 2-SE band)."""
+    plt = pyplot()
+    summary, env, settings = report["summary"], report["environment"], report["settings"]
+    fig, (ax, ax_effect) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names = [row["variant"] for row in summary["variants"]]
+    for x, row in enumerate(summary["variants"]):
+        seeds = [run["eval_loss"] for run in report["runs"] if run["variant"] == row["variant"]]
+        ax.plot([x] * len(seeds), seeds, "o", color="0.6", markersize=4, label="one seed" if x == 0 else None)
+        ax.errorbar(x, row["eval_loss"]["mean"], yerr=row["eval_loss"]["se"], fmt="s", color="C0", capsize=5,
+                    label="mean ± SE" if x == 0 else None)
+    ax.set_xticks(range(len(names)), names, rotation=20)
+    ax.set_xlabel("variant")
+    ax.set_ylabel("held-out eval loss (nats/token)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    labels = [f"{e['effect']}\n{e['with']} − {e['without']}" for e in summary["effects"]]
+    for y, effect in enumerate(summary["effects"]):
+        ax_effect.errorbar(effect["mean"], y, xerr=2 * effect["se"], fmt="none", color="C1", alpha=0.4,
+                           linewidth=6, label="± 2 SE" if y == 0 else None)
+        ax_effect.errorbar(effect["mean"], y, xerr=effect["se"], fmt="o", color="C1", capsize=5,
+                           label="mean ± SE" if y == 0 else None)
+    ax_effect.axvline(0, color="black", linewidth=0.8)
+    ax_effect.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax_effect.set_xlabel("Δ eval loss, with − without, paired by seed (nats/token)")
+    ax_effect.legend(fontsize=8)
+    ax_effect.grid(alpha=0.3, axis="x")
+    fig.suptitle(f"toeplitz_variants, preset {report['preset']}: {settings['training']['max_steps']} steps, "
+                 f"{len(settings['seeds'])} seeds; {env['device_name']}, {env['torch_threads']} thread(s)",
+                 fontsize=10)
+    return save_figure(fig, path)
+
+
 def _newest_run(root: Path) -> Path:
     runs = sorted(path.parent for path in root.glob("*/all_results.json"))
     if not runs:
@@ -195,6 +379,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not path.is_file():
         raise UsageError(f"{path} not found: pass a folder written by benchmarks.toeplitz_variants")
     results = json.loads(path.read_text(encoding="utf-8"))
+    seeds = list(dict.fromkeys(r.get("seed") for r in results))
+    if len(seeds) > 1:  # the verdicts below compare variants within one seed: the first; the seed summary spans all
+        summary = seed_summary([compact_run(r) for r in results])
+        print(seed_verdict(summary))
+        write_json(run_dir / "seed_summary.json", summary)
+        results = [r for r in results if r.get("seed") == seeds[0]]
+        print(f"(the per-variant verdicts below are of seed {seeds[0]})")
     for r in results:
         print(f"\n--- {r['model_name']} --- config {r['config']}")
         print(format_table([{"key": k, "value": v} for k, v in r["training"].items()], [("key", "training"), ("value", "")]))

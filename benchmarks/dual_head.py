@@ -2,6 +2,7 @@
 
     python -m benchmarks.dual_head --preset smoke     # minutes on 2 CPU cores
     python -m benchmarks.dual_head --preset original  # original sizes (C=512, 6 layers, 1024-byte windows; GPU)
+    python -m benchmarks.dual_head card model_cards/results/dual_head/smoke/dual_head.json  # the card's section
 
 For every corpus and seed, the same backbone (same initial weights, same data order, same schedule, the same
 cutoff curriculum rule) is trained twice: as the single-head byte model (no token head) and with the token head at
@@ -11,16 +12,20 @@ BPE of `token_vocab_size` tokens fitted offline on the training documents, or, w
 fast tokenizer (a folder, or a Hub id such as `gpt2` where the Hub is reachable: the original's teacher), whose
 vocabulary then sizes the token head.
 
-Reported per arm: steps until the training byte loss (trailing mean over `smooth` steps) first reaches each
-threshold, held-out bits per byte at the end, median wall-clock per optimizer step, the cutoff changes, and the
-token head's parameters and FLOPs (measured model, and the original's sizes). Writes `dual_head.json` and
-`dual_head_curves.png` to `--output_dir`.
+Reported per run: steps until the training byte loss (trailing mean over `smooth` steps) first reaches each
+threshold, held-out bits per byte at the end, median wall-clock per optimizer step, the cutoff changes; per corpus and
+arm their mean ± standard error over seeds; per corpus the paired (by seed) difference dual − single of held-out
+bits per byte with its SE and whether it exceeds 2 SE, and the step ratios single ÷ dual; and the token head's
+parameters and FLOPs (measured model, and the original's sizes). Writes `dual_head.json` and `dual_head_curves.png`
+to `--output_dir`; `card <json>` re-summarises a report, re-plots it and regenerates the card's section.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,13 +45,15 @@ from training.dual_head import CutoffCurriculum, DualHeadTrainer, add_token_labe
 from training.tokenization import load_tokenizer
 from training.train import language_model_metrics
 
-from .harness import add_deprecated_override, add_preset_argument, add_set_argument, apply_settings, environment, \
-    figure_title, format_table, output_folder, pyplot, resolve_device, save_figure, training_arguments, write_json
+from .harness import MODEL_CARDS, add_deprecated_override, add_preset_argument, add_set_argument, apply_settings, \
+    card_markers, environment, figure_title, mean_and_se, output_folder, pyplot, resolve_device, save_figure, \
+    training_arguments, update_card_from_json, write_json
+from .seed_stats import mean_se, paired_difference, plus_minus
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # ~0.5M-parameter backbone, 256-byte windows, 300 steps of 8 windows per run, 2 corpora x 2 seeds x 2 arms.
-    "smoke": dict(corpora=["tinystories_valid_sample.txt", "tinyshakespeare.txt"], seeds=[0, 1],
+    # ~0.5M-parameter backbone, 256-byte windows, 300 steps of 8 windows per run, 2 corpora x 3 seeds x 2 arms.
+    "smoke": dict(corpora=["tinystories_valid_sample.txt", "tinyshakespeare.txt"], seeds=[0, 1, 2],
                   hidden_size=128, num_hidden_layers=2, max_position_embeddings=256, kernel_len=64,
                   transition_bins=8, cutoff=32, cutoff_schedule=[128], token_vocab_size=1024,
                   token_loss_weight=0.5, dropout=0.0, block_size=256, batch_size=8, gradient_accumulation_steps=1,
@@ -178,36 +185,118 @@ def train_arm(arm: str, config: BicameralConfig, initial_state: dict[str, torch.
     }
 
 
-def summarise(runs: list[dict[str, Any]], settings: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Per corpus and arm: means (and spread over seeds) of the figures; and one verdict line per corpus."""
-    rows, verdicts = [], []
+ARMS = ("single_head", "dual_head")
+CARD = MODEL_CARDS / "bicameral_lm.md"
+
+
+def summarise(runs: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, Any]:
+    """The seed statistics of the runs.
+
+    Returns:
+        `summary`: per corpus and arm, the seeds, held-out bits per byte and median seconds per step as mean ± SE
+        over seeds, and per threshold the steps to reach it (mean ± SE; None when a seed never reached it);
+        `comparison`: per corpus, the paired difference `dual − single` of held-out bits per byte (paired by
+        seed, with its SE and whether it exceeds 2 SE), per threshold the step ratio `single ÷ dual` (mean ± SE of
+        the per-seed ratios; None when a seed of either arm never reached it), and the dual arm's wall-clock per
+        step over the single arm's (mean ± SE of the per-seed ratios); `verdict`: one line per corpus.
+    """
+    rows, comparison, verdicts = [], [], []
     for corpus in settings["corpora"]:
-        by_arm = {}
-        for arm in ("single_head", "dual_head"):
-            chosen = [run for run in runs if run["corpus"] == corpus and run["arm"] == arm]
-            bpb = [run["eval_bits_per_byte"] for run in chosen]
-            row = {"corpus": corpus, "arm": arm, "seeds": len(chosen),
-                   "eval_bpb": statistics.fmean(bpb), "eval_bpb_spread": max(bpb) - min(bpb),
-                   "s_per_step": statistics.fmean(run["median_step_seconds"] for run in chosen),
-                   "cutoff_changes": [[(c["step"], c["cutoff_to"]) for c in run["cutoff_changes"]] for run in chosen]}
-            for threshold in settings["thresholds"]:
-                steps = [run["steps_to_threshold"][str(threshold)] for run in chosen]
-                row[f"steps_to_{threshold}"] = statistics.fmean(steps) if None not in steps else None
-            rows.append(row)
-            by_arm[arm] = row
-        single, dual = by_arm["single_head"], by_arm["dual_head"]
-        speedups = []
-        for threshold in settings["thresholds"]:
-            a, b = single[f"steps_to_{threshold}"], dual[f"steps_to_{threshold}"]
-            speedups.append(f"{threshold}: {a / b:.2f}x" if a and b else f"{threshold}: n/a")
-        overhead = dual["s_per_step"] / single["s_per_step"] - 1
-        spread = max(single["eval_bpb_spread"], dual["eval_bpb_spread"])
-        verdicts.append(
-            f"{corpus}: steps single/dual to reach byte loss {'; '.join(speedups)}; held-out bpb single "
-            f"{single['eval_bpb']:.4f} vs dual {dual['eval_bpb']:.4f} (dual - single = "
-            f"{dual['eval_bpb'] - single['eval_bpb']:+.4f}, seed spread up to {spread:.4f}); the token head costs "
-            f"{100 * overhead:+.1f}% wall-clock per step")
-    return rows, verdicts
+        chosen = {arm: {run["seed"]: run for run in runs if run["corpus"] == corpus and run["arm"] == arm}
+                  for arm in ARMS}
+        for arm in ARMS:
+            by_seed = chosen[arm]
+            steps = {str(t): [run["steps_to_threshold"][str(t)] for run in by_seed.values()]
+                     for t in settings["thresholds"]}
+            rows.append({"corpus": corpus, "arm": arm, "seeds": sorted(by_seed),
+                         "eval_bpb": mean_se([run["eval_bits_per_byte"] for run in by_seed.values()]),
+                         "s_per_step": mean_se([run["median_step_seconds"] for run in by_seed.values()]),
+                         "steps_to_threshold": {t: mean_se(v) if None not in v else None for t, v in steps.items()},
+                         "cutoff_changes": {seed: [[c["step"], c["cutoff_to"]] for c in run["cutoff_changes"]]
+                                            for seed, run in sorted(by_seed.items())}})
+        single, dual = chosen["single_head"], chosen["dual_head"]
+        seeds = sorted(set(single) & set(dual))
+        ratios = {}
+        for threshold in map(str, settings["thresholds"]):
+            pairs = [(single[s]["steps_to_threshold"][threshold], dual[s]["steps_to_threshold"][threshold])
+                     for s in seeds]
+            ratios[threshold] = mean_se([a / b for a, b in pairs]) if all(a and b for a, b in pairs) else None
+        entry = {
+            "corpus": corpus,
+            "bpb_dual_minus_single": paired_difference(
+                {s: run["eval_bits_per_byte"] for s, run in dual.items()},
+                {s: run["eval_bits_per_byte"] for s, run in single.items()}),
+            "steps_ratio_single_over_dual": ratios,
+            "step_time_dual_over_single": mean_se([dual[s]["median_step_seconds"] / single[s]["median_step_seconds"]
+                                                   for s in seeds]),
+        }
+        comparison.append(entry)
+        verdicts.append(corpus_verdict(entry))
+    return {"summary": rows, "comparison": comparison, "verdict": verdicts}
+
+
+def corpus_verdict(entry: dict[str, Any]) -> str:
+    """One corpus's verdict, every figure read from its `summarise` comparison entry."""
+    difference = entry["bpb_dual_minus_single"]
+    reached = {t: r for t, r in entry["steps_ratio_single_over_dual"].items() if r is not None}
+    ratios = (", ".join(f"{r['mean']:.2f} at {t}" for t, r in reached.items()) if reached
+              else "no threshold reached by every seed")
+    return (f"{entry['corpus']}: held-out bits/byte dual − single = {plus_minus(difference, signed=True)} over "
+            f"{len(difference['seeds'])} paired seeds ({'beyond' if difference['beyond_2se'] else 'within'} 2 SE: "
+            f"{'a measured' if difference['beyond_2se'] else 'no measured'} difference); steps single ÷ dual to "
+            f"reach the byte-loss thresholds {ratios} (≥ 2 would be the hoped-for 2× fewer steps); the dual arm's "
+            f"wall-clock per step is {entry['step_time_dual_over_single']['mean']:.2f}× the single arm's")
+
+
+def card_block(report: dict[str, Any], json_path: str) -> str:
+    """The card's dual-head section (between `card_markers`), generated from a `dual_head.json` report's runs: the
+    setting, the per-arm table (mean ± SE over seeds), the paired comparison per corpus and the verdicts."""
+    settings, env = report["settings"], report["environment"]
+    stats = summarise(report["runs"], settings)
+    thresholds = [str(t) for t in settings["thresholds"]]
+    begin, end = card_markers("dual_head")
+    setting = (
+        f"Preset `{report['preset']}`: C={settings['hidden_size']}, {settings['num_hidden_layers']} layers, "
+        f"{settings['block_size']}-byte windows, K={settings['kernel_len']}, cutoff {settings['cutoff']} "
+        f"(schedule {settings['cutoff_schedule']}, plateau curriculum), teacher of {settings['token_vocab_size']:,} "
+        f"tokens ({next(iter(report['teacher'].values()))['source']}), token weight "
+        f"{settings['token_loss_weight']} vs no token head; same initial weights and data order per seed; batch "
+        f"{settings['batch_size']}, {settings['max_steps']} steps, AdamW {settings['learning_rate']} (cosine, "
+        f"{settings['warmup_ratio']:.0%} warm-up); seeds {settings['seeds']} × {len(settings['corpora'])} corpora × "
+        f"2 arms = {len(report['runs'])} trainings. Measured on {env['device_name']}, {env['torch_threads']} torch "
+        f"thread(s), {env['dtype']}, torch {env['torch']}; {report['wall_time_s'] / 60:.1f} min for the whole "
+        f"command.")
+    header = ("| corpus | arm | seeds | held-out bits/byte, mean ± SE | ms/step (median per run), mean ± SE | steps to "
+              f"train byte loss ≤ {' / '.join(thresholds)} nats, mean ± SE |")
+    lines = [header, "|---|---|---|---|---|---|"]
+    for row in stats["summary"]:
+        steps = " / ".join(plus_minus(row["steps_to_threshold"][t], 1) if row["steps_to_threshold"][t] else "—"
+                           for t in thresholds)
+        milliseconds = {key: 1000 * row["s_per_step"][key] for key in ("mean", "se")}
+        lines.append(f"| {row['corpus']} | {row['arm']} | {len(row['seeds'])} | {plus_minus(row['eval_bpb'])} | "
+                     f"{plus_minus(milliseconds, 0)} | {steps} |")
+    comparison = [
+        "| corpus | bits/byte dual − single (paired by seed), mean ± SE | per seed | beyond 2 SE | steps single ÷ dual "
+        f"at {' / '.join(thresholds)} | s/step dual ÷ single |", "|---|---|---|---|---|---|"]
+    for entry in stats["comparison"]:
+        difference = entry["bpb_dual_minus_single"]
+        ratios = " / ".join(plus_minus(r, 2) if r else "—" for r in entry["steps_ratio_single_over_dual"].values())
+        comparison.append(
+            f"| {entry['corpus']} | {plus_minus(difference, signed=True)} | "
+            f"{', '.join(f'{d:+.4f}' for d in difference['differences'])} | "
+            f"{'yes' if difference['beyond_2se'] else 'no'} | {ratios} | "
+            f"{plus_minus(entry['step_time_dual_over_single'], 2)} |")
+    changes = sorted({(row["corpus"], row["arm"]) for row in stats["summary"]
+                      if any(row["cutoff_changes"].values())})
+    curriculum = ("Cutoff raised (step → new cutoff; the held-out evaluation follows the last step) in: " + "; ".join(
+        f"{row['corpus']} {row['arm']} " + ", ".join(
+            f"seed {seed}: " + ", ".join(f"step {step} → {cutoff}" for step, cutoff in changes)
+            for seed, changes in row["cutoff_changes"].items() if changes)
+        for row in stats["summary"] if (row["corpus"], row["arm"]) in changes) + "."
+        if changes else f"The curriculum never raised the cutoff in {settings['max_steps']} steps.")
+    return "\n\n".join([begin.format(json=json_path), setting, "\n".join(lines),
+                         "(— : a seed did not reach the threshold.)", "\n".join(comparison), curriculum,
+                         "Verdict (code): " + "; ".join(stats["verdict"]) + ".", end])
 
 
 def _meta_parameters(config: BicameralConfig) -> dict[str, int]:
@@ -216,38 +305,80 @@ def _meta_parameters(config: BicameralConfig) -> dict[str, int]:
         return parameter_breakdown(BicameralForCausalLM(config))
 
 
+def _band(curves: list[list[float]]) -> tuple[list[float], list[float]]:
+    """Mean and standard error over seeds at every step of equally long curves."""
+    stats = [mean_and_se(values) for values in zip(*curves)]
+    return [mean for mean, _ in stats], [se for _, se in stats]
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
+    """Per corpus, the training byte loss (trailing mean) and token loss, mean ± SE over seeds per arm; and the
+    held-out bits per byte per corpus and arm (each seed, and mean ± SE)."""
     plt = pyplot()
-    corpora = report["settings"]["corpora"]
-    smooth = report["settings"]["smooth"]
-    fig, axes = plt.subplots(1, len(corpora), figsize=(6 * len(corpora), 4.2), squeeze=False)
+    settings, env = report["settings"], report["environment"]
+    corpora, smooth = settings["corpora"], settings["smooth"]
+    fig, axes = plt.subplots(1, len(corpora) + 1, figsize=(5.5 * (len(corpora) + 1), 4.4), squeeze=False)
     for ax, corpus in zip(axes[0], corpora):
-        for run in (r for r in report["runs"] if r["corpus"] == corpus):
-            color = "C0" if run["arm"] == "single_head" else "C1"
-            style = "-" if run["seed"] == report["settings"]["seeds"][0] else "--"
-            char = run["char_loss"]
-            trailing = [statistics.fmean(char[max(0, i + 1 - smooth):i + 1]) for i in range(len(char))]
-            ax.plot(range(1, len(char) + 1), trailing, style, color=color,
-                    label=f"{run['arm']} byte loss (seed {run['seed']})")
-            if run["arm"] == "dual_head":
-                tokens = [t for t in run["token_loss"] if t is not None]
-                ax.plot(range(1, len(tokens) + 1), tokens, style, color="C2", alpha=0.5,
-                        label=f"dual_head token loss (seed {run['seed']})")
-            for change in run["cutoff_changes"]:
+        for arm, color in zip(ARMS, ("C0", "C1")):
+            chosen = [r for r in report["runs"] if r["corpus"] == corpus and r["arm"] == arm]
+            trailing = [[statistics.fmean(r["char_loss"][max(0, i + 1 - smooth):i + 1])
+                         for i in range(len(r["char_loss"]))] for r in chosen]
+            curves = [("byte loss", color, trailing)]
+            if arm == "dual_head":
+                curves.append(("token loss", "C2", [[t for t in r["token_loss"] if t is not None] for r in chosen]))
+            for what, shade, values in curves:
+                mean, se = _band(values)
+                steps = range(1, len(mean) + 1)
+                ax.plot(steps, mean, color=shade, label=f"{arm} {what}, mean of {len(chosen)} seeds")
+                ax.fill_between(steps, [m - e for m, e in zip(mean, se)], [m + e for m, e in zip(mean, se)],
+                                color=shade, alpha=0.25, linewidth=0)
+            for change in (c for r in chosen for c in r["cutoff_changes"]):
                 ax.axvline(change["step"], color=color, alpha=0.3, linestyle=":")
-        for threshold in report["settings"]["thresholds"]:
+        for threshold in settings["thresholds"]:
             ax.axhline(threshold, color="0.8", linewidth=0.8)
-        ax.set_title(f"{corpus} (dotted: cutoff raised)")
+        ax.set_title(f"{corpus} (band: ± SE over seeds; dotted: cutoff raised)", fontsize=9)
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel(f"training loss (nats; byte loss: trailing mean of {smooth})")
+        ax.set_ylabel(f"training loss (nats; byte loss: trailing mean of {smooth} steps)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-    fig.suptitle(figure_title("dual_head: single vs dual head training loss", report["preset"],
-                              report["settings"]["max_steps"], report["environment"]), fontsize=10)
+        ax.legend(fontsize=7)
+    ax = axes[0][-1]
+    for x, corpus in enumerate(corpora):
+        for offset, arm, color in ((-0.15, "single_head", "C0"), (0.15, "dual_head", "C1")):
+            bpb = [r["eval_bits_per_byte"] for r in report["runs"] if r["corpus"] == corpus and r["arm"] == arm]
+            mean, se = mean_and_se(bpb)
+            ax.plot([x + offset] * len(bpb), bpb, "o", color="0.6", markersize=4)
+            ax.errorbar(x + offset, mean, yerr=se, fmt="s", color=color, capsize=5,
+                        label=f"{arm}, mean ± SE" if x == 0 else None)
+    ax.set_xticks(range(len(corpora)), corpora, fontsize=8)
+    ax.set_xlabel("corpus (grey: one seed)")
+    ax.set_ylabel("held-out bits per byte")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    fig.suptitle(figure_title(f"dual_head: single vs dual head, batch {settings['batch_size']} × "
+                              f"{settings['block_size']} bytes, {len(settings['seeds'])} seeds", report["preset"],
+                              settings["max_steps"], env), fontsize=10)
     save_figure(fig, path)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def update_card(json_path: str | Path, card: Path = CARD) -> str:
+    """Rewrite the JSON's `summary`, `comparison` and `verdict` from its runs (the current `summarise`), re-plot
+    `dual_head_curves.png` beside it and regenerate the card's section; returns the section."""
+    json_path = Path(json_path)
+    report = json.loads(json_path.read_text(encoding="utf-8"))
+    report.update(summarise(report["runs"], report["settings"]))
+    write_json(json_path, report)
+    plot(report, json_path.parent / "dual_head_curves.png")
+    return update_card_from_json(json_path, "dual_head", card_block, card=card)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """Run the experiment and return its report; or, as `card <json>`, re-summarise a committed report, re-plot
+    it and regenerate the card's section."""
+    start = time.perf_counter()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["card"]:
+        print(update_card(argv[1]))
+        return None
     args = build_parser().parse_args(argv)
     settings = settings_from(args)
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
@@ -287,7 +418,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                        f"{run['steps_to_threshold']}, cutoff changes "
                        f"{[(c['step'], c['cutoff_to']) for c in run['cutoff_changes']]}")
 
-    rows, verdicts = summarise(runs, settings)
     measured = BicameralConfig(**config_fields)
     seed_config = BicameralConfig()  # the original's sizes with GPT-2's 50257-token head
     cost = {
@@ -311,20 +441,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     for name, c in corpora.items()},
         "environment": environment(device, torch.float32),
         "runs": runs,
-        "summary": rows,
+        **summarise(runs, settings),
         "token_head_cost": cost,
-        "verdict": verdicts,
+        "wall_time_s": time.perf_counter() - start,
     }
     write_json(output_dir / "dual_head.json", report)
     plot(report, output_dir / "dual_head_curves.png")
-    columns = [("corpus", "corpus"), ("arm", "arm"), ("eval_bpb", "held-out bpb"), ("eval_bpb_spread", "spread"),
-               ("s_per_step", "s/step")] + [(f"steps_to_{t}", f"steps≤{t}") for t in settings["thresholds"]]
-    print(format_table(rows, columns))
+    print(card_block(report, str(output_dir / "dual_head.json")))
     for name, entry in cost.items():
         print(f"token head ({name}): {entry['parameters']['token_head']:,} parameters "
               f"({100 * entry['token_head_share_of_parameters']:.1f}% of the model), "
               f"{100 * entry['token_head_share_of_forward_flops']:.1f}% of the forward FLOPs per byte")
-    print("\n".join(verdicts))
     print(f"wrote {output_dir}/dual_head.json and dual_head_curves.png")
     return report
 

@@ -7,15 +7,20 @@ sequential heads, and write the original's results layout.
     python -m benchmarks.toeplitz_variants --preset original --train_schedules parallel,sequential  # 8 variants
     python -m benchmarks.toeplitz_variants --set model.hidden_size=64,training.max_steps=50,bench.runs=5
     python -m benchmarks.analyze_toeplitz results/<run>              # the verdicts and comparison_plots.png
+    python -m benchmarks.toeplitz_variants card model_cards/results/toeplitz_variants/smoke/toeplitz_variants.json
 
 `--set section.field=value` changes a preset field: `model.*` (config fields), `data.*` (validation_file,
 tokenizer_name, vocab_size, block_size, max_train_documents), `training.*` (`TrainingArguments` fields), `bench.*`
 (batch_size, new_tokens, prompt_lengths, runs, warmup, threads).
 
-Writes `results/<YYYY-MM-DD_HH-MM-SS>/`: `train_script.py` and `model_snapshot.py` (code snapshots), `tokenizer/`,
-`<variant>/metrics.json` (+ the trained model), `all_results.json` (the list of the per-variant dicts, with the
-original's keys verbatim and the new figures under `extra`) and `comparison_plots.png`, and prints the original's
-"FINAL RESULTS SUMMARY" and "SPEEDUP ANALYSIS" tables.
+Every variant is trained once per seed (`--seeds`; the seed sets the initial weights and the data order, the data
+split uses the first). Writes `results/<YYYY-MM-DD_HH-MM-SS>/`: `train_script.py` and `model_snapshot.py` (code
+snapshots), `tokenizer/`, `seed<seed>/<variant>/metrics.json` (+ the trained model), `all_results.json` (the list of
+the per-(seed, variant) dicts, with the original's keys verbatim and the new figures under `extra`) and
+`comparison_plots.png` (first seed), and prints the original's "FINAL RESULTS SUMMARY" and "SPEEDUP ANALYSIS"
+tables (first seed); and into `--results_dir` (default: the run folder) the small seed report
+`toeplitz_variants.json` (eval loss per variant as mean ± SE over seeds, the ablations' paired differences with
+their 2-SE verdicts) and `toeplitz_variants.png`. `card <json>` regenerates the card's section and the figure.
 
 Differences from the original, on purpose (see the model card): EOS targets are kept in the loss (the original's
 collator masked them, pad = eos); the benchmark also sweeps prompt lengths (the original timed 1-token prompts only),
@@ -32,6 +37,7 @@ import itertools
 import json
 import math
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -50,9 +56,11 @@ from training.tokenization import load_tokenizer, train_bpe_tokenizer
 from training.train import config_for_tokenizer
 from training.trainer import resolve_trainer
 
+from .analyze_toeplitz import CARD, analyze, card_block, card_table, plot_comparison, plot_seeds, print_verdicts, \
+    seed_report
 from .harness import add_deprecated_override, add_deprecated_settings, add_preset_argument, add_set_argument, \
     environment, format_table, parse_set, positive_ints, random_prompts, resolve_device, time_generation, timestamp, \
-    torch_threads, training_arguments, write_json
+    torch_threads, training_arguments, update_card_from_json, write_json
 
 VARIANTS = {
     "mean_proj": dict(do_toep_mean=True, do_toep_proj=True),
@@ -83,6 +91,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         # One thread: a tiny model's decode step is latency-bound, and on a shared 2-core machine the small
         # multi-threaded kernels of a step mostly measure OpenMP waiting for a busy core.
         "bench": dict(batch_size=4, new_tokens=64, prompt_lengths=[1, 64, 128], runs=5, warmup=1, threads=1),
+        # every variant trained once per seed (initial weights and data order), paired by seed in the verdicts
+        "seeds": [42, 43, 44],
     },
     # The code of the published run (2025-10-27_23-07-11): batch 64, 2 epochs, bf16, eval / save every 2,000 /
     # 4,000 steps, best checkpoint by eval loss, identity kernels.
@@ -98,6 +108,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                          load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False,
                          max_grad_norm=1.0, logging_steps=500, optim="adamw_torch", bf16="cuda"),
         "bench": dict(batch_size=4, new_tokens=128, prompt_lengths=[1, 128, 384], runs=10, warmup=2, threads=None),
+        "seeds": [42],
     },
 }
 # One point at the original's model size on an H200 in about a minute (benchmarks.gpu_campaign; sized by estimate, not
@@ -110,6 +121,7 @@ PRESETS["gpu"] = {
                      learning_rate=1e-3, warmup_steps=20, lr_scheduler_type="cosine", eval_strategy="steps",
                      eval_steps=150, save_strategy="no", logging_steps=15, max_grad_norm=1.0, bf16="cuda"),
     "bench": dict(batch_size=4, new_tokens=32, prompt_lengths=[1, 256], runs=5, warmup=1, threads=None),
+    "seeds": [42],
 }
 # The original README's arguments (batch 16, 20k steps, fp16); its save interval 5,000 is not a multiple of the eval
 # interval, which `load_best_model_at_end` rejects, so this uses 4,000.
@@ -125,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_preset_argument(parser, PRESETS)
     add_set_argument(parser, "preset fields as section.field (model, data, training, bench; see above)")
     parser.add_argument("--output_root", default="results", help="The run goes to OUTPUT_ROOT/<timestamp>/.")
+    parser.add_argument("--results_dir", default=None,
+                        help="Where the small seed report (toeplitz_variants.json, .png) goes (default: the run "
+                             "folder), e.g. model_cards/results/toeplitz_variants/smoke.")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="Comma-separated subset of the 4 variants.")
     parser.add_argument("--train_schedules", default="parallel",
                         help="Head schedules to train each variant with: 'parallel' (4 runs) or "
@@ -144,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for the whole run (default: torch's). On a shared CPU, 1 avoids OpenMP "
                              "threads waiting for a busy core.")
-    parser.add_argument("--seed", type=int, default=42, help="Seeds the initial weights and the data order.")
+    parser.add_argument("--seeds", type=positive_ints, default=None,
+                        help="Comma-separated seeds (default: the preset's); each seeds the initial weights and the "
+                             "data order of one training of every variant. The data split uses the first.")
     parser.add_argument("--device", default="auto")
     return parser
 
@@ -197,8 +214,9 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(f"--train_schedules takes 'parallel' and/or 'sequential', got '{args.train_schedules}'")
     if model.get("kernel_param") == "identity":
         warnings.warn(IDENTITY_KERNEL_WARNING, stacklevel=2)
-    return {"preset": args.preset, "model": model, "data": data, "training": training, "bench": bench,
-            "variants": variants, "schedules": schedules, "seed": args.seed, "device": args.device}
+    return {"preset": args.preset, "overrides": parse_set(args.set), "model": model, "data": data, "training": training, "bench": bench,
+            "variants": variants, "schedules": schedules, "seeds": args.seeds or preset["seeds"],
+            "device": args.device}
 
 
 def benchmark_generation(model, settings: dict[str, Any], device: torch.device, seed: int) -> dict[str, Any]:
@@ -248,16 +266,16 @@ def _benchmark_prompt(model, prompt: int, bench: dict[str, Any], generation: dic
     return row
 
 
-def train_variant(name: str, flags: dict[str, bool], parallel: bool, settings: dict[str, Any], tokenizer,
+def train_variant(name: str, flags: dict[str, bool], parallel: bool, settings: dict[str, Any], seed: int, tokenizer,
                   blocks: dict[str, Any], documents, run_dir: Path) -> dict[str, Any]:
-    """Train one variant, evaluate it, benchmark it and write its `metrics.json`."""
+    """Train one variant with `seed`, evaluate it, benchmark it and write its `seed<seed>/<name>/metrics.json`."""
     spec = get_spec("toeplitz_mixer")
     device = resolve_device(settings["device"])
-    variant_dir = run_dir / name
-    set_seed(settings["seed"])  # the original's initialisation was unseeded
+    variant_dir = run_dir / f"seed{seed}" / name
+    set_seed(seed)  # the original's initialisation was unseeded
     config = config_for_tokenizer(spec, tokenizer, {**settings["model"], **flags, "parallel_heads": parallel})
     model = spec.model_class(config)
-    args = training_arguments(variant_dir, device=device, seed=settings["seed"],
+    args = training_arguments(variant_dir, device=device, seed=seed,
                               dataloader_pin_memory=device.type == "cuda", **settings["training"])
     trainer = resolve_trainer(spec).from_cli(
         model=model, args=args, tokenizer=tokenizer, train_dataset=blocks["train"],
@@ -272,9 +290,10 @@ def train_variant(name: str, flags: dict[str, bool], parallel: bool, settings: d
     trainer.save_model(str(variant_dir))
     (variant_dir / "training_args.bin").unlink(missing_ok=True)
     last_logged = next((entry["loss"] for entry in reversed(trainer.state.log_history) if "loss" in entry), None)
-    bench = benchmark_generation(model, settings, device, settings["seed"])
+    bench = benchmark_generation(model, settings, device, seed)
     metrics = {
         "model_name": name,
+        "seed": seed,
         "config": {**flags, "parallel_mixer": parallel},
         "training": {
             "train_loss": result.training_loss,
@@ -342,16 +361,25 @@ def print_summary(results: list[dict[str, Any]]) -> None:
                                     ("cache ×", "Cache × (par)")]))
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
-    """Run the experiment; returns the run folder."""
+def main(argv: Sequence[str] | None = None) -> Path | None:
+    """Run the experiment and return the run folder; or, as `card <json>`, regenerate the card's section and the
+    figure from a committed seed report."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["card"]:
+        json_path = Path(argv[1])
+        print(update_card_from_json(json_path, "toeplitz_variants", card_block, card=CARD))
+        plot_seeds(json.loads(json_path.read_text(encoding="utf-8")), json_path.with_suffix(".png"))
+        return None
     args = build_parser().parse_args(argv)
     settings = resolve_settings(args)
     with torch_threads(args.threads):
-        return run(settings, Path(args.output_root) / timestamp())
+        return run(settings, Path(args.output_root) / timestamp(), args.results_dir)
 
 
-def run(settings: dict[str, Any], run_dir: Path) -> Path:
-    """The experiment with resolved settings, into `run_dir` (a new folder); returns it."""
+def run(settings: dict[str, Any], run_dir: Path, results_dir: str | Path | None = None) -> Path:
+    """The experiment with resolved settings, into `run_dir` (a new folder; the seed report into `results_dir`,
+    default `run_dir`); returns `run_dir`."""
+    start = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=False)
     shutil.copyfile(__file__, run_dir / "train_script.py")
     shutil.copyfile(modeling_toeplitz_mixer.__file__, run_dir / "model_snapshot.py")
@@ -361,7 +389,7 @@ def run(settings: dict[str, Any], run_dir: Path) -> Path:
     data_args = DataArguments(train_file=data.get("train_file"), validation_file=data.get("validation_file"),
                               dataset_name=data.get("dataset_name", "SimpleStories/SimpleStories"),
                               block_size=data["block_size"], max_train_documents=data.get("max_train_documents"))
-    documents = load_documents(data_args, seed=settings["seed"])
+    documents = load_documents(data_args, seed=settings["seeds"][0])
     if data.get("tokenizer_name"):
         tokenizer = load_tokenizer(data["tokenizer_name"])
     else:
@@ -371,23 +399,29 @@ def run(settings: dict[str, Any], run_dir: Path) -> Path:
               for name in ("train", "validation")}
 
     results = []
-    runs = list(itertools.product(settings["variants"], settings["schedules"]))
-    for index, (variant, schedule) in enumerate(runs, start=1):
+    runs = list(itertools.product(settings["seeds"], settings["variants"], settings["schedules"]))
+    for index, (seed, variant, schedule) in enumerate(runs, start=1):
         name = variant if settings["schedules"] == ["parallel"] else f"{variant}_{schedule}"
-        print(f"\n[{index}/{len(runs)}] training {name} ({settings['preset']} preset)")
-        metrics = train_variant(name, VARIANTS[variant], schedule == "parallel", settings, tokenizer, blocks,
+        print(f"\n[{index}/{len(runs)}] training {name}, seed {seed} ({settings['preset']} preset)")
+        metrics = train_variant(name, VARIANTS[variant], schedule == "parallel", settings, seed, tokenizer, blocks,
                                 documents, run_dir)
         print_variant(metrics)
         results.append(metrics)
         # rewritten after every variant, so an interrupted run keeps what it finished
         (run_dir / "all_results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
 
-    print_summary(results)
-    from .analyze_toeplitz import analyze, plot_comparison, print_verdicts
-
-    plot_comparison(results, run_dir / "comparison_plots.png")
-    print_verdicts(analyze(results))
-    print(f"\nwrote {run_dir}/all_results.json, */metrics.json and comparison_plots.png")
+    first = [r for r in results if r["seed"] == settings["seeds"][0]]
+    print_summary(first)
+    plot_comparison(first, run_dir / "comparison_plots.png")
+    print_verdicts(analyze(first))
+    report = seed_report(settings, results, environment(resolve_device(settings["device"]), torch.float32),
+                         wall_time_s=time.perf_counter() - start)
+    results_dir = Path(results_dir or run_dir)
+    write_json(results_dir / "toeplitz_variants.json", report)
+    plot_seeds(report, results_dir / "toeplitz_variants.png")
+    print("\n" + card_table(report))
+    print(f"\nwrote {run_dir}/all_results.json, seed*/*/metrics.json, comparison_plots.png (seed "
+          f"{settings['seeds'][0]}) and {results_dir}/toeplitz_variants.json, toeplitz_variants.png")
     return run_dir
 
 

@@ -3,6 +3,7 @@ head, byte → teacher-token alignment, the dual-head trainer and the cutoff cur
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -682,3 +683,63 @@ def test_resize_keeps_the_token_head_over_the_teacher_vocabulary():
     assert model.lm_head.weight.shape[0] == model.config.vocab_size
     # the token head predicts the teacher's BPE tokens, whose vocabulary the byte vocabulary does not change
     assert model.token_head.weight.shape[0] == model.config.token_vocab_size == 300
+
+
+def _dual_head_run(corpus: str, arm: str, seed: int, bpb: float, steps: dict[str, int | None],
+                   seconds: float) -> dict:
+    return {"corpus": corpus, "arm": arm, "seed": seed, "eval_bits_per_byte": bpb, "steps_to_threshold": steps,
+            "median_step_seconds": seconds, "cutoff_changes": []}
+
+
+def test_dual_head_summary_pairs_the_arms_by_seed():
+    """Seed-common noise (0, 0.1, 0.2) is large next to the arms' per-seed differences: paired by seed the
+    difference is beyond 2 SE, unpaired (difference of the means, their SEs combined) it would not be."""
+    from benchmarks import dual_head
+
+    single = {0: 2.0, 1: 2.1, 2: 2.2}
+    dual = {0: 1.9, 1: 2.05, 2: 2.1}
+    runs = [*(_dual_head_run("a", "single_head", s, b, {"2.0": 10 * (s + 1), "1.0": None}, 0.1)
+              for s, b in single.items()),
+            *(_dual_head_run("a", "dual_head", s, b, {"2.0": [5, 10, 30][s], "1.0": 50}, 0.1 * (1.2 + s / 10))
+              for s, b in dual.items())]
+    stats = dual_head.summarise(runs, {"corpora": ["a"], "thresholds": [2.0, 1.0]})
+    single_row, dual_row = stats["summary"]
+    assert (single_row["arm"], single_row["seeds"]) == ("single_head", [0, 1, 2])
+    assert (single_row["eval_bpb"]["mean"], single_row["eval_bpb"]["se"]) == pytest.approx((2.1, 0.1 / 3 ** 0.5))
+    assert single_row["steps_to_threshold"]["1.0"] is None and dual_row["steps_to_threshold"]["1.0"]["mean"] == 50
+    (entry,) = stats["comparison"]
+    difference = entry["bpb_dual_minus_single"]
+    assert difference["differences"] == pytest.approx([-0.1, -0.05, -0.1])
+    assert difference["mean"] == pytest.approx(-0.25 / 3)
+    assert difference["se"] == pytest.approx(0.05 / 3 ** 0.5 / 3 ** 0.5)  # stdev 0.0289 / sqrt(3)
+    assert difference["beyond_2se"] is True
+    ratio = entry["steps_ratio_single_over_dual"]
+    assert ratio["1.0"] is None  # a single-head seed never reached 1.0
+    assert (ratio["2.0"]["mean"], ratio["2.0"]["se"]) == pytest.approx((5 / 3, 1 / 3))  # ratios 2, 2, 1
+    assert entry["step_time_dual_over_single"]["mean"] == pytest.approx(1.3)
+    assert "beyond 2 SE" in stats["verdict"][0]
+
+
+def test_dual_head_summary_calls_a_difference_within_2_se_so():
+    """Differences 0.1, 0, 0.05: mean 0.05, SE 0.029, 1.7 SE."""
+    from benchmarks import dual_head
+
+    runs = [_dual_head_run("a", arm, s, 2.0 + delta, {"2.0": 10}, 0.1)
+            for s, deltas in enumerate([(0.0, 0.1), (0.0, 0.0), (0.0, 0.05)])
+            for arm, delta in zip(dual_head.ARMS, deltas)]
+    (entry,) = dual_head.summarise(runs, {"corpora": ["a"], "thresholds": [2.0]})["comparison"]
+    assert entry["bpb_dual_minus_single"]["beyond_2se"] is False and "within 2 SE" in dual_head.corpus_verdict(entry)
+
+
+def test_the_cards_dual_head_figures_are_the_committed_json():
+    from pathlib import Path
+
+    from benchmarks import dual_head
+
+    root = Path(__file__).resolve().parents[1]
+    relative = "model_cards/results/dual_head/smoke/dual_head.json"
+    report = json.loads((root / relative).read_text())
+    assert report["preset"] == "smoke" and len(report["settings"]["seeds"]) >= 3
+    assert (root / relative).with_name("dual_head_curves.png").exists()
+    assert dual_head.card_block(report, relative) in (root / "model_cards" / "bicameral_lm.md").read_text(), \
+        f"regenerate with: python -m benchmarks.dual_head card {relative}"

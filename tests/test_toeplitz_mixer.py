@@ -516,11 +516,17 @@ def test_experiment_cli_micro_run(tmp_path, stories_file):
                  "data.block_size=32,model.hidden_size=16,model.num_hidden_layers=1,model.num_heads=2,"
                  "model.intermediate_size=16,model.max_position_embeddings=64,bench.new_tokens=4,bench.runs=5,"
                  "bench.prompt_lengths=[1,8]",
-        "--variants", "mean_proj,nomean_noproj",
+        "--variants", "mean_proj,nomean_proj", "--seeds", "1,2", "--results_dir", str(tmp_path / "report"),
     ])
     results = json.loads((run_dir / "all_results.json").read_text())
-    assert [r["model_name"] for r in results] == ["mean_proj", "nomean_noproj"]
-    metrics = json.loads((run_dir / "mean_proj" / "metrics.json").read_text())
+    assert [(r["model_name"], r["seed"]) for r in results] == [("mean_proj", 1), ("nomean_proj", 1),
+                                                               ("mean_proj", 2), ("nomean_proj", 2)]
+    report = json.loads((tmp_path / "report" / "toeplitz_variants.json").read_text())
+    assert [row["seeds"] for row in report["summary"]["variants"]] == [[1, 2], [1, 2]]
+    (effect,) = report["summary"]["effects"]
+    assert (effect["with"], effect["without"], effect["seeds"]) == ("mean_proj", "nomean_proj", [1, 2])
+    assert "log_history" not in json.dumps(report) and (tmp_path / "report" / "toeplitz_variants.png").exists()
+    metrics = json.loads((run_dir / "seed1" / "mean_proj" / "metrics.json").read_text())
     assert set(metrics) >= {"model_name", "config", "training", "generation", "speedups", "extra"}
     assert set(metrics["generation"]) == {"cached_parallel", "cached_sequential", "uncached_parallel",
                                           "uncached_sequential"}
@@ -529,7 +535,7 @@ def test_experiment_cli_micro_run(tmp_path, stories_file):
     assert set(metrics["training"]) >= {"train_loss", "eval_loss", "train_runtime", "train_samples_per_second"}
     assert "train_loss_last_logged" in metrics["extra"] and "run_mean" not in json.dumps(metrics["extra"])
     verdicts = analyze_toeplitz.main([str(run_dir)])
-    assert verdicts["best_eval_loss"] in {"mean_proj", "nomean_noproj"}
+    assert verdicts["best_eval_loss"] in {"mean_proj", "nomean_proj"}
     assert (run_dir / "comparison_plots.png").stat().st_size > 0
 
 
@@ -542,3 +548,57 @@ def test_the_identity_kernel_preset_warns_about_its_unstable_normaliser():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         toeplitz_variants.resolve_settings(parse(["--preset", "smoke", "--device", "cpu"]))
+
+
+def _variant_run(variant: str, seed: int, eval_loss: float) -> dict:
+    mean, proj = variant.split("_")
+    return {"variant": variant, "seed": seed, "do_toep_mean": mean == "mean", "do_toep_proj": proj == "proj",
+            "parallel_mixer": True, "eval_loss": eval_loss, "train_loss_last_logged": eval_loss - 0.2,
+            "decode": [{"prompt_length": 1, "cached_tok_s": 100.0 * seed, "uncached_tok_s": 50.0,
+                        "cache_speedup": 2.0 * seed}]}
+
+
+def test_seed_summary_pairs_the_ablations_by_seed():
+    """A seed-common offset (0, 0.5, 1.0) dwarfs the per-seed jitter: paired by seed the mean normaliser's effect
+    with projections is beyond 2 SE (unpaired, the offset's spread would hide it); without projections it is
+    1.7 SE (within 2 SE)."""
+    from benchmarks import analyze_toeplitz
+
+    common = {1: 0.0, 2: 0.5, 3: 1.0}
+    losses = {"mean_proj": (5.0, {1: 0.0, 2: 0.0, 3: 0.0}), "mean_noproj": (4.5, {1: 0.0, 2: 0.0, 3: 0.0}),
+              "nomean_proj": (5.3, {1: 0.0, 2: 0.02, 3: -0.02}), "nomean_noproj": (4.5, {1: -0.1, 2: 0.0, 3: -0.05})}
+    runs = [_variant_run(name, seed, base + common[seed] + jitter[seed])
+            for seed in common for name, (base, jitter) in losses.items()]
+    summary = analyze_toeplitz.seed_summary(runs)
+    rows = {row["variant"]: row for row in summary["variants"]}
+    assert list(rows) == list(losses) and rows["mean_proj"]["seeds"] == [1, 2, 3]
+    assert (rows["mean_proj"]["eval_loss"]["mean"], rows["mean_proj"]["eval_loss"]["se"]) == \
+        pytest.approx((5.5, 0.5 / 3 ** 0.5))
+    assert rows["mean_proj"]["decode"][0]["cached_tok_s"]["mean"] == pytest.approx(200.0)
+    effects = {(e["with"], e["without"]): e for e in summary["effects"]}
+    assert list(effects) == [("mean_proj", "nomean_proj"), ("mean_noproj", "nomean_noproj"),
+                             ("mean_proj", "mean_noproj"), ("nomean_proj", "nomean_noproj")]
+    normaliser = effects[("mean_proj", "nomean_proj")]
+    assert normaliser["effect"] == "mean normaliser" and normaliser["differences"] == pytest.approx([-0.3, -0.32, -0.28])
+    assert (normaliser["mean"], normaliser["se"]) == pytest.approx((-0.3, 0.02 / 3 ** 0.5))
+    assert normaliser["beyond_2se"] is True
+    within = effects[("mean_noproj", "nomean_noproj")]
+    assert (within["mean"], within["se"]) == pytest.approx((0.05, 0.05 / 3 ** 0.5)) and within["beyond_2se"] is False
+    assert "mean_proj − nomean_proj = -0.300 ± 0.012 over 3 paired seeds (lower with the flag; beyond 2 SE" in \
+        analyze_toeplitz.seed_verdict(summary)
+
+
+def test_the_cards_seed_experiment_figures_are_the_committed_json():
+    from pathlib import Path
+
+    from benchmarks import analyze_toeplitz
+
+    root = Path(__file__).resolve().parents[1]
+    relative = "model_cards/results/toeplitz_variants/smoke/toeplitz_variants.json"
+    report = json.loads((root / relative).read_text())
+    assert report["preset"] == "smoke" and len(report["settings"]["seeds"]) >= 3
+    assert {len(row["seeds"]) for row in report["summary"]["variants"]} == {len(report["settings"]["seeds"])}
+    assert report["summary"] == analyze_toeplitz.seed_summary(report["runs"])
+    assert (root / relative).with_suffix(".png").exists()
+    assert analyze_toeplitz.card_block(report, relative) in (root / "model_cards" / "toeplitz_mixer.md").read_text(), \
+        f"regenerate with: python -m benchmarks.toeplitz_variants card {relative}"
