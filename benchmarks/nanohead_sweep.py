@@ -250,7 +250,8 @@ def card_block(report: dict[str, Any], json_path: str) -> str:
              f"Preset `{report['preset']}`, {report['parameters']:,} parameters, {report['settings']['max_steps']} "
              f"steps of {report['settings']['batch_size']} × {report['settings']['block_size']} tokens; "
              f"{env.get('device_name', env.get('device', '?'))}, {env.get('torch_threads', '?')} torch thread(s); "
-             f"{len(report['runs'])} runs.", "",
+             f"{len(report['runs'])} runs, {sum(run['train_seconds'] for run in report['runs']) / 60:.0f} min of "
+             "training in all.", "",
              "| arm | p | seeds | val bpb, mean ± SE | vs p = 0 (± SE) | beyond 2 SE |", "|---|---|---|---|---|---|"]
     bases = {row["arm"]: row for row in report["summary"] if row["proportion"] == 0.0}
     for row in report["summary"]:
