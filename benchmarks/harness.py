@@ -452,10 +452,11 @@ def pyplot() -> Any:
 
 
 def hardware(env: Mapping[str, Any]) -> str:
-    """`<device name> (<device>), <n> thread(s)[, load <1-minute load>]` from an `environment()` record."""
-    load = env.get("load_average")
-    return (f"{env['device_name']} ({env['device']}), {env['torch_threads']} thread(s)"
-            + (f", load {load[0]:.1f}" if load else ""))
+    """`<device name>[ (<device>)], <n> thread(s)[, load <1-minute load>]` from an `environment()` record (older
+    records may lack the device or the load)."""
+    load, device = env.get("load_average"), env.get("device")
+    return (f"{env.get('device_name', device or '?')}" + (f" ({device})" if device else "")
+            + f", {env.get('torch_threads', '?')} thread(s)" + (f", load {load[0]:.1f}" if load else ""))
 
 
 def figure_title(what: str, preset: str | None, steps: int | None, env: Mapping[str, Any]) -> str:

@@ -45,7 +45,7 @@ from training.tokenization import token_byte_lengths
 from training.trainer import resolve_trainer
 
 from .harness import add_deprecated_settings, add_preset_argument, add_set_argument, apply_settings, environment, \
-    card_markers, figure_title, format_table, mean_and_se, output_folder, outside_legend, prepare_corpus, pyplot, \
+    card_markers, figure_title, format_table, hardware, mean_and_se, output_folder, outside_legend, prepare_corpus, pyplot, \
     resolve_device, run_section, save_figure, training_arguments, update_card_from_json, write_json
 
 PROPORTIONS = (0.0, 0.2, 0.4, 0.6, 0.8)
@@ -249,7 +249,7 @@ def card_block(report: dict[str, Any], json_path: str) -> str:
     lines = [begin.format(json=json_path), "",
              f"Preset `{report['preset']}`, {report['parameters']:,} parameters, {report['settings']['max_steps']} "
              f"steps of {report['settings']['batch_size']} × {report['settings']['block_size']} tokens; "
-             f"{env.get('device_name', env.get('device', '?'))}, {env.get('torch_threads', '?')} torch thread(s); "
+             f"{hardware(env)}; "
              f"{len(report['runs'])} runs, {sum(run['train_seconds'] for run in report['runs']) / 60:.0f} min of "
              "training in all.", "",
              "| arm | p | seeds | val bpb, mean ± SE | vs p = 0 (± SE) | beyond 2 SE |", "|---|---|---|---|---|---|"]

@@ -42,7 +42,7 @@ from training.npt import NPTLossModule, NPTLossOptions, NPTTrainer, evaluate_npt
 from training.tokenization import load_tokenizer
 
 from .harness import add_deprecated_settings, add_preset_argument, add_set_argument, apply_settings, card_markers, \
-    environment, format_table, mean_and_se, pyplot, run_section, save_figure, torch_threads, training_arguments, \
+    environment, format_table, hardware, mean_and_se, pyplot, run_section, save_figure, torch_threads, training_arguments, \
     update_card_from_json, write_json
 
 CARD = Path(__file__).resolve().parents[1] / "model_cards" / "npt_llama.md"
@@ -265,8 +265,8 @@ def card_block(report: dict[str, Any], json_path: str) -> str:
              f"Preset `{report['preset']}` ({settings['steps']} steps of {settings['batch_size']} × "
              f"{settings['block_size']} tokens, teacher `{settings['teacher_overrides']}`), {settings['seeds']} seeds "
              f"(NP initialisation and data order; one teacher, seed 0); wall time {report['wall_seconds'] / 60:.1f} "
-             f"min on {env.get('device_name', env.get('device', '?'))} ({env.get('cpu_count', '?')} cores, load "
-             f"{env.get('load_average', ['?'])[0]:.3g} at the end), {env.get('torch_threads', '?')} torch thread(s). Mean ± SE over seeds. Ranked by KL(teacher ‖ NPT) across residual modes; R is ranked only "
+             f"min on {hardware(env)} (load at the end, {env.get('cpu_count', '?')} cores). Mean ± SE over seeds. "
+             "Ranked by KL(teacher ‖ NPT) across residual modes; R is ranked only "
              f"within a mode, since its denominator PPL_drop − PPL_base differs between modes.", "",
              "| KL rank | config | layers | mode | seeds | KL | top-1 (rank) | PPL_npt | R denominator | R | "
              "R rank in mode |", "|---|---|---|---|---|---|---|---|---|---|---|"]
