@@ -25,7 +25,8 @@ from typing import Any
 
 from training.common import UsageError, run_cli
 
-from .harness import MODEL_CARDS, card_markers, figure_title, format_table, mean_and_se, pyplot, save_figure, write_json
+from .harness import MODEL_CARDS, card_markers, figure_title, format_table, mean_and_se, pyplot, run_section, save_figure, \
+    write_json
 from .seed_stats import mean_se, paired_difference, plus_minus
 
 MODES = ("cached_parallel", "cached_sequential", "uncached_parallel", "uncached_sequential")
@@ -326,7 +327,7 @@ def card_table(report: dict[str, Any]) -> str:
 def card_block(report: dict[str, Any], json_path: str) -> str:
     """The card's seed-experiment section, generated from a `toeplitz_variants.json` report (between
     `card_markers`)."""
-    begin, end = card_markers("toeplitz_variants")
+    begin, end = card_markers(run_section("toeplitz_variants", json_path))
     return f"{begin.format(json=json_path)}\n\n{card_table(report)}\n\n{end}"
 
 

@@ -23,6 +23,7 @@ shape error) is recorded with its error.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import sys
@@ -42,8 +43,8 @@ from training.npt import NPTLossModule, NPTLossOptions, NPTTrainer, evaluate_npt
 from training.tokenization import load_tokenizer
 
 from .harness import add_deprecated_settings, add_preset_argument, add_set_argument, apply_settings, card_markers, \
-    environment, format_table, hardware, mean_and_se, pyplot, run_section, save_figure, torch_threads, training_arguments, \
-    update_card_from_json, write_json
+    environment, figure_title, format_table, hardware, mean_and_se, outside_legend, pyplot, run_section, save_figure, \
+    torch_threads, training_arguments, update_card_from_json, write_json
 
 CARD = Path(__file__).resolve().parents[1] / "model_cards" / "npt_llama.md"
 
@@ -94,6 +95,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                  layers=[[2], [4], [7]], steps=2000, lr=1e-3, batch_size=16, eval_batches=20, eval_every=250,
                  np_rank=64, multi_layer=[2, 3, 4, 5, 6, 7]),
 }
+# A 6-layer teacher 1.5x as wide as smoke's, twice the vocabulary, 1.5x the steps, the NPT layer in the middle
+# (layer 3): ~0.9M parameters; 16 minutes measured on one AMD EPYC core for the inverse-gradient configurations and
+# their controls (`--configs base,residual_keep,adaptive_invgrad,fixed_invgrad`, 3 seeds; the card's medium section).
+PRESETS["medium"] = dict(teacher_overrides="hidden_size=96,intermediate_size=256,num_hidden_layers=6,"
+                                           "num_attention_heads=4,num_key_value_heads=2,max_position_embeddings=128",
+                         teacher_steps=600, teacher_lr=3e-3, vocab_size=1024, block_size=64, max_documents=None,
+                         layers=[[3]], steps=600, lr=3e-3, batch_size=8, eval_batches=8, eval_every=150, np_rank=32,
+                         multi_layer=[2, 3, 4])
 # One point at a ~20M-parameter teacher on an H200 in about a minute (benchmarks.gpu_campaign runs a few
 # configurations with --configs; sized by estimate, not yet measured on a GPU).
 PRESETS["gpu"] = dict(teacher_overrides="hidden_size=512,intermediate_size=1376,num_hidden_layers=8,"
@@ -162,8 +171,10 @@ def run_config(name: str, teacher: Path, layers: Sequence[int], fields: dict[str
     result["train_seconds"] = time.perf_counter() - started
     result["after"] = evaluate_npt(model, validation, preset["batch_size"], preset["eval_batches"])
     result["curve"] = [{"step": 0, **before}] + curve.points
-    result["log"] = [entry for entry in trainer.state.log_history if "loss" in entry]
     if loss_args.get("adaptive", "none") != "none":
+        # The log is kept only where a figure derives from it (the converged weights), in its loss columns only.
+        result["log"] = [{key: value for key, value in entry.items() if key == "step" or key.startswith("loss")}
+                         for entry in trainer.state.log_history if "loss" in entry]
         result["converged_weights"] = converged_weights(result["log"])
     return result
 
@@ -183,8 +194,9 @@ def residual_mode(result: dict[str, Any]) -> str:
 
 def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per configuration and layer set: mean ± SE over seeds of KL, top-1, R and R's denominator PPL_drop − PPL_base;
-    `kl_rank` / `top1_rank` rank every row across residual modes, `r_rank` only within the row's mode (R's
-    denominator differs by an order of magnitude between modes, so R is not comparable across them)."""
+    `kl_rank` / `top1_rank` rank every row across residual modes, `r_rank` only among rows of the same residual
+    mode and layer set (R's denominator differs by an order of magnitude between modes and grows with the layers
+    replaced, so R is not comparable across them)."""
     groups: dict[tuple[str, tuple[int, ...]], list[dict[str, Any]]] = {}
     for result in results:
         if "after" in result:
@@ -202,8 +214,8 @@ def summarize(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for key, reverse in (("kl", False), ("top1", True)):
         for rank, row in enumerate(sorted(rows, key=lambda r: r[f"{key}_mean"], reverse=reverse), 1):
             row[f"{key}_rank"] = rank
-    for mode in {row["mode"] for row in rows}:
-        within = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["R_mean"], reverse=True)
+    for group in {(row["mode"], row["layers"]) for row in rows}:
+        within = sorted((r for r in rows if (r["mode"], r["layers"]) == group), key=lambda r: r["R_mean"], reverse=True)
         for rank, row in enumerate(within, 1):
             row["r_rank"] = rank
     return sorted(rows, key=lambda r: r["kl_rank"])
@@ -226,32 +238,45 @@ def control_verdicts(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return verdicts
 
 
-def plot(results: list[dict[str, Any]], folder: Path) -> None:
+def plot(report: dict[str, Any], folder: Path) -> None:
     """`ablation.png` (R and KL after training per configuration, mean ± SE over seeds, R's denominator in the label)
-    and `curves.png` (KL and NMSE by step, one line per run)."""
+    and `curves.png` (held-out KL and direct NMSE by step, mean ± SE over seeds per configuration), from a report."""
     plt = pyplot()
-
+    results, settings, env = report["results"], report["settings"], report.get("environment", {})
     rows = summarize(results)
     labels = [f"{r['config']} L{r['layers']} [{r['mode']}, R denom {r['denominator_mean']:.3g}]" for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(14, max(4, 0.3 * len(rows) + 1)))
+    fig, axes = plt.subplots(1, 2, figsize=(14, max(4, 0.3 * len(rows) + 2)))
     axes[0].barh(labels, [r["R_mean"] for r in rows], xerr=[r["R_se"] for r in rows], color="tab:blue", capsize=2)
     axes[0].axvline(0, color="k", lw=0.8)
-    axes[0].set_xlabel("recovery R = (PPL_drop − PPL_npt)/(PPL_drop − PPL_base), mean ± SE; compare within a mode")
+    axes[0].set(xlabel="recovery R = (PPL_drop − PPL_npt) / (PPL_drop − PPL_base)\n"
+                       "mean ± SE; compare within a mode and layer set", ylabel="configuration, layers [mode]")
     axes[1].barh(labels, [r["kl_mean"] for r in rows], xerr=[r["kl_se"] for r in rows], color="tab:orange",
                  capsize=2)
-    axes[1].set_xlabel("KL(teacher ‖ NPT), nats/token, mean ± SE (ranked across modes)")
-    axes[1].set_xscale("log")
+    axes[1].set(xlabel="KL(teacher ‖ NPT), nats/token\nmean ± SE (ranked across modes)", xscale="log",
+                ylabel="(same rows)")
     axes[1].set_yticklabels([])
+    fig.suptitle(figure_title(f"NPT loss ablation after training ({settings['seeds']} seeds)", report["preset"],
+                              settings["steps"], env))
     save_figure(fig, folder / "ablation.png")
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.5))
+    groups: dict[str, list[dict[str, Any]]] = {}
     for r in (r for r in results if "after" in r):
-        label = f"{r['name']} L{','.join(map(str, r['layers']))} s{r.get('seed', 0)}"
-        steps = [p["step"] for p in r["curve"]]
-        axes[0].plot(steps, [p["kl"] for p in r["curve"]], label=label)
-        axes[1].plot(steps, [p["direct_nmse"] for p in r["curve"]], label=label)
-    axes[0].set(xlabel="step", ylabel="held-out KL (nats/token)", yscale="log")
-    axes[1].set(xlabel="step", ylabel="held-out direct NMSE", yscale="log")
-    axes[1].legend(fontsize=6, ncol=2)
+        groups.setdefault(f"{r['name']} L{','.join(map(str, r['layers']))}", []).append(r)
+    for index, (label, runs) in enumerate(groups.items()):
+        steps = [point["step"] for point in runs[0]["curve"]]
+        for ax, key in zip(axes, ("kl", "direct_nmse")):
+            stats = [mean_and_se([run["curve"][i][key] for run in runs if i < len(run["curve"])])
+                     for i in range(len(steps))]
+            mean, se = [m for m, _ in stats], [e for _, e in stats]
+            # ten colours a style: 26 configurations stay distinguishable
+            (line,) = ax.plot(steps, mean, label=label, lw=1, ls=("-", "--", ":")[index // 10 % 3])
+            ax.fill_between(steps, [m - e for m, e in zip(mean, se)], [m + e for m, e in zip(mean, se)],
+                            color=line.get_color(), alpha=0.2)
+    axes[0].set(xlabel="training step", ylabel="held-out KL(teacher ‖ NPT), nats/token", yscale="log")
+    axes[1].set(xlabel="training step", ylabel="held-out direct NMSE", yscale="log")
+    outside_legend(axes[1], ncol=1 + len(groups) // 20)
+    fig.suptitle(figure_title("NPT distillation curves, mean ± SE over seeds (band)", report["preset"],
+                              settings["steps"], env))
     save_figure(fig, folder / "curves.png")
 
 
@@ -266,10 +291,10 @@ def card_block(report: dict[str, Any], json_path: str) -> str:
              f"{settings['block_size']} tokens, teacher `{settings['teacher_overrides']}`), {settings['seeds']} seeds "
              f"(NP initialisation and data order; one teacher, seed 0); wall time {report['wall_seconds'] / 60:.1f} "
              f"min on {hardware(env)} (load at the end, {env.get('cpu_count', '?')} cores). Mean ± SE over seeds. "
-             "Ranked by KL(teacher ‖ NPT) across residual modes; R is ranked only "
-             f"within a mode, since its denominator PPL_drop − PPL_base differs between modes.", "",
+             "Ranked by KL(teacher ‖ NPT) across residual modes; R is ranked only among rows of the same mode and "
+             "layer set, since its denominator PPL_drop − PPL_base differs between them.", "",
              "| KL rank | config | layers | mode | seeds | KL | top-1 (rank) | PPL_npt | R denominator | R | "
-             "R rank in mode |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "R rank in mode and layers |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["summary"]:
         lines.append(f"| {row['kl_rank']} | {row['config']} | {row['layers']} | {row['mode']} | {row['seeds']} | "
                      f"{row['kl_mean']:.4g} ± {row['kl_se']:.2g} | {row['top1_mean']:.4f} ± {row['top1_se']:.4f} "
@@ -294,7 +319,10 @@ def card_block(report: dict[str, Any], json_path: str) -> str:
 
 
 def update_card(json_path: str | Path, card: Path = CARD) -> str:
-    """Replace the card's generated results section with the one rendered from `json_path`."""
+    """Replace the card's generated results section with the one rendered from `json_path`; re-plot the PNGs
+    beside it."""
+    json_path = Path(json_path)
+    plot(json.loads(json_path.read_text(encoding="utf-8")), json_path.parent)
     return update_card_from_json(json_path, run_section("npt_losses", json_path), card_block, card=card)
 
 
@@ -313,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     add_deprecated_settings(parser, {"steps": int, "teacher_steps": int})
     parser.add_argument("--no_multi_layer", action="store_true", help="skip the several-layer runs")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: 1 for smoke, whose tiny matrices only lose from more)")
+                        help="torch intra-op threads (default: 1 for smoke and medium, whose small matrices only lose from more)")
     if argv[:1] == ["card"]:  # python -m benchmarks.npt_losses card <results.json>: regenerate the card's section
         if len(argv) != 2:
             raise UsageError("usage: python -m benchmarks.npt_losses card <results.json>")
@@ -321,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         return []
     args = parser.parse_args(argv)
     preset = apply_settings(PRESETS[args.preset], args.set)
-    with torch_threads(args.threads or (1 if args.preset == "smoke" else None)):
+    with torch_threads(args.threads or (1 if args.preset in ("smoke", "medium") else None)):
         return run(args, preset)
 
 
@@ -375,7 +403,7 @@ def run(args: argparse.Namespace, preset: dict[str, Any]) -> list[dict[str, Any]
                "wall_seconds": time.perf_counter() - started, "teacher": str(teacher), "results": results,
                "summary": summary, "controls": control_verdicts(summary)}
     write_json(folder / "results.json", payload)
-    plot(results, folder)
+    plot(payload, folder)
     rows = [{"config": r["name"], "seed": r["seed"], "layers": ",".join(map(str, r["layers"])),
              **({"kl0": r["before"]["kl"], "kl": r["after"]["kl"], "top1": r["after"]["top1"],
                  "ppl_base": r["after"]["ppl_base"], "ppl_npt": r["after"]["ppl_npt"],

@@ -59,8 +59,8 @@ from training.trainer import resolve_trainer
 from .analyze_toeplitz import CARD, analyze, card_block, card_table, plot_comparison, plot_seeds, print_verdicts, \
     seed_report
 from .harness import add_deprecated_override, add_deprecated_settings, add_preset_argument, add_set_argument, \
-    environment, format_table, parse_set, positive_ints, random_prompts, resolve_device, time_generation, timestamp, \
-    torch_threads, training_arguments, update_card_from_json, write_json
+    environment, format_table, parse_set, positive_ints, random_prompts, resolve_device, run_section, time_generation, \
+    timestamp, torch_threads, training_arguments, update_card_from_json, write_json
 
 VARIANTS = {
     "mean_proj": dict(do_toep_mean=True, do_toep_proj=True),
@@ -110,6 +110,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "bench": dict(batch_size=4, new_tokens=128, prompt_lengths=[1, 128, 384], runs=10, warmup=2, threads=None),
         "seeds": [42],
     },
+}
+# Wider than smoke (E=160, 4 layers) at smoke's full 400 steps of 16 x 128 tokens (the committed smoke run halved them),
+# the same four variants and 3 seeds, decode timed at prompts 1 and 128: 12 runs, 38 minutes measured on one AMD EPYC
+# core (the card's medium section).
+PRESETS["medium"] = {
+    **PRESETS["smoke"],
+    "model": {**PRESETS["smoke"]["model"], "hidden_size": 160, "intermediate_size": 160},
+    "bench": {**PRESETS["smoke"]["bench"], "prompt_lengths": [1, 128]},
 }
 # One point at the original's model size on an H200 in about a minute (benchmarks.gpu_campaign; sized by estimate, not
 # yet measured on a GPU): the original's 10-layer 512-wide model, the local corpus with a BPE of 4,096, steps of
@@ -367,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["card"]:
         json_path = Path(argv[1])
-        print(update_card_from_json(json_path, "toeplitz_variants", card_block, card=CARD))
+        print(update_card_from_json(json_path, run_section("toeplitz_variants", json_path), card_block, card=CARD))
         plot_seeds(json.loads(json_path.read_text(encoding="utf-8")), json_path.with_suffix(".png"))
         return None
     args = build_parser().parse_args(argv)

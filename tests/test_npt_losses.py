@@ -456,6 +456,16 @@ def test_summary_reports_r_with_its_denominator_and_se_and_ranks_r_only_within_a
     assert [rows[n]["r_rank"] for n in ("adaptive_invgrad", "base", "fixed_invgrad")] == [1, 2, 3]
 
 
+def test_r_ranks_only_among_rows_replacing_the_same_layers():
+    from benchmarks.npt_losses import summarize
+
+    # replacing three layers has a denominator of ~8 PPL: its R is not comparable with the one-layer rows' R
+    three = dict(_run("base", 0, 0.09, 0.71, 22.5, 27.8), layers=[1, 2, 3])
+    rows = {(row["config"], row["layers"]): row for row in summarize(_synthetic_results() + [three])}
+    assert rows[("base", "1,2,3")]["R_mean"] > rows[("adaptive_invgrad", "2")]["R_mean"]
+    assert rows[("base", "1,2,3")]["r_rank"] == 1 and rows[("adaptive_invgrad", "2")]["r_rank"] == 1
+
+
 def test_control_verdict_compares_kl_with_the_adaptive_run_within_2_se():
     from benchmarks.npt_losses import control_verdicts, summarize
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from matplotlib.container import ErrorbarContainer
 
-from benchmarks import fft_crossover, harness, nanohead_sweep, toeplitz_recurrent
+from benchmarks import fft_crossover, harness, nanohead_sweep, npt_losses, toeplitz_recurrent
 from model_cards import plot_loss_curve
 
 ENV = {"device": "cpu", "device_name": "Test CPU 9000", "torch_threads": 2, "dtype": "float32", "torch": "2"}
@@ -22,7 +22,7 @@ HARDWARE = "Test CPU 9000 (cpu), 2 thread(s)"
 def figures(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
     """The figures the plot functions hand to `save_figure` (kept open, not written)."""
     caught: list[Any] = []
-    for module in (fft_crossover, nanohead_sweep, toeplitz_recurrent):
+    for module in (fft_crossover, nanohead_sweep, npt_losses, toeplitz_recurrent):
         monkeypatch.setattr(module, "save_figure", lambda fig, path, caught=caught: caught.append(fig))
     yield caught
     for fig in caught:
@@ -76,6 +76,26 @@ def test_toeplitz_recurrent_plot_has_title_labels_and_error_bars(figures: list[A
               "model": {"steps": 300}, "environment": ENV}
     toeplitz_recurrent.plot(report, "unused.png")
     assert_seeded_figure(figures, "preset smoke, 300 steps")
+
+
+def test_npt_losses_plots_have_titles_labels_error_bars_and_seed_bands(figures: list[Any]) -> None:
+    def run(name: str, seed: int, kl: float) -> dict[str, Any]:
+        after = {"kl": kl, "top1": 0.9, "ppl_base": 19.6, "ppl_npt": 20.2, "ppl_drop": 20.8, "recovery": 0.5}
+        curve = [{"step": 0, "kl": 0.05, "direct_nmse": 0.7}, {"step": 100, "kl": kl, "direct_nmse": 0.4 + seed / 10}]
+        return {"name": name, "seed": seed, "layers": [2], "npt_fields": {}, "after": after, "curve": curve}
+
+    report = {"results": [run(name, seed, 0.02 + seed / 100) for name in ("base", "fixed_invgrad") for seed in (0, 1)],
+              "preset": "smoke", "settings": {"steps": 100, "seeds": 2}, "environment": ENV}
+    npt_losses.plot(report, Path("unused"))
+    ablation, curves = figures
+    assert_seeded_figure([ablation], "preset smoke, 100 steps")
+    assert "preset smoke, 100 steps, " + HARDWARE in title(curves)
+    assert_labelled(curves)
+    (line, *_), band = curves.axes[0].lines, curves.axes[0].collections[0]  # the mean and its ± SE band over seeds
+    assert list(line.get_ydata()) == pytest.approx([0.05, 0.025])
+    vertices = band.get_paths()[0].vertices
+    at_100 = vertices[vertices[:, 0] == 100, 1]
+    assert (at_100.min(), at_100.max()) == pytest.approx((0.02, 0.03))  # mean 0.025 ± SE 0.005
 
 
 def test_fft_crossover_plot_names_the_hardware_and_keeps_the_legend_off_the_data(figures: list[Any]) -> None:
