@@ -1,5 +1,6 @@
 """Shared modeling machinery of the zoo: the pre-trained-model base, the base of non-key/value caches (built on
-transformers' linear-attention cache layers), the rotary embedding and the FFT causal convolution.
+transformers' linear-attention cache layers), the rotary embedding, the FFT causal convolution and a dropout
+that compiles well on a CPU.
 
 Like `configuration_zoo_common.py`, this file is copied next to saved weights for remote code, so it depends
 only on `torch`, `transformers` and sibling modules.
@@ -109,6 +110,35 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_di
     return x * cos + rotate_half(x) * sin
 
 
+def _dropout_scale(like: torch.Tensor, p: float) -> torch.Tensor:
+    """The inverted-dropout multiplier `bernoulli(1 - p) / (1 - p)` in the shape and dtype of `like`."""
+    return torch.empty_like(like).bernoulli_(1 - p).div_(1 - p)
+
+
+# an opaque operator for `torch.compile` (registered once even when a remote-code copy of this file is imported too)
+if not hasattr(torch.ops.hf_zoo, "dropout_scale"):
+    torch.library.custom_op("hf_zoo::dropout_scale", _dropout_scale, mutates_args=())
+    torch.library.register_fake("hf_zoo::dropout_scale", lambda like, p: torch.empty_like(like))
+
+
+class ZooDropout(nn.Dropout):
+    """`nn.Dropout` (the same distribution, the same module in a state dict) whose compiled form on a CPU draws the
+    mask with eager's random kernel.
+
+    Inductor's CPU code for random numbers is several times slower than eager's `bernoulli_` (a dropout over
+    8 x 256 x 1024 floats costs more compiled than eager), so under `torch.compile` on a CPU the multiplier comes
+    from an opaque operator (`hf_zoo::dropout_scale`, no graph break) and only the multiplication is fused with its
+    neighbours. Eager execution and other devices (whose compiled random numbers are fast) use `nn.Dropout` itself.
+    """
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`hidden_states` of any shape, with dropout in training."""
+        if (self.training and 0 < self.p < 1 and hidden_states.device.type == "cpu"
+                and torch.compiler.is_compiling()):
+            return hidden_states * torch.ops.hf_zoo.dropout_scale(hidden_states.detach(), self.p)
+        return super().forward(hidden_states)
+
+
 def fft_causal_conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """`y[:, t] = sum_{j <= t} kernel[..., j] * x[:, t - j]` (zero before the start) by zero-padded real FFTs.
 
@@ -182,6 +212,7 @@ class ZooStateLayer(LinearAttentionLayer):
     """
 
     is_sliding = False
+    is_croppable = False  # transformers >= 5.25 makes linear-attention layers croppable by recording their past
 
     def __init__(self) -> None:
         super().__init__(number_of_states=0)
@@ -244,7 +275,7 @@ class ZooStateLayer(LinearAttentionLayer):
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._replace_all(lambda tensor: tensor.repeat_interleave(repeats, dim=0))
 
-    def activate_past_recording(self) -> None:
+    def activate_past_recording(self, **kwargs: Any) -> None:
         self.crop(0)
 
     def crop(self, tokens_to_remove: int) -> None:

@@ -114,6 +114,8 @@ def test_split_errors(args, match):
         ({"hidden_act": "tanh"}, "hidden_act"),
         ({"rope_theta": 0.0}, "rope_theta"),
         ({"learnable_logit_scale": 1}, "learnable_logit_scale"),
+        ({"loss_chunk_size": 0}, "loss_chunk_size"),
+        ({"loss_chunk_size": 2.5}, "loss_chunk_size"),
     ],
 )
 def test_invalid_config_is_rejected_at_config_time(overrides, field):

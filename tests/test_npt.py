@@ -496,7 +496,7 @@ def test_ablation_runner_on_a_micro_setting(llama, tmp_path):
     assert [point["step"] for point in good["curve"]] == [0, 2, 4]
     assert good["after"]["ppl_base"] == pytest.approx(good["before"]["ppl_base"])  # the teacher never changes
     assert "shapes cannot be multiplied" in failed["error"]
-    plot(results, tmp_path)
+    plot({"preset": "micro", "settings": {**preset, "seeds": 1}, "results": results}, tmp_path)
     assert (tmp_path / "ablation.png").exists() and (tmp_path / "curves.png").exists()
 
 

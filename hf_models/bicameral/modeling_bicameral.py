@@ -51,6 +51,7 @@ from transformers.utils import ModelOutput, can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from ..modeling_zoo_common import (
+    ZooDropout,
     ZooPreTrainedModel,
     ZooStateCacheGenerationMixin,
     dense_causal_conv,
@@ -117,7 +118,7 @@ class BicameralBlock(GradientCheckpointingLayer):
         self.ffn_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
         self.ffn_up = nn.Linear(hidden, config.ffn_mult * hidden)
         self.ffn_down = nn.Linear(config.ffn_mult * hidden, hidden)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = ZooDropout(config.dropout)
         # the original's initialisations (read by `BicameralPreTrainedModel._init_weights`)
         for gate in (self.freq_context_gate, self.time_context_gate):
             gate.init_std, gate.init_bias = 0.0, 2.0  # gates start at sigmoid(2) ~ 0.88 everywhere

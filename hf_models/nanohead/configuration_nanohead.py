@@ -158,6 +158,11 @@ class NanoheadConfig(ZooConfig):
         rms_norm_eps (`float`, *optional*, defaults to 1e-6): epsilon of the parameter-free RMSNorms.
         final_logit_softcapping (`float`, *optional*, defaults to 15.0): logits become `c * tanh(logits / c)`;
             `None` disables the cap.
+        loss_chunk_size (`int`, *optional*): in training with `labels`, compute the LM head, the soft-cap and the
+            cross-entropy together, this many positions at a time (`hf_models.fused_cross_entropy`), without the
+            `(batch, seq, vocab)` logits: the same loss and gradients up to float rounding, faster and smaller on
+            large vocabularies; the output's `logits` are then `None`. `None` (default): the plain path. Evaluation
+            and generation always return logits.
         initializer_range (`float`, *optional*, defaults to 0.02): standard deviation of the initialisation of the
             blocks' output projections (`o_proj`, `down_proj`; nanochat zeroes them); embeddings start with std 1,
             every other matrix with std `1/sqrt(fan_in)`.
@@ -185,6 +190,7 @@ class NanoheadConfig(ZooConfig):
         hidden_act: str = "relu2",
         rms_norm_eps: float = 1e-6,
         final_logit_softcapping: float | None = 15.0,
+        loss_chunk_size: int | None = None,
         initializer_range: float = 0.02,
         use_cache: bool = True,
         tie_word_embeddings: bool = False,
@@ -205,6 +211,8 @@ class NanoheadConfig(ZooConfig):
         check_positive("initializer_range", initializer_range, allow_zero=True, integer=False)
         if final_logit_softcapping is not None:
             check_positive("final_logit_softcapping", final_logit_softcapping, integer=False)
+        if loss_chunk_size is not None:
+            check_positive("loss_chunk_size", loss_chunk_size)
         check_bool("learnable_logit_scale", learnable_logit_scale)
         check_choice("hidden_act", hidden_act, ("relu2", "relu", "gelu", "silu"))
         calculate_nanohead_split(hidden_size, num_attention_heads, num_key_value_heads, nanohead_proportion,
@@ -224,6 +232,7 @@ class NanoheadConfig(ZooConfig):
         self.hidden_act = hidden_act
         self.rms_norm_eps = rms_norm_eps
         self.final_logit_softcapping = final_logit_softcapping
+        self.loss_chunk_size = loss_chunk_size
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         super().__init__(

@@ -62,6 +62,7 @@ from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
+from ..fused_cross_entropy import linear_cross_entropy
 from ..modeling_zoo_common import ZooPreTrainedModel, ZooRotaryEmbedding, apply_rotary
 from .configuration_nanohead import NanoheadConfig, NanoheadSplit
 
@@ -469,7 +470,8 @@ class NanoheadForCausalLM(NanoheadPreTrainedModel, GenerationMixin):
             logits_to_keep (`int` or `torch.Tensor`, *optional*): compute logits for the last `n` positions only
                 (0: all).
 
-        Other arguments as in [`NanoheadModel.forward`]. Returns logits `(batch, seq, vocab)` in float32.
+        Other arguments as in [`NanoheadModel.forward`]. Returns logits `(batch, seq, vocab)` in float32, or `None`
+        when `config.loss_chunk_size` fuses the head into the loss (training with `labels`).
         """
         outputs: BaseModelOutputWithPast = self.model(
             input_ids=input_ids,
@@ -483,6 +485,13 @@ class NanoheadForCausalLM(NanoheadPreTrainedModel, GenerationMixin):
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         cap = self.config.final_logit_softcapping
+        if self.training and labels is not None and self.config.loss_chunk_size is not None:
+            loss = linear_cross_entropy(hidden_states, self.lm_head.weight, labels, softcap=cap,
+                                        chunk_size=self.config.loss_chunk_size,
+                                        num_items_in_batch=kwargs.get("num_items_in_batch"),
+                                        shift_labels=kwargs.get("shift_labels"))
+            return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache,
+                                          hidden_states=outputs.hidden_states, attentions=outputs.attentions)
         if cap is None:
             logits = self.lm_head(hidden_states).float()
         else:  # cap * tanh(W h / cap); the division on the hidden states and an in-place tanh spare two

@@ -59,6 +59,7 @@ from transformers.utils import can_return_tuple
 from transformers.utils.output_capturing import capture_outputs
 
 from ..modeling_zoo_common import (
+    ZooDropout,
     ZooPreTrainedModel,
     ZooStateCacheGenerationMixin,
     fft_causal_conv,
@@ -264,7 +265,7 @@ class ToeplitzMixerMLP(nn.Module):
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
         self.act = ACT2FN[config.hidden_act]
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = ZooDropout(config.dropout)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.dropout(self.act(self.fc1(hidden_states))))
