@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from .modeling_zoo_common import register_opaque_op
+
 IGNORE_INDEX = -100
 
 
@@ -85,12 +87,8 @@ def _backward(ctx, grad_loss, _grad_of_grad_hidden, _grad_of_grad_weight):
             None, None, None, None, None, None)
 
 
-# an opaque operator, so a compiled model runs it without a graph break (registered once even when a remote-code
-# copy of this file is imported too); its backward only scales the gradients its forward computed
-if not hasattr(torch.ops.hf_zoo, "linear_cross_entropy"):
-    torch.library.custom_op("hf_zoo::linear_cross_entropy", _chunked_loss_and_gradients, mutates_args=())
-    torch.library.register_fake("hf_zoo::linear_cross_entropy", _fake)
-    torch.library.register_autograd("hf_zoo::linear_cross_entropy", _backward, setup_context=_setup_context)
+# its backward only scales the gradients its forward computed
+register_opaque_op("linear_cross_entropy", _chunked_loss_and_gradients, _fake, _backward, _setup_context)
 
 
 def linear_cross_entropy(

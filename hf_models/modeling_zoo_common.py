@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -115,10 +115,20 @@ def _dropout_scale(like: torch.Tensor, p: float) -> torch.Tensor:
     return torch.empty_like(like).bernoulli_(1 - p).div_(1 - p)
 
 
-# an opaque operator for `torch.compile` (registered once even when a remote-code copy of this file is imported too)
-if not hasattr(torch.ops.hf_zoo, "dropout_scale"):
-    torch.library.custom_op("hf_zoo::dropout_scale", _dropout_scale, mutates_args=())
-    torch.library.register_fake("hf_zoo::dropout_scale", lambda like, p: torch.empty_like(like))
+def register_opaque_op(name: str, function: Callable, fake: Callable, backward: Callable | None = None,
+                       setup_context: Callable | None = None) -> None:
+    """Register `function` as the operator `hf_zoo::<name>`, which `torch.compile` keeps whole without a graph break
+    (`fake` gives its outputs' shapes; `backward` and `setup_context` its autograd formula, if any). Registered once,
+    even when a remote-code copy of the defining file is imported beside `hf_models`."""
+    if hasattr(torch.ops.hf_zoo, name):
+        return
+    torch.library.custom_op(f"hf_zoo::{name}", function, mutates_args=())
+    torch.library.register_fake(f"hf_zoo::{name}", fake)
+    if backward is not None:
+        torch.library.register_autograd(f"hf_zoo::{name}", backward, setup_context=setup_context)
+
+
+register_opaque_op("dropout_scale", _dropout_scale, lambda like, p: torch.empty_like(like))
 
 
 class ZooDropout(nn.Dropout):
