@@ -13,7 +13,10 @@ untimed calls, which also absorb the compilation):
   with the library's key/value caches (`_can_compile_fullgraph`), else with the architecture's own compileable cache
   (the Toeplitz mixer creates it before the prefill and takes its shape-static step),
 - `llama eager` and `llama compiled-static` (and `llama static` with `--static`): the same-size Llama
-  (`spec.baseline_config`).
+  (`spec.baseline_config`),
+- with `--llama_few_rows_head`, `llama-few-rows-head eager` and `compiled`: that Llama with its LM head applied
+  through `few_rows_linear`, as the zoo's causal LMs apply theirs (a control: how much of an architecture's lead is
+  that product's, which any model could use, rather than the architecture's).
 An architecture without a shape-static decode path (`generate` then decodes eagerly: its cache is not compileable)
 or whose compilation fails gets a row saying so, with no figures, instead of a crash.
 
@@ -41,9 +44,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import CompileConfig, LlamaForCausalLM, PreTrainedConfig, PreTrainedModel
 
 import hf_models  # noqa: F401  (fills the registry)
+from hf_models.modeling_zoo_common import few_rows_linear
 from hf_models.registry import ArchitectureSpec, get_spec
 from training.common import UsageError, run_cli
 
@@ -69,6 +74,22 @@ from .harness import (
 )
 
 LLAMA = "llama"
+LLAMA_FEW_ROWS = "llama-few-rows-head"
+
+
+class FewRowsHead(nn.Module):
+    """The control's LM head: `linear` applied through `few_rows_linear` (as the zoo's causal LMs apply theirs)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return few_rows_linear(self.linear, hidden_states)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--static", action="store_true", help="Also time the static cache without compilation.")
     parser.add_argument("--no_compile", action="store_true", help="Skip the compiled subjects.")
     parser.add_argument("--no_baseline", action="store_true", help="Skip the Llama baseline.")
+    parser.add_argument("--llama_few_rows_head", action="store_true",
+                        help=f"Also time the control `{LLAMA_FEW_ROWS}`: the baseline Llama with the zoo's LM-head "
+                             "product for a few rows (`few_rows_linear`), which separates that product's gain from "
+                             "the architecture's.")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--device", default="auto")
@@ -239,6 +264,7 @@ def measure_decode(
     static: bool = False,
     compile: bool = True,
     baseline: bool = True,
+    llama_few_rows_head: bool = False,
     warmup: int = 1,
     runs: int = 5,
     seed: int = 0,
@@ -256,6 +282,11 @@ def measure_decode(
     if baseline and spec.model_type != LLAMA:
         torch.manual_seed(seed)
         subjects.append((LLAMA, LlamaForCausalLM(spec.baseline_config(config)), ()))
+    if llama_few_rows_head:
+        torch.manual_seed(seed)
+        control = LlamaForCausalLM(spec.baseline_config(config))
+        control.lm_head = FewRowsHead(control.lm_head)
+        subjects.append((LLAMA_FEW_ROWS, control, ()))
     for _, model, _ in subjects:
         model.to(device=device, dtype=dtype).eval()
     # every path at one setting before the next setting, eager paths before compiled before static, the
@@ -321,19 +352,29 @@ def card_block(report: dict[str, Any], json_path: str) -> str:
                              summary_line(report))
 
 
-def summary_line(report: dict[str, Any]) -> str:
-    """The run's findings: per setting the subject's best path against Llama's best, and the compiled steps'
-    fraction of the floor (ranges over the settings)."""
-    subject = [row for row in report["rows"] if row["model"] != LLAMA and "tokens_per_second" in row]
+def best_rates(rows: list[dict[str, Any]], model: str) -> dict[tuple[int, int], float]:
+    """Per `(batch, prompt)` setting, the tokens/s of `model`'s fastest path."""
     best: dict[tuple[int, int], float] = {}
-    for row in subject:
-        if "vs_llama_best" in row:
+    for row in rows:
+        if row["model"] == model and "tokens_per_second" in row:
             key = (row["batch_size"], row["prompt_length"])
-            best[key] = max(best.get(key, 0.0), row["vs_llama_best"])
+            best[key] = max(best.get(key, 0.0), row["tokens_per_second"])
+    return best
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    """The run's findings: per setting the subject's best path against Llama's best (and against the control's,
+    `--llama_few_rows_head`), and the compiled steps' fraction of the floor (ranges over the settings)."""
+    rows, model = report["rows"], report["model_type"]
+    subject = [row for row in rows if row["model"] == model and "tokens_per_second" in row]
+    best = best_rates(rows, model)
     parts = []
-    if best:
-        parts.append(f"{report['model_type']}'s best path ÷ Llama's best path: {min(best.values()):.2f}–"
-                     f"{max(best.values()):.2f} over the {len(best)} settings")
+    for reference, label in ((LLAMA, "Llama's best path"), (LLAMA_FEW_ROWS, f"`{LLAMA_FEW_ROWS}`'s best path")):
+        theirs = best_rates(rows, reference)
+        ratios = [best[key] / theirs[key] for key in best if key in theirs]
+        if ratios and model != reference:
+            parts.append(f"{model}'s best path ÷ {label}: {min(ratios):.2f}–{max(ratios):.2f} over the "
+                         f"{len(ratios)} settings")
     floors = [row["fraction_of_floor"] for row in subject if row["path"] == "compiled" and row.get("fraction_of_floor")]
     if floors:
         parts.append(f"compiled steps at {min(floors):.0%}–{max(floors):.0%} of the floor")
@@ -370,13 +411,15 @@ def run(args: argparse.Namespace, spec: ArchitectureSpec, config: PreTrainedConf
     rows = measure_decode(spec, config, batch_sizes=args.batch_sizes, prompt_lengths=args.prompt_lengths,
                           new_tokens=args.new_tokens, device=device, dtype=dtype, bandwidth_gbs=bandwidth,
                           backend=args.backend, static=args.static, compile=not args.no_compile,
-                          baseline=not args.no_baseline, warmup=args.warmup, runs=args.runs, seed=args.seed)
+                          baseline=not args.no_baseline, llama_few_rows_head=args.llama_few_rows_head,
+                          warmup=args.warmup, runs=args.runs, seed=args.seed)
     report = {
         "model_type": spec.model_type,
         "config": config.to_diff_dict(),
         "settings": {"new_tokens": args.new_tokens, "warmup": args.warmup, "runs": args.runs, "greedy": True,
                      "backend": args.backend, "compile_config": compile_config(args.backend, device).to_dict(),
-                     "prompts": f"random token ids, seed {args.seed}"},
+                     "prompts": f"random token ids, seed {args.seed}",
+                     "llama_few_rows_head": args.llama_few_rows_head},
         "environment": environment(device, dtype),
         "bandwidth_gbs": bandwidth,
         "bandwidth_source": "--bandwidth_gbs" if args.bandwidth_gbs else "measured (256 MB buffer copy)",

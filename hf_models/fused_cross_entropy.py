@@ -42,12 +42,13 @@ def _chunked_loss_and_gradients(hidden: torch.Tensor, weight: torch.Tensor, targ
         target = targets[start:start + chunk_size]
         valid = target != IGNORE_INDEX
         safe = torch.where(valid, target, 0)[:, None]
-        tanh = None
+        sigmoid = None
         if softcap is None:
             logits = (rows @ weight.T).to(dtype)
-        else:  # the division on the hidden states, not on the vocabulary-wide product
-            tanh = ((rows / softcap) @ weight.T).to(dtype).tanh_()
-            logits = tanh * softcap
+        else:  # c tanh(z / c) = 2c sigmoid(2z / c) - c, as the model's plain path computes it (torch's CPU
+            # sigmoid is 2-3x faster than its tanh); the scaling on the hidden states, not on the product
+            sigmoid = ((rows * (2.0 / softcap)) @ weight.T).to(dtype).sigmoid_()
+            logits = sigmoid.mul(2.0 * softcap).sub_(softcap)
         picked = logits.gather(1, safe).squeeze(1)
         peak = logits.amax(dim=-1, keepdim=True)
         grad = logits.sub_(peak).exp_()  # exp(l - max), in place of the logits
@@ -58,8 +59,8 @@ def _chunked_loss_and_gradients(hidden: torch.Tensor, weight: torch.Tensor, targ
         weights = valid.to(dtype) * scale
         grad.mul_((weights / sums)[:, None])  # the softmax, weighted by 1 / denominator on target rows
         grad.scatter_add_(1, safe, -weights[:, None])
-        if tanh is not None:
-            grad.mul_(tanh.square_().neg_().add_(1.0))
+        if sigmoid is not None:  # d(c tanh(z / c)) / dz = 1 - tanh^2 = 4 sigmoid (1 - sigmoid)
+            grad.mul_(sigmoid.sub_(sigmoid.square()).mul_(4.0))
         grad = grad.to(weight.dtype)
         if grad_hidden_wanted:
             torch.mm(grad, weight, out=grad_hidden[start:start + chunk_size])

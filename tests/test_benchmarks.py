@@ -196,6 +196,28 @@ def test_decode_benchmark_reports_every_path_against_the_floor_and_llama(tmp_pat
     assert rows["toeplitz_mixer compiled"]["bytes_per_step"] > rows["toeplitz_mixer eager"]["bytes_per_step"]
 
 
+def test_the_decode_benchmarks_head_control_is_llama_with_the_few_rows_head_and_stays_out_of_the_summary():
+    from benchmarks.decode import LLAMA_FEW_ROWS, FewRowsHead, measure_decode, summary_line
+
+    spec = get_spec("nanohead_gpt")
+    rows = measure_decode(spec, spec.make_config(tiny=True), batch_sizes=[2], prompt_lengths=[3], new_tokens=3,
+                          device=torch.device("cpu"), dtype=torch.float32, bandwidth_gbs=10, compile=False,
+                          llama_few_rows_head=True, warmup=1, runs=5, log=lambda line: None)
+    assert [row["subject"] for row in rows] == ["nanohead_gpt eager", "llama eager", f"{LLAMA_FEW_ROWS} eager"]
+    control = rows[2]
+    assert control["vs_llama_eager"] > 0 and control["bytes_per_step"] == rows[1]["bytes_per_step"]
+    head = FewRowsHead(torch.nn.Linear(8, 5))
+    x = torch.randn(2, 1, 8)
+    assert head.weight is head.linear.weight
+    torch.testing.assert_close(head(x), head.linear(x), rtol=1e-5, atol=1e-6)
+    report = {"model_type": "nanohead_gpt", "rows": [{**rows[0], "tokens_per_second": 50.0},
+                                                     {**rows[1], "tokens_per_second": 100.0},
+                                                     {**control, "tokens_per_second": 200.0}]}
+    line = summary_line(report)  # the control's rate is neither the architecture's nor Llama's
+    assert "nanohead_gpt's best path ÷ Llama's best path: 0.50–0.50" in line
+    assert f"÷ `{LLAMA_FEW_ROWS}`'s best path: 0.25–0.25" in line
+
+
 def test_decode_benchmark_reports_an_architecture_without_a_static_path_as_such(monkeypatch):
     """Bicameral's compiled path is measured; with its cache made non-compileable (as an architecture without a
     shape-static step would be), `generate` decodes eagerly and the compiled rows say so, without figures."""

@@ -127,6 +127,31 @@ def test_cutoff_mask_is_ones_raised_cosine_then_zeros():
     torch.testing.assert_close(cutoff_mask(65, 3, 32)[:4], torch.tensor([1.0, 0.5, 0.0, 0.0]))  # roll-off clamped
 
 
+def test_a_block_with_scrambled_weights_is_the_documented_math():
+    """One block against the module docstring's formulas written out (`nn.Conv1d` for the time path, a direct
+    convolution for the frequency path, the fusion term by term), every weight and bias away from its init."""
+    model = scramble(tiny(num_hidden_layers=1, dropout=0.0))
+    block = model.model.layers[0]
+    h = torch.randn(2, 11, model.config.hidden_size, generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(2, 11)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        x = block.norm(h) * mask[..., None]
+        context = x.cumsum(1) / mask.cumsum(1).clamp(min=1)[..., None]
+        y_freq = (block.spectral_gain * torch.sigmoid(block.freq_context_gate(context))
+                  * direct_causal_conv(x, block.effective_kernel()))
+        width = model.config.time_kernel_size
+        time_conv = F.conv1d(F.pad(x.transpose(1, 2), (width - 1, 0)), block.time_conv.weight, block.time_conv.bias,
+                             groups=x.shape[-1]).transpose(1, 2)
+        y_time = torch.sigmoid(block.time_context_gate(context)) * time_conv
+        a_freq, a_time = torch.sigmoid(block.alpha_freq), torch.sigmoid(block.alpha_time)
+        y = (a_freq * y_freq + a_time * y_time) / (a_freq + a_time) + 0.1 * block.cross_mix(torch.cat([y_freq, y_time],
+                                                                                                      -1))
+        h = h + y
+        expected = h + block.ffn_down(F.gelu(block.ffn_up(block.ffn_norm(h))))
+        torch.testing.assert_close(block(h - y, mask), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_effective_kernel_is_the_gated_kernel_without_cutoff_and_low_passed_with_one():
     model = tiny(max_position_embeddings=64, kernel_len=16)
     block = model.model.layers[0]

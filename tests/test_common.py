@@ -243,5 +243,6 @@ def test_saved_folder_loads_as_remote_code_without_hf_models(spec: ArchitectureS
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     logits, hidden = json.loads(result.stdout.strip().splitlines()[-1])
-    torch.testing.assert_close(torch.tensor(logits), torch.tensor(expected), rtol=0, atol=0)
+    # CPU BLAS may round a product differently in another process (buffer alignment): a few float32 ulps
+    torch.testing.assert_close(torch.tensor(logits), torch.tensor(expected), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.tensor(hidden), torch.tensor(expected_hidden), rtol=1e-6, atol=1e-6)

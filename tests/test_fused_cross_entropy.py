@@ -98,8 +98,10 @@ def test_nanohead_fused_loss_equals_the_plain_path_and_drops_logits_only_in_trai
     out_plain.loss.backward()
     out_fused.loss.backward()
     plain_grads = dict(plain.named_parameters())
-    for name, parameter in fused.named_parameters():
-        torch.testing.assert_close(parameter.grad, plain_grads[name].grad, rtol=1e-5, atol=1e-7, msg=name)
+    for name, parameter in fused.named_parameters():  # float32 summation order: a few ulps of the gradient's scale
+        expected = plain_grads[name].grad
+        torch.testing.assert_close(parameter.grad, expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item(),
+                                   msg=name)
     fused.eval()
     with torch.no_grad():
         evaluated = fused(input_ids, labels=labels)

@@ -1,5 +1,5 @@
-"""`ZooDropout`: nn.Dropout's distribution in eager and compiled training, the mask from an opaque operator when
-compiled on a CPU, and whole training forwards that still compile to one graph."""
+"""`ZooDropout`: on a CPU, dropout at p rounded to 16 bits from an opaque operator (eager and compiled), every
+16-bit lane of its draws at the rate, and whole training forwards that still compile to one graph."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from hf_models.modeling_zoo_common import ZooDropout
+from hf_models.modeling_zoo_common import ZooDropout, dropout_keep_threshold
 from hf_models.registry import get_spec
 
 from .conftest import tiny_model
@@ -20,13 +20,36 @@ def graph_recorder(graphs: list[str]):
     return backend
 
 
-def test_eager_zoo_dropout_is_nn_dropout_and_eval_is_the_identity():
+def test_cpu_zoo_dropout_drops_at_the_rounded_rate_in_every_lane_reproducibly_and_eval_is_the_identity():
+    x = torch.randn(1000, 2001, requires_grad=True)  # an odd count: the last 64-bit draw is used in part
+    dropout = ZooDropout(0.1).train()
+    torch.manual_seed(3)
+    y = dropout(x)
+    torch.manual_seed(3)
+    assert torch.equal(dropout(x), y)
+    rate = dropout_keep_threshold(0.1) / 2**16
+    assert rate == pytest.approx(0.1, abs=2**-17)
+    y.sum().backward()  # the gradient is the multiplier: 0 where dropped, 1 / (1 - p') elsewhere
+    dropped = x.grad == 0
+    # each 64-bit draw serves four consecutive elements, one per 16-bit lane: every lane drops at the rate
+    lanes = dropped.flatten()[: 4 * (dropped.numel() // 4)].view(-1, 4).float().mean(0)
+    assert (lanes - rate).abs().max() < 3e-3, lanes  # 5e5 draws per lane: the standard error is 4e-4
+    assert torch.equal(x.grad[~dropped], torch.full_like(x.grad[~dropped], 1 / (1 - rate)))
+    torch.testing.assert_close(y, x * x.grad)
+    assert torch.equal(dropout.eval()(x), x)
+
+
+def test_the_dropout_rate_is_rounded_to_sixteen_bits_and_stays_below_one():
+    assert dropout_keep_threshold(0.25) == 2**14
+    assert dropout_keep_threshold(1e-9) == 0
+    assert dropout_keep_threshold(1 - 1e-9) == 2**16 - 1
+
+
+def test_zoo_dropout_off_the_cpu_path_is_nn_dropout():
     x = torch.randn(64, 128)
     torch.manual_seed(3)
-    expected = nn.Dropout(0.3).train()(x)
-    torch.manual_seed(3)
-    assert torch.equal(ZooDropout(0.3).train()(x), expected)
-    assert torch.equal(ZooDropout(0.3).eval()(x), x)
+    expected = nn.Dropout(1.0).train()(x)  # p = 1 is nn.Dropout's own case (all zeros)
+    assert torch.equal(ZooDropout(1.0).train()(x), expected)
 
 
 def test_compiled_zoo_dropout_draws_its_mask_from_the_opaque_operator_with_dropouts_distribution():

@@ -186,24 +186,46 @@ class BicameralBlock(GradientCheckpointingLayer):
             else:  # continuing a cached sequence: the last inputs are the convolution's left context
                 window = torch.cat([cache.past_inputs(self.layer_idx, cache.ring - 1), x], dim=1)
             long_conv = self._long_conv(window, kernel)[:, -length:]
-        y_freq = long_conv * self.spectral_gain * torch.sigmoid(self.freq_context_gate(context))
+        gated_freq = long_conv * torch.sigmoid(self.freq_context_gate(context))  # y_f without the spectral gain
 
         width = self.config.time_kernel_size
         past = cache.past_inputs(self.layer_idx, width - 1) if cache is not None else x.new_zeros(
             x.shape[0], width - 1, x.shape[2])
-        window = torch.cat([past, x], dim=1).transpose(1, 2)  # (batch, hidden, width - 1 + seq)
-        y_time = self.time_conv(window).transpose(1, 2) * torch.sigmoid(self.time_context_gate(context))
+        y_time = self._time_conv(torch.cat([past, x], dim=1)) * torch.sigmoid(self.time_context_gate(context))
 
         if cache is not None:
             cache.store_inputs(self.layer_idx, x)
 
-        a_freq, a_time = torch.sigmoid(self.alpha_freq), torch.sigmoid(self.alpha_time)
-        total = a_freq + a_time + 1e-8
-        mixed = (a_freq / total) * y_freq + (a_time / total) * y_time
-        mixed = mixed + FUSION_CROSS_SCALE * self.cross_mix(torch.cat([y_freq, y_time], dim=-1))
+        weight, bias = self.fusion()
+        mixed = F.linear(torch.cat([gated_freq, y_time], dim=-1), weight, bias)
         hidden_states = hidden_states + self.dropout(mixed)
         ffn = self.ffn_down(self.dropout(F.gelu(self.ffn_up(self.ffn_norm(hidden_states)))))
         return hidden_states + self.dropout(ffn)
+
+    def _time_conv(self, window: torch.Tensor) -> torch.Tensor:
+        """The time path's depthwise causal convolution `b_c + sum_j w[c, j] x[t - w + 1 + j, c]` of `window`
+        `(batch, w - 1 + seq, hidden)` (the `w - 1` inputs before the sequence, then the sequence) → `(batch, seq,
+        hidden)`: `time_conv`'s weights as `w` multiply-adds of shifted windows, which in the batch-first layout
+        need no transposed copies (about 5x faster on a CPU than `nn.Conv1d` forward and backward at width 3)."""
+        taps = self.time_conv.weight[:, 0, :]  # (hidden, w)
+        width, length = taps.shape[1], window.shape[1] - taps.shape[1] + 1
+        out = torch.addcmul(self.time_conv.bias, window[:, :length], taps[:, 0])
+        for j in range(1, width):
+            out = torch.addcmul(out, window[:, j:j + length], taps[:, j])
+        return out
+
+    def fusion(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole fusion as one linear map of `[y_f / gain; y_t]` (`2C → C`): `a_f/(a_f + a_t)·y_f +
+        a_t/(a_f + a_t)·y_t + 0.1·W_x[y_f; y_t]` with the spectral gain folded into the `y_f` columns; returns the
+        weight `(C, 2C)` and the bias `(C,)`."""
+        hidden = self.config.hidden_size
+        a_freq, a_time = torch.sigmoid(self.alpha_freq), torch.sigmoid(self.alpha_time)
+        total = a_freq + a_time + 1e-8
+        eye = torch.eye(hidden, device=self.cross_mix.weight.device, dtype=self.cross_mix.weight.dtype)
+        weight = FUSION_CROSS_SCALE * self.cross_mix.weight + torch.cat([(a_freq / total) * eye,
+                                                                         (a_time / total) * eye], dim=1)
+        weight = torch.cat([weight[:, :hidden] * self.spectral_gain, weight[:, hidden:]], dim=1)
+        return weight, FUSION_CROSS_SCALE * self.cross_mix.bias
 
     def _context(self, x: torch.Tensor, mask: torch.Tensor, cache: BicameralCache | None) -> torch.Tensor:
         """The context gates' input: `(batch, seq, hidden)` (causal running mean) or `(batch, 1, hidden)` (global)."""
@@ -221,8 +243,7 @@ class BicameralBlock(GradientCheckpointingLayer):
         on), the weights of ring slot s at position t (R = `cache.ring`); `time_taps` `(w, C)` and `time_offsets`
         `(w,)` (the time path's weights and the positions `t − w + 1 ... t` they read); `gate_weight` / `gate_bias`,
         both context gates as one linear map `C → 2C`; `fusion_weight` `(C, 2C)` / `fusion_bias`, the whole fusion
-        `a_f/(a_f + a_t)·y_f + a_t/(a_f + a_t)·y_t + 0.1·W_x[y_f; y_t]` with the spectral gain folded into its
-        `y_f` columns, as one linear map of `[long_conv · gate_f; time_conv · gate_t]`. A later cache reuses them
+        (`fusion`) as one linear map of `[long_conv · gate_f; time_conv · gate_t]`. A later cache reuses them
         while no parameter of the block changed (an optimiser step, `load_state_dict` or `.to()` does change them;
         an in-place write through `.data` bypasses autograd's version counter and is not seen)."""
         cutoff, tables = cache.kernels.get(self.layer_idx, (None, None))
@@ -233,15 +254,10 @@ class BicameralBlock(GradientCheckpointingLayer):
         if self._tables_memo is not None and self._tables_memo[0] == key and not torch.is_grad_enabled():
             cache.kernels[self.layer_idx] = (self.config.cutoff, self._tables_memo[1])
             return self._tables_memo[1]
-        kernel, ring, hidden = self.effective_kernel(), cache.ring, self.config.hidden_size
+        kernel, ring = self.effective_kernel(), cache.ring
         slots = torch.arange(ring, device=kernel.device)
         long_taps = F.pad(kernel, (0, ring - kernel.shape[0]))[(slots[:, None] - slots[None, :]) % ring]
-        a_freq, a_time = torch.sigmoid(self.alpha_freq), torch.sigmoid(self.alpha_time)
-        total = a_freq + a_time + 1e-8
-        eye = torch.eye(hidden, device=kernel.device, dtype=self.cross_mix.weight.dtype)
-        fusion = FUSION_CROSS_SCALE * self.cross_mix.weight + torch.cat([(a_freq / total) * eye,
-                                                                         (a_time / total) * eye], dim=1)
-        fusion = torch.cat([fusion[:, :hidden] * self.spectral_gain, fusion[:, hidden:]], dim=1)
+        fusion, fusion_bias = self.fusion()
         width = self.config.time_kernel_size
         tables = {
             "kernel": kernel, "long_taps": long_taps.to(self.cross_mix.weight.dtype),
@@ -249,7 +265,7 @@ class BicameralBlock(GradientCheckpointingLayer):
             "time_offsets": torch.arange(width, device=kernel.device) - (width - 1),
             "gate_weight": torch.cat([self.freq_context_gate.weight, self.time_context_gate.weight]),
             "gate_bias": torch.cat([self.freq_context_gate.bias, self.time_context_gate.bias]),
-            "fusion_weight": fusion, "fusion_bias": FUSION_CROSS_SCALE * self.cross_mix.bias,
+            "fusion_weight": fusion, "fusion_bias": fusion_bias,
         }
         if not torch.is_grad_enabled():
             cache.kernels[self.layer_idx] = (self.config.cutoff, tables)

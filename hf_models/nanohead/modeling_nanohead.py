@@ -63,7 +63,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from ..fused_cross_entropy import linear_cross_entropy
-from ..modeling_zoo_common import ZooPreTrainedModel, ZooRotaryEmbedding, apply_rotary
+from ..modeling_zoo_common import ZooPreTrainedModel, ZooRotaryEmbedding, apply_rotary, few_rows_linear
 from .configuration_nanohead import NanoheadConfig, NanoheadSplit
 
 # Which head dimensions each attention implementation's kernel accepts. Implementations not listed accept any
@@ -493,10 +493,12 @@ class NanoheadForCausalLM(NanoheadPreTrainedModel, GenerationMixin):
             return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache,
                                           hidden_states=outputs.hidden_states, attentions=outputs.attentions)
         if cap is None:
-            logits = self.lm_head(hidden_states).float()
-        else:  # cap * tanh(W h / cap); the division on the hidden states and an in-place tanh spare two
+            logits = few_rows_linear(self.lm_head, hidden_states).float()
+        else:  # cap * tanh(W h / cap) as 2 cap * sigmoid(2 W h / cap) - cap: the same function, with torch's CPU
+            # sigmoid 2-3x faster than its tanh; the scaling on the hidden states and an in-place sigmoid spare
             # vocabulary-wide temporaries (the matmul's backward does not need its output)
-            logits = cap * self.lm_head(hidden_states / cap).float().tanh_()
+            logits = few_rows_linear(self.lm_head, hidden_states * (2.0 / cap)).float().sigmoid_()
+            logits = logits.mul(2.0 * cap).sub_(cap)
         loss = self.causal_lm_loss(logits, labels, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,

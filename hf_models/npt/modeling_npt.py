@@ -57,7 +57,7 @@ from transformers.models.llama.modeling_llama import (
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import can_return_tuple
 
-from ..modeling_zoo_common import ZooPreTrainedModel
+from ..modeling_zoo_common import ZooPreTrainedModel, few_rows_linear
 from .configuration_npt import NPTConfig
 from .adapter_npt import NPTAdapterMixin
 from .folding_npt import NPTFoldingMixin
@@ -308,7 +308,8 @@ class NPTDecoderLayer(LlamaDecoderLayer):
     def _modulate(self, name: str, attn_output: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         compute_dtype = torch.float32 if self.config.np_fp32_modulation else q.dtype
         m, s, z = self.np_component[name](attn_output, q, compute_dtype)
-        m = self.config.np_alpha * m
+        if self.config.np_alpha != 1.0:
+            m = self.config.np_alpha * m
         if self._recording:
             self.npt_record.projections[name] = NPTProjectionRecord(q=q, s=s, z=z, m=m,
                                                                     modulator=self.np_component[name])
@@ -498,7 +499,7 @@ class NPTForCausalLM(NPTAdapterMixin, NPTFoldingMixin, NPTPreTrainedModel, Llama
                 **kwargs,
             )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states)
+        logits = few_rows_linear(self.lm_head, hidden_states)
         loss = self.causal_lm_loss(logits, labels, **kwargs)
         return NPTCausalLMOutputWithPast(
             loss=loss,
