@@ -78,7 +78,7 @@ LLAMA_FEW_ROWS = "llama-few-rows-head"
 
 
 class FewRowsHead(nn.Module):
-    """The control's LM head: `linear` applied through `few_rows_linear` (as the zoo's causal LMs apply theirs)."""
+    """The control's LM head: `linear` applied through `few_rows_linear`, as every zoo causal LM applies its own."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()

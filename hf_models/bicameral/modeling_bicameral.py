@@ -55,6 +55,7 @@ from ..modeling_zoo_common import (
     ZooPreTrainedModel,
     ZooStateCacheGenerationMixin,
     dense_causal_conv,
+    few_rows_linear,
     fft_causal_conv,
 )
 from .cache_bicameral import BicameralCache, work_dtype
@@ -498,7 +499,7 @@ class BicameralForCausalLM(BicameralPreTrainedModel, ZooStateCacheGenerationMixi
         hidden = outputs.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
+        logits = few_rows_linear(self.lm_head, hidden)
 
         loss = None
         if labels is not None:

@@ -62,6 +62,7 @@ from ..modeling_zoo_common import (
     ZooDropout,
     ZooPreTrainedModel,
     ZooStateCacheGenerationMixin,
+    few_rows_linear,
     fft_causal_conv,
     toeplitz_matrix,
 )
@@ -569,7 +570,7 @@ class ToeplitzMixerForCausalLM(ToeplitzMixerPreTrainedModel, ZooStateCacheGenera
             return_dict=True,
             **kwargs,
         )
-        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        logits = few_rows_linear(self.lm_head, slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         if labels is not None:
             labels = labels[:, -outputs.last_hidden_state.shape[1]:]
         loss = self.causal_lm_loss(logits, labels, **kwargs)
