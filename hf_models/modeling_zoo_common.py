@@ -134,7 +134,7 @@ def few_rows_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
         flat = flat.repeat(2, 1)
     out = (linear.weight @ flat.T).T[:rows]
     if linear.bias is not None:
-        out = out + linear.bias
+        out = out + linear.bias.to(out.dtype)  # under autocast the product is in the lower precision
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 

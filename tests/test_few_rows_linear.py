@@ -47,3 +47,12 @@ def test_hooked_or_replaced_layers_run_their_own_forward():
     doubled = Doubled(8, 8)
     x = torch.randn(1, 8)
     torch.testing.assert_close(few_rows_linear(doubled, x), 2 * nn.functional.linear(x, doubled.weight, doubled.bias))
+
+
+def test_under_cpu_autocast_the_output_has_the_linear_layers_dtype():
+    linear = nn.Linear(16, 8)
+    x = torch.randn(3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = few_rows_linear(linear, x), linear(x)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
