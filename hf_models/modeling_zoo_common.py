@@ -184,7 +184,7 @@ class ZooDropout(nn.Dropout):
 
     On a CPU, in training, the multiplier comes from `hf_zoo::dropout_scale` (see `_dropout_scale`): the rate is p
     rounded to a multiple of 2^-16 (0.1 → 0.1000061), the multiplier `1 / (1 - p')`, and drawing the mask is 5-6x
-    faster than `nn.Dropout`'s `bernoulli_` (which, per element, was about a tenth of a Bicameral training step).
+    faster than `nn.Dropout`'s `bernoulli_`, whose one draw per element took about a tenth of a Bicameral training step.
     Being an opaque operator, it also keeps `torch.compile` in one graph and out of inductor's CPU random numbers
     (slower still); only the multiplication is fused with its neighbours. Other devices use `nn.Dropout` itself.
     """

@@ -45,7 +45,7 @@ def test_the_dropout_rate_is_rounded_to_sixteen_bits_and_stays_below_one():
     assert dropout_keep_threshold(1 - 1e-9) == 2**16 - 1
 
 
-def test_zoo_dropout_off_the_cpu_path_is_nn_dropout():
+def test_zoo_dropout_outside_its_cpu_path_is_nn_dropout_here_at_p_one():
     x = torch.randn(64, 128)
     torch.manual_seed(3)
     expected = nn.Dropout(1.0).train()(x)  # p = 1 is nn.Dropout's own case (all zeros)
