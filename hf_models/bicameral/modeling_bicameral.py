@@ -241,9 +241,9 @@ class BicameralBlock(GradientCheckpointingLayer):
     def decode_tables(self, cache: BicameralCache) -> dict[str, torch.Tensor]:
         """What decoding derives from the weights, built once per weights and cutoff (afresh with gradients enabled):
         `kernel` k_eff `(K,)`; `long_taps` `(R, R)` with `long_taps[t % R, s] = k_eff[(t − s) % R]` (0 from lag K
-        on), the weights of ring slot s at position t (R = `cache.ring`); `time_taps` `(w, C)` and `time_offsets`
-        `(w,)` (the time path's weights and the positions `t − w + 1 ... t` they read); `gate_weight` / `gate_bias`,
-        both context gates as one linear map `C → 2C`; `fusion_weight` `(C, 2C)` / `fusion_bias`, the whole fusion
+        on), the weights of ring slot s at position t (R = `cache.ring`); `time_offsets` `(w,)` (the positions
+        `t − w + 1 ... t` the time path reads); `gate_weight` / `gate_bias`, both context gates as one linear map
+        `C → 2C`; `fusion_weight` `(C, 2C)` / `fusion_bias`, the whole fusion
         (`fusion`) as one linear map of `[long_conv · gate_f; time_conv · gate_t]`. A later cache reuses them
         while no parameter of the block changed (an optimiser step, `load_state_dict` or `.to()` does change them;
         an in-place write through `.data` bypasses autograd's version counter and is not seen)."""
@@ -262,7 +262,6 @@ class BicameralBlock(GradientCheckpointingLayer):
         width = self.config.time_kernel_size
         tables = {
             "kernel": kernel, "long_taps": long_taps.to(self.cross_mix.weight.dtype),
-            "time_taps": self.time_conv.weight[:, 0, :].t(), "time_bias": self.time_conv.bias,
             "time_offsets": torch.arange(width, device=kernel.device) - (width - 1),
             "gate_weight": torch.cat([self.freq_context_gate.weight, self.time_context_gate.weight]),
             "gate_bias": torch.cat([self.freq_context_gate.bias, self.time_context_gate.bias]),
@@ -288,7 +287,7 @@ class BicameralBlock(GradientCheckpointingLayer):
         context = (total / count.clamp(min=1.0)).to(x.dtype)[:, None]
         long_conv = torch.matmul(tables["long_taps"].index_select(0, slot), ring)  # (batch, 1, hidden)
         window = ring.index_select(1, (cache.cache_position + tables["time_offsets"]) % cache.ring)
-        time_conv = (window * tables["time_taps"]).sum(1, keepdim=True) + tables["time_bias"]
+        time_conv = self._time_conv(window)  # (batch, 1, hidden)
         gate_freq, gate_time = torch.sigmoid(F.linear(context, tables["gate_weight"], tables["gate_bias"])).chunk(2, -1)
         mixed = F.linear(torch.cat([long_conv * gate_freq, time_conv * gate_time], dim=-1), tables["fusion_weight"],
                          tables["fusion_bias"])
