@@ -104,7 +104,7 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
              "--set", "max_train_documents=100,vocab_size=300,block_size=24,hidden_size=32,num_hidden_layers=1,"
                       "batch_size=4,max_steps=2,reference_max_steps=2,start_sampler_step=1,start_critic_step=1,"
                       "end_critic_step=2,max_eval_blocks=4,num_prompts=2,mask_warmup_steps=1,mask_warmup_block=12,"
-                      "prompt_tokens=4,new_tokens=4,step_counts=[2]"],
+                      "prompt_tokens=4,new_tokens=4,step_counts=[2],seeds=1"],
         report="sampler_coherence.json"),
     "nanohead_sweep": dict(
         gpu=["--preset", "gpu", "--bf16", "--set", "train_file={data}/tinystories_valid_sample.txt", "--output_dir",

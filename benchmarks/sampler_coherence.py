@@ -1,7 +1,8 @@
 """The sampler-coherence experiment of the masked diffusion LM: does wavefront sampling with the sampler head (and
 critic-guided remasking) make parallel un-masking locally more coherent, and at what speed?
 
-    python -m benchmarks.sampler_coherence --preset smoke     # minutes on 2 CPU cores, tinystories sample
+    python -m benchmarks.sampler_coherence --preset smoke     # ~10 min per seed on one CPU core, 3 seeds
+    python -m benchmarks.sampler_coherence --preset medium    # 2.9M parameters, ~25 min per seed, 3 seeds
     python -m benchmarks.sampler_coherence --preset original  # larger model and sample, the original's stages (GPU)
 
 Steps:
@@ -16,7 +17,7 @@ Steps:
    wavefront, wavefront+critic, and the controls left-to-right (the leftmost masks first, main head: no selection
    among draws) at each step count, and confidence-threshold decoding (Fast-dLLM) at each of `THRESHOLDS`, whose
    number of model calls follows from the threshold), generate `new_tokens` tokens for all prompts in one batch
-   (temperature and top-p fixed, one sampling seed), and measure on the generated tokens:
+   (temperature and top-p fixed, the training seed as the sampling seed), and measure on the generated tokens:
    * unseen-bigram rate: share of adjacent token pairs (the first paired with the prompt's last token) that never
      occur in the training tokens: local incoherence;
    * repetition rate: share of tokens equal to the previous one;
@@ -28,11 +29,20 @@ Steps:
    * tokens/s: batch x new tokens / wall-clock seconds of the generation call (after one warm-up call);
    * tokens re-masked by the critic.
    The validation blocks' real continuations get the same text metrics (the "real text" line).
-4. Verdict: at each step count, wavefront vs naive and critic vs no critic, in unseen-bigram rate and reference
-   NLL, against twice the standard error of the difference (over prompts); the controls: left-to-right vs naive
+4. Steps 2-3 run once per training seed (`seeds`, from `--seed` on: the models' initialisation, data order and
+   the sampling seed; one tokenizer and one data split for all).
+5. Verdict: at each step count, wavefront vs naive and critic vs no critic, in unseen-bigram rate and reference
+   NLL, against twice the standard error of the difference; the controls: left-to-right vs naive
    and wavefront vs left-to-right at each step count, and each threshold against naive and left-to-right at the
-   smallest step count with at least its mean number of calls (so the control is never given fewer calls), in
-   reference NLL, unseen bigrams and entropy.
+   smallest step count with at least its mean number of calls (in every seed, so the control is never given fewer
+   calls), in reference NLL, unseen bigrams and entropy. With two or more seeds the report's table and verdicts
+   are over seeds (each seed's mean over prompts is one value; paired by seed); each seed's own verdicts, paired
+   over prompts, stay in its `runs` entry. With one seed they are over prompts.
+
+`python -m benchmarks.sampler_coherence card <sampler_coherence.json>` writes the run's section of the model card
+from the JSON (the folder name names the section, e.g. `model_cards/results/sampler_coherence/smoke/`).
+`python -m benchmarks.sampler_coherence merge <output_dir> <json> <json> ...` joins runs of the same settings with
+different seeds (e.g. one per core) into the report one run of all their seeds would have written.
 
 Any setting of the preset changes with `--set`, e.g. `--set max_steps=200,step_counts=[8,16]`. Writes
 `sampler_coherence.json` and `sampler_coherence.png` to `--output_dir`.
@@ -41,7 +51,9 @@ Any setting of the preset changes with `--set`, e.g. `--set max_steps=200,step_c
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -61,9 +73,10 @@ from training.diffusion import DiffusionTrainer
 from training.train import config_for_tokenizer
 from training.trainer import resolve_trainer
 
-from .harness import add_deprecated_settings, add_preset_argument, add_set_argument, apply_settings, environment, \
-    figure_title, format_table, mean_and_se, output_folder, positive_floats, positive_ints, prepare_corpus, pyplot, resolve_device, save_figure, \
-    torch_threads, training_arguments, write_json
+from .harness import add_deprecated_settings, add_preset_argument, add_set_argument, apply_settings, card_markers, \
+    environment, figure_title, format_table, hardware, mean_and_se, output_folder, positive_floats, positive_ints, \
+    prepare_corpus, pyplot, resolve_device, run_section, save_figure, torch_threads, training_arguments, \
+    update_card_from_json, write_json
 
 METHODS = {
     "naive": dict(sampler="naive", use_critic=False),
@@ -83,12 +96,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # objective on whole 128-token blocks. The original preset keeps the spec's objective (no warm-up).
     # One torch thread: on a shared 2-core machine, small multi-threaded kernels mostly measure OpenMP threads
     # waiting for a busy core (10x slower generation measured here with 2 threads while another job ran).
+    # Three training seeds, one after the other: about 10 minutes each on one Xeon core.
     "smoke": dict(train_file="tinystories_valid_sample.txt", vocab_size=1024, block_size=128, hidden_size=128,
                   num_hidden_layers=4, num_attention_heads=4, batch_size=16, max_steps=1200, reference_max_steps=400,
                   learning_rate=2e-3, start_sampler_step=300, start_critic_step=600, end_critic_step=900,
                   mask_warmup_steps=300, mask_warmup_rate=0.15, mask_warmup_block=32, max_train_documents=None,
                   max_eval_blocks=64, num_prompts=32, prompt_tokens=16, new_tokens=64, step_counts=[8, 16, 32, 64],
-                  temperature=1.0, top_p=0.9, threads=1),
+                  temperature=1.0, top_p=0.9, threads=1, seeds=3),
     # The original's stage schedule (main only to 1,000; + sampler; + critic from 3,000, full weight at 5,000), a
     # 256-wide 6-layer model, 128 new tokens, 128 prompts. Meant for a GPU.
     "original": dict(train_file="tinystories_valid_sample.txt", vocab_size=4096, block_size=256, hidden_size=256,
@@ -97,16 +111,22 @@ PRESETS: dict[str, dict[str, Any]] = {
                  start_sampler_step=1000, start_critic_step=3000, end_critic_step=5000, mask_warmup_steps=0,
                  mask_warmup_rate=0.15, mask_warmup_block=0, max_train_documents=None,
                  max_eval_blocks=256, num_prompts=128, prompt_tokens=32, new_tokens=128,
-                 step_counts=[8, 16, 32, 64, 128], temperature=1.0, top_p=0.9, threads=None),
+                 step_counts=[8, 16, 32, 64, 128], temperature=1.0, top_p=0.9, threads=None, seeds=3),
 }
+# The smoke recipe on a larger trunk, trained longer: 192 wide (2.9M parameters with the sampler and critic heads),
+# 2,000 diffusion steps (the same 300-step warm-up, the sampler from 500, the critic from 1,000, full weight at
+# 1,500), the Llama 600. Sized for the CPU (about 25 minutes per seed on one core); the corpus (~240k training
+# tokens) is what limits a larger model here.
+PRESETS["medium"] = {**PRESETS["smoke"], "hidden_size": 192, "max_steps": 2000, "reference_max_steps": 600,
+                     "start_sampler_step": 500, "start_critic_step": 1000, "end_critic_step": 1500}
 # One point at ~25M parameters on an H200 in about a minute (benchmarks.gpu_campaign; sized by estimate, not yet
 # measured on a GPU): 512 wide, 8 layers, 600 steps of 64 x 256 tokens with the smoke preset's mask warm-up and the
-# original's stage order compressed, 64 prompts.
+# original's stage order compressed, 64 prompts; one seed to fit the campaign's minutes (verdicts over prompts).
 PRESETS["gpu"] = {**PRESETS["original"], "hidden_size": 512, "num_hidden_layers": 8, "batch_size": 64,
                   "max_steps": 600, "reference_max_steps": 300, "start_sampler_step": 150,
                   "start_critic_step": 300, "end_critic_step": 450, "mask_warmup_steps": 150,
-                  "mask_warmup_block": 32, "num_prompts": 64, "step_counts": [16, 32, 64, 128]}
-INT_SETTINGS = ("threads", "vocab_size", "block_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                  "mask_warmup_block": 32, "num_prompts": 64, "step_counts": [16, 32, 64, 128], "seeds": 1}
+INT_SETTINGS = ("threads", "seeds", "vocab_size", "block_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                 "batch_size", "max_steps", "reference_max_steps", "start_sampler_step", "start_critic_step",
                 "end_critic_step", "mask_warmup_steps", "mask_warmup_block", "max_train_documents",
                 "max_eval_blocks", "num_prompts", "prompt_tokens", "new_tokens")
@@ -179,14 +199,23 @@ def summarise(name: str, steps: int | None, sequences: torch.Tensor, prompt_leng
     return result
 
 
-def compare(a: dict[str, Any], b: dict[str, Any], key: str) -> tuple[float, float]:
-    """Mean paired difference a - b over prompts of `key` and its standard error."""
-    diffs = [x - y for x, y in zip(a["per_prompt"][key], b["per_prompt"][key])]
+# The units a comparison pairs over: each row's values per prompt (one seed's run) or per seed (`over_seeds`).
+UNITS = {"prompts": "per_prompt", "seeds": "per_seed"}
+
+
+def compare(a: dict[str, Any], b: dict[str, Any], key: str, unit: str = "prompts") -> tuple[float, float]:
+    """Mean paired difference a - b of `key` over `unit` (prompts or seeds) and its standard error."""
+    diffs = [x - y for x, y in zip(a[UNITS[unit]][key], b[UNITS[unit]][key], strict=True)]
     return mean_and_se(diffs)
 
 
-def verdict(rows: list[dict[str, Any]], step_counts: Sequence[int]) -> tuple[list[str], str]:
-    """Paired comparisons (difference beyond 2 standard errors = significant) and a one-line verdict.
+def significant(diff: float, se: float) -> bool:
+    """Beyond 2 standard errors, with a standard error to compare with (one unit has none)."""
+    return se > 0 and abs(diff) > 2 * se
+
+
+def verdict(rows: list[dict[str, Any]], step_counts: Sequence[int], unit: str = "prompts") -> tuple[list[str], str]:
+    """Paired comparisons over `unit` (difference beyond 2 standard errors = significant) and a one-line verdict.
 
     Both measures are counted: a sampler that repeats one frequent token lowers the unseen-bigram rate while its
     text gets less likely under the reference model, so neither measure alone decides.
@@ -202,10 +231,10 @@ def verdict(rows: list[dict[str, Any]], step_counts: Sequence[int]) -> tuple[lis
                 continue
             parts = []
             for key, label in (("unseen_bigram_rate", "unseen bigrams"), ("reference_nll", "ref NLL")):
-                diff, se = compare(by_key[(treated, steps)], by_key[(control, steps)], key)
-                significant = abs(diff) > 2 * se
-                parts.append(f"{label} {diff:+.4f} ± {se:.4f}" + (" *" if significant else ""))
-                if significant:
+                diff, se = compare(by_key[(treated, steps)], by_key[(control, steps)], key, unit)
+                beyond = significant(diff, se)
+                parts.append(f"{label} {diff:+.4f} ± {se:.4f}" + (" *" if beyond else ""))
+                if beyond:
                     tally[("wavefront" if treated == "wavefront" else "critic", key)][diff > 0] += 1
             lines.append(f"{steps} steps, {treated} vs {control}: " + ", ".join(parts))
     total = sum(1 for s in step_counts if ("wavefront", s) in by_key)
@@ -218,7 +247,7 @@ def verdict(rows: list[dict[str, Any]], step_counts: Sequence[int]) -> tuple[lis
     summary = (f"wavefront vs naive ({total} step counts): {counts('wavefront', 'unseen_bigram_rate')}, "
                f"{counts('wavefront', 'reference_nll')}; critic remasking ({2 * total} comparisons): "
                f"{counts('critic', 'unseen_bigram_rate')}, {counts('critic', 'reference_nll')} "
-               "(significant = beyond 2 standard errors of the paired difference over prompts)")
+               f"(significant = beyond 2 standard errors of the paired difference over {unit})")
     return lines, summary
 
 
@@ -230,10 +259,12 @@ def matched_steps(calls: float, step_counts: Sequence[int]) -> int:
     return min((s for s in step_counts if s >= calls), default=max(step_counts))
 
 
-def control_verdict(rows: list[dict[str, Any]], step_counts: Sequence[int]) -> tuple[list[str], str]:
-    """The controls, paired over prompts in reference NLL, unseen bigrams and entropy (significant = beyond 2
-    standard errors): left-to-right vs naive and wavefront vs left-to-right at each step count, and each threshold
-    vs naive and vs left-to-right at `matched_steps` of its mean number of calls."""
+def control_verdict(rows: list[dict[str, Any]], step_counts: Sequence[int],
+                    unit: str = "prompts") -> tuple[list[str], str]:
+    """The controls, paired over `unit` (prompts or seeds) in reference NLL, unseen bigrams and entropy
+    (significant = beyond 2 standard errors): left-to-right vs naive and wavefront vs left-to-right at each step
+    count, and each threshold vs naive and vs left-to-right at `matched_steps` of its mean number of calls (over
+    seeds: the largest seed's mean, `model_calls_max`)."""
     by_key = {(row["method"], row["steps"]): row for row in rows if row["method"] != "threshold"}
     pairs: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = []
     for steps in step_counts:
@@ -242,7 +273,7 @@ def control_verdict(rows: list[dict[str, Any]], step_counts: Sequence[int]) -> t
                 pairs.append((f"{steps} steps, {treated} vs {control}", f"{treated} vs {control}",
                               by_key[(treated, steps)], by_key[(control, steps)]))
     for row in (row for row in rows if row["method"] == "threshold"):
-        steps = matched_steps(row["model_calls"], step_counts)
+        steps = matched_steps(row.get("model_calls_max", row["model_calls"]), step_counts)
         for control in ("naive", "left_to_right"):
             if (control, steps) in by_key:
                 pairs.append((f"threshold {row['threshold']} ({row['model_calls']:.1f} calls) vs {control} at "
@@ -252,34 +283,132 @@ def control_verdict(rows: list[dict[str, Any]], step_counts: Sequence[int]) -> t
         parts = []
         counts = tally.setdefault(group, {key: [0, 0, 0] for key, _ in CONTROL_MEASURES})
         for key, name in CONTROL_MEASURES:
-            diff, se = compare(treated, control, key)
-            significant = abs(diff) > 2 * se
-            parts.append(f"{name} {diff:+.4f} ± {se:.4f}" + (" *" if significant else ""))
+            diff, se = compare(treated, control, key, unit)
+            beyond = significant(diff, se)
+            parts.append(f"{name} {diff:+.4f} ± {se:.4f}" + (" *" if beyond else ""))
             counts[key][0] += 1
-            if significant:
+            if beyond:
                 counts[key][1 if diff < 0 else 2] += 1
         lines.append(f"{label}: " + ", ".join(parts))
     summary = "; ".join(
         f"{group} ({counts['reference_nll'][0]} comparisons): " + ", ".join(
             f"{name} lower in {counts[key][1]}, higher in {counts[key][2]}" for key, name in CONTROL_MEASURES)
-        for group, counts in tally.items()) + " (significant = beyond 2 standard errors of the paired difference)"
+        for group, counts in tally.items()) + \
+        f" (significant = beyond 2 standard errors of the paired difference over {unit})"
     return lines, summary
 
 
-CARD_COLUMNS = [("method", "sampler"), ("steps", "steps"), ("threshold", "τ"), ("model_calls", "calls / sample"),
-                ("reference_perplexity", "ref. perplexity"), ("reference_nll_se", "NLL se"), ("entropy", "entropy"),
-                ("entropy_se", "entropy se"), ("unseen_bigram_rate", "unseen bigrams"), ("distinct_1", "distinct-1"),
-                ("distinct_2", "distinct-2"), ("distinct_3", "distinct-3"), ("tokens_per_second", "tokens/s")]
+# Per-setting figures averaged over seeds (`over_seeds`); the first three are also paired by seed in the verdicts.
+PAIRED_METRICS = ("unseen_bigram_rate", "reference_nll", "entropy")
+SEED_METRICS = (*PAIRED_METRICS, "repeat_rate", "distinct_1", "distinct_2", "distinct_3", "model_calls",
+                "tokens_per_second", "remasked_per_sample")
+
+
+def over_seeds(runs: Sequence[Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per setting (method, steps, threshold) from the rows of each seed's run: `seeds`, the mean and
+    standard error over seeds (`<metric>`, `<metric>_se`) of every `SEED_METRICS` entry the rows have (each seed's
+    value being its mean over prompts), `reference_perplexity` (exp of the mean NLL), `model_calls_max` (the
+    largest seed's mean calls) and `per_seed` (the seeds' values of `PAIRED_METRICS`, in run order, for
+    `compare(..., unit="seeds")`).
+
+    Raises:
+        ValueError: the runs do not hold the same settings.
+    """
+    keyed = [{(row["method"], row["steps"], row.get("threshold")): row for row in rows} for rows in runs]
+    if any(keys.keys() != keyed[0].keys() for keys in keyed):
+        raise ValueError("the seeds' runs hold different settings")
+    summary = []
+    for setting in keyed[0]:
+        rows = [keys[setting] for keys in keyed]
+        row: dict[str, Any] = {"method": rows[0]["method"], "steps": rows[0]["steps"],
+                               "threshold": rows[0].get("threshold"), "seeds": len(rows)}
+        for metric in (m for m in SEED_METRICS if m in rows[0]):
+            row[metric], row[f"{metric}_se"] = mean_and_se([r[metric] for r in rows])
+        row["reference_perplexity"] = math.exp(row["reference_nll"])
+        if "model_calls" in rows[0]:
+            row["model_calls_max"] = max(r["model_calls"] for r in rows)
+        row["per_seed"] = {metric: [r[metric] for r in rows] for metric in PAIRED_METRICS}
+        summary.append(row)
+    return summary
+
+
+CARD_METRICS = [("reference_nll", "ref. NLL (nats)", 3), ("entropy", "entropy (nats)", 3),
+                ("unseen_bigram_rate", "unseen bigrams", 3), ("distinct_2", "distinct-2", 2)]
 
 
 def card_table(report: dict[str, Any]) -> str:
     """The Markdown table of the model card (naive, left-to-right, wavefront and threshold rows, then real text),
-    generated from a `sampler_coherence.json` report."""
-    order = {"naive": 0, "left_to_right": 1, "wavefront": 2, "threshold": 3}
+    generated from a `sampler_coherence.json` report; "±" is the standard error over the report's `se_over`."""
+    order = {"naive": 0, "naive+critic": 1, "left_to_right": 2, "wavefront": 3, "wavefront+critic": 4, "threshold": 5}
     rows = sorted((row for row in report["rows"] if row["method"] in order),
                   key=lambda row: (order[row["method"]], row["steps"] or 0, -(row["threshold"] or 0)))
-    real = {**report["real_text"], "method": "real continuation"}
-    return format_table([*rows, real], CARD_COLUMNS, markdown=True)
+    lines = ["| sampler | steps | τ | calls / sample | ref. perplexity | " +
+             " | ".join(label for _, label, _ in CARD_METRICS) + " | tokens/s |",
+             "|---|---|---|---|---|" + "---|" * len(CARD_METRICS) + "---|"]
+
+    def cell(row: dict[str, Any], key: str, digits: int) -> str:
+        se = row.get(f"{key}_se")
+        return f"{row[key]:.{digits}f}" + (f" ± {se:.{digits}f}" if se is not None else "")
+
+    for row in [*rows, {**report["real_text"], "method": "real continuation"}]:
+        calls = f"{row['model_calls']:.1f}" if "model_calls" in row else "—"
+        speed = f"{row['tokens_per_second']:,.0f}" if "tokens_per_second" in row else "—"
+        lines.append(f"| {row['method']} | {row.get('steps') or '—'} | {row.get('threshold') or '—'} | {calls} | "
+                     f"{row['reference_perplexity']:.1f} | " +
+                     " | ".join(cell(row, key, digits) for key, _, digits in CARD_METRICS) + f" | {speed} |")
+    return "\n".join(lines)
+
+
+CARD = Path(__file__).resolve().parents[1] / "model_cards" / "masked_diffusion_lm.md"
+
+
+def wall_time(report: dict[str, Any]) -> str:
+    """The run's wall time in words (for a merged report: its parts, run side by side)."""
+    parts = report.get("merged_from")
+    if not parts:
+        return f"{report['wall_seconds'] / 60:.1f} min in all"
+    return (f"{len(parts)} parts run side by side (seeds " + " and ".join(
+        ", ".join(map(str, part["seeds"])) for part in parts) + f"), the longest {report['wall_seconds'] / 60:.1f} min")
+
+
+def card_block(report: dict[str, Any], json_path: str) -> str:
+    """The run's section of the model card, generated from its JSON: the setting, the table (mean ± SE over
+    `se_over`), the paired comparisons and the two verdicts the code wrote."""
+    settings, env, runs = report["settings"], report["environment"], report["runs"]
+    training = [run["training"] for run in runs]
+
+    def over(key: str, digits: int = 3) -> str:
+        mean, se = mean_and_se([t[key] for t in training])
+        return f"{mean:.{digits}f}" + (f" ± {se:.{digits}f}" if len(training) > 1 else "")
+
+    begin, end = card_markers(run_section("sampler_coherence", json_path))
+    seeds = ", ".join(str(run["seed"]) for run in runs)
+    lines = [
+        begin.format(json=json_path), "",
+        f"Preset `{report['preset']}`, training seeds {seeds} (initialisation, data order and sampling); "
+        f"{hardware(env)}, {env['dtype']}; {wall_time(report)}. Corpus "
+        f"`{Path(settings['train_file']).name}`, {report['data']['tokenizer']}, blocks of {settings['block_size']}, "
+        f"{report['data']['train_tokens']:,} training tokens. Diffusion LM {training[0]['diffusion_parameters']:,} "
+        f"parameters ({training[0]['diffusion_trunk_parameters']:,} trunk), {settings['max_steps']} steps of "
+        f"{settings['batch_size']} × {settings['block_size']} (mask warm-up {settings['mask_warmup_steps']} steps, "
+        f"sampler from {settings['start_sampler_step']}, critic from {settings['start_critic_step']}, full weight at "
+        f"{settings['end_critic_step']}); reference Llama {training[0]['reference_parameters']:,} parameters, "
+        f"{settings['reference_max_steps']} steps. Validation NLL: diffusion bound {over('diffusion_eval_nll_bound')} "
+        f"nats/token, Llama {over('reference_eval_nll')}. {settings['num_prompts']} prompts of "
+        f"{settings['prompt_tokens']} tokens, {settings['new_tokens']} new tokens, T = {settings['temperature']}, "
+        f"top-p {settings['top_p']}.", "",
+        f"Mean ± standard error over {report['se_over']} ({len(runs)} seed(s); each seed's value is its mean over "
+        "the prompts). Reference perplexity is exp of the mean reference NLL; tokens/s is the mean over seeds.", "",
+        card_table(report), "",
+        f"Paired differences (treated − control, ± SE over {report['se_over']}; * beyond 2 SE):", "",
+        *(f"- {line}" for line in [*report["comparisons"], *report["control_comparisons"]]), "",
+        f"Verdict (code): {report['verdict']}", "", f"Controls (code): {report['control_verdict']}", "", end]
+    return "\n".join(lines)
+
+
+def update_card(json_path: str | Path, card: Path = CARD) -> str:
+    """Replace the card's section of the run at `json_path` with the one rendered from it."""
+    return update_card_from_json(json_path, run_section("sampler_coherence", json_path), card_block, card=card)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -452,10 +581,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
     axes.flat[0].legend(fontsize=7, loc="best")
     settings = report["settings"]
-    parameters = report["training"]["diffusion_parameters"]
+    parameters = report["runs"][0]["training"]["diffusion_parameters"]
     fig.suptitle(figure_title(f"Masked diffusion sampler coherence: {parameters:,} parameters (Llama "
                               f"{settings['reference_max_steps']} steps), T={settings['temperature']}, "
-                              f"top-p={settings['top_p']}, {settings['num_prompts']} prompts", report["preset"],
+                              f"top-p={settings['top_p']}, {settings['num_prompts']} prompts, "
+                              f"{len(report['runs'])} seed(s), error bars: SE over {report['se_over']}",
+                              report["preset"],
                               settings["max_steps"], report["environment"]), fontsize=9)
     save_figure(fig, path)
 
@@ -467,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "file in $HF_ZOO_DATA)")
     add_deprecated_settings(parser, {**dict.fromkeys(INT_SETTINGS, int), **dict.fromkeys(FLOAT_SETTINGS, float),
                                      "step_counts": positive_ints, "thresholds": positive_floats, "train_file": str})
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the first training seed (then seed + 1, ...)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--output_dir", default=None, help="Default: results/sampler_coherence-<preset>-<timestamp>.")
     return parser
@@ -487,54 +618,143 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
                          "(or --set mask_warmup_steps=0)")
     if settings["num_prompts"] < 2 or min(settings["max_steps"], settings["reference_max_steps"]) < 1:
         raise UsageError("num_prompts must be >= 2 (standard errors), max_steps and reference_max_steps >= 1")
+    if settings["seeds"] < 1:
+        raise UsageError("seeds must be >= 1")
     return settings
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["card"]:  # python -m benchmarks.sampler_coherence card <json>: regenerate the card's section
+        if len(argv) != 2:
+            raise UsageError("usage: python -m benchmarks.sampler_coherence card <sampler_coherence.json>")
+        print(update_card(argv[1]))
+        return json.loads(Path(argv[1]).read_text(encoding="utf-8"))
+    if argv[:1] == ["merge"]:  # python -m benchmarks.sampler_coherence merge <output_dir> <json> <json> ...
+        if len(argv) < 4:
+            raise UsageError("usage: python -m benchmarks.sampler_coherence merge <output_dir> <json> <json> ...")
+        report = merge(argv[1], argv[2:])
+        print(f"merged seeds {[run['seed'] for run in report['runs']]} into {argv[1]}/sampler_coherence.json\n"
+              f"verdict (over {report['se_over']}): {report['verdict']}\ncontrols: {report['control_verdict']}")
+        return report
     args = build_parser().parse_args(argv)
     settings = _settings(args)
     with torch_threads(settings["threads"]):
         return run(args, settings)
 
 
+def run_seed(data: dict[str, Any], settings: dict[str, Any], device: torch.device, output_dir: Path,
+             seed: int) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """Train both models with `seed` and sample with it; the seed's record (training report, rows with their
+    per-prompt values, real-text metrics and its own verdicts, paired over prompts) and its examples."""
+    try:
+        models = train_models(settings, data, device, output_dir / "checkpoints" / f"seed_{seed}", seed)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    rows, real, examples = run_sampling(models, data, settings, device, seed)
+    lines, summary = verdict(rows, settings["step_counts"])
+    control_lines, control_summary = control_verdict(rows, settings["step_counts"])
+    record = {"seed": seed, "training": models["report"], "real_text": real, "rows": rows, "comparisons": lines,
+              "verdict": summary, "control_comparisons": control_lines, "control_verdict": control_summary}
+    return record, examples
+
+
+def summarise_runs(runs: Sequence[dict[str, Any]], step_counts: Sequence[int]) -> dict[str, Any]:
+    """The report's table and verdicts from the seeds' records: over seeds (`over_seeds`, paired by seed) with two
+    or more, else the one seed's own (over prompts)."""
+    if len(runs) > 1:
+        unit, rows = "seeds", over_seeds([run["rows"] for run in runs])
+        real = over_seeds([[{**run["real_text"], "method": "real text"}] for run in runs])[0]
+        lines, summary = verdict(rows, step_counts, unit)
+        control_lines, control_summary = control_verdict(rows, step_counts, unit)
+    else:
+        unit, rows, real = "prompts", runs[0]["rows"], runs[0]["real_text"]
+        lines, summary = runs[0]["comparisons"], runs[0]["verdict"]
+        control_lines, control_summary = runs[0]["control_comparisons"], runs[0]["control_verdict"]
+    return {"se_over": unit, "real_text": {key: value for key, value in real.items() if key not in UNITS.values()},
+            "rows": [{key: value for key, value in row.items() if key != "per_prompt"} for row in rows],
+            "comparisons": lines, "verdict": summary, "control_comparisons": control_lines,
+            "control_verdict": control_summary}
+
+
+def merge(output_dir: str | Path, paths: Sequence[str | Path]) -> dict[str, Any]:
+    """One report from runs of the same preset and settings with different seeds (e.g. run side by side, one per
+    core: `--seed 0 --set seeds=2` and `--seed 2 --set seeds=1`), as one run of all their seeds would have
+    written it; `wall_seconds` is the longest part's, `merged_from` lists the parts.
+
+    Raises:
+        UsageError: fewer than two reports, different settings or data, or a seed in two of them.
+    """
+    reports = [json.loads(Path(path).read_text(encoding="utf-8")) for path in paths]
+    if len(reports) < 2:
+        raise UsageError("merge takes two or more sampler_coherence.json reports")
+    first = reports[0]
+
+    def fixed(report: dict[str, Any]) -> tuple[Any, ...]:
+        settings = {key: value for key, value in report["settings"].items() if key not in ("seed", "seeds")}
+        return report["preset"], settings, report["data"]
+
+    if any(fixed(report) != fixed(first) for report in reports[1:]):
+        raise UsageError("the reports differ in preset, settings (other than the seeds) or data")
+    runs = sorted((run for report in reports for run in report["runs"]), key=lambda run: run["seed"])
+    seeds = [run["seed"] for run in runs]
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"a seed appears in two reports: {seeds}")
+    lowest = min(reports, key=lambda report: min(run["seed"] for run in report["runs"]))
+    report = {
+        "experiment": first["experiment"], "model_type": first["model_type"], "preset": first["preset"],
+        "settings": {**first["settings"], "seed": seeds[0], "seeds": len(seeds)}, "data": first["data"],
+        "environment": lowest["environment"], "wall_seconds": max(report["wall_seconds"] for report in reports),
+        "merged_from": [{"seeds": [run["seed"] for run in report["runs"]], "wall_seconds": report["wall_seconds"],
+                         "environment": report["environment"]} for report in reports],
+        **summarise_runs(runs, first["settings"]["step_counts"]), "runs": runs, "examples": lowest["examples"],
+    }
+    output_dir = Path(output_dir)
+    write_json(output_dir / "sampler_coherence.json", report)
+    plot(report, output_dir / "sampler_coherence.png")
+    return report
+
+
 def run(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
     """The experiment with parsed arguments and settings (see the module docstring)."""
     device = resolve_device(args.device)
     output_dir = output_folder(args.output_dir, "sampler_coherence", args.preset)
+    started = time.perf_counter()
     data = prepare_data(settings)
-    try:
-        models = train_models(settings, data, device, output_dir / "checkpoints", args.seed)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-    rows, real, examples = run_sampling(models, data, settings, device, args.seed)
-    lines, summary = verdict(rows, settings["step_counts"])
-    control_lines, control_summary = control_verdict(rows, settings["step_counts"])
+    runs, examples = [], []
+    for number, seed in enumerate(range(args.seed, args.seed + settings["seeds"]), 1):
+        print(f"[seed {number}/{settings['seeds']}] training and sampling with seed {seed}", flush=True)
+        record, seed_examples = run_seed(data, settings, device, output_dir, seed)
+        runs.append(record)
+        examples = examples or seed_examples
+    for run_record in runs:
+        run_record["real_text"] = {key: value for key, value in run_record["real_text"].items() if key != "per_prompt"}
     report = {
-        "experiment": "sampler_coherence", "preset": args.preset,
+        "experiment": "sampler_coherence", "model_type": "masked_diffusion_lm", "preset": args.preset,
         "settings": {**settings, "train_file": data["train_file"], "seed": args.seed},
         "data": {"train_tokens": data["train"].num_tokens, "validation_tokens": data["validation"].num_tokens,
                  "eval_blocks": len(data["eval_blocks"]), "tokenizer": f"BPE {len(data['tokenizer'])}",
                  "tokens_per_byte": data["validation"].tokens_per_byte},
-        "training": models["report"],
-        "environment": environment(device, torch.float32),
-        "real_text": {key: value for key, value in real.items() if key != "per_prompt"},
-        "rows": rows, "comparisons": lines, "verdict": summary, "control_comparisons": control_lines,
-        "control_verdict": control_summary, "examples": examples,
+        "environment": environment(device, torch.float32), "wall_seconds": time.perf_counter() - started,
+        **summarise_runs(runs, settings["step_counts"]), "runs": runs, "examples": examples,
     }
     write_json(output_dir / "sampler_coherence.json", report)
     plot(report, output_dir / "sampler_coherence.png")
+    lines, control_lines = report["comparisons"], report["control_comparisons"]
+    summary, control_summary, unit = report["verdict"], report["control_verdict"], report["se_over"]
     columns = [("method", "method"), ("steps", "steps"), ("threshold", "tau"), ("model_calls", "calls"),
                ("unseen_bigram_rate", "unseen bigrams"), ("unseen_bigram_rate_se", "± se"),
                ("reference_perplexity", "ref ppl"), ("reference_nll_se", "nll se"), ("entropy", "entropy"),
                ("repeat_rate", "repeats"), ("distinct_1", "dist-1"), ("distinct_2", "dist-2"), ("distinct_3", "dist-3"),
                ("remasked_per_sample", "remasked"), ("tokens_per_second", "tok/s")]
-    print(format_table([*rows, {**real, "method": "real text", "steps": "—"}], columns))
-    training = models["report"]
-    print(f"\ndiffusion validation NLL bound {training['diffusion_eval_nll_bound']:.4f} nats/token "
-          f"({training['diffusion_eval_bits_per_byte_bound']:.4f} bpb), reference Llama NLL "
-          f"{training['reference_eval_nll']:.4f} ({training['reference_eval_bits_per_byte']:.4f} bpb)")
+    print(format_table([*report["rows"], {**report["real_text"], "method": "real text", "steps": "—"}], columns))
+    for run_record in runs:
+        training = run_record["training"]
+        print(f"seed {run_record['seed']}: diffusion validation NLL bound {training['diffusion_eval_nll_bound']:.4f} "
+              f"nats/token ({training['diffusion_eval_bits_per_byte_bound']:.4f} bpb), reference Llama NLL "
+              f"{training['reference_eval_nll']:.4f} ({training['reference_eval_bits_per_byte']:.4f} bpb)")
     print("\n".join([*lines, *control_lines]))
-    print(f"\nverdict: {summary}\ncontrols: {control_summary}")
+    print(f"\nverdict (over {unit}): {summary}\ncontrols: {control_summary}")
     print(f"wrote {output_dir}/sampler_coherence.json and sampler_coherence.png")
     return report
 

@@ -5,8 +5,10 @@ Hugging Face Llama, in the same run.
     taskset -c 1 python -m benchmarks.throughput --model_type bicameral_lm --threads 1 --compile
 
 With `--compile` each model is also timed as `torch.compile(model)` (inductor; the first warm-up call compiles, the
-timed steps reuse the graphs). Writes `throughput.json` and prints a table with each row's ratio to the baseline's
-eager path and to its best path.
+timed steps reuse the graphs). With `--llama_zoo_loss` the control `llama-zoo-loss` is timed too: the same Llama with
+its loss computed as every zoo LM's is on a CPU (`zoo_causal_lm_loss`, the chunked cross-entropy), which separates
+that generic gain from an architecture's own. Writes `throughput.json` and prints a table with each row's ratio to
+the baseline's eager path and to its best path.
 """
 
 from __future__ import annotations
@@ -23,9 +25,14 @@ from transformers import LlamaForCausalLM
 
 from training.common import UsageError, run_cli
 
+from hf_models.modeling_zoo_common import zoo_causal_lm_loss
+
 from .generation import BASELINE, add_subject_arguments, load_subject
 from .harness import DTYPES, MIN_RUNS, card_command, environment, environment_line, format_table, generated_section, \
     output_folder, parse_set, resolve_device, time_training, torch_threads, write_json
+
+
+LLAMA_ZOO_LOSS = "llama-zoo-loss"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--no_baseline", action="store_true")
+    parser.add_argument("--llama_zoo_loss", action="store_true",
+                        help=f"also time the control {LLAMA_ZOO_LOSS!r}: the same Llama with the zoo's chunked "
+                             "cross-entropy as its loss")
     parser.add_argument("--compile", action="store_true", help="also time each model under torch.compile")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled rows")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -59,12 +69,23 @@ def card_block(report: dict[str, Any], json_path: str) -> str:
               f"{settings['warmup']} warm-up"
               + (f"; compiled rows: `torch.compile(model, backend={settings['backend']!r})`" if settings.get("compile")
                  else "") + f"; config fields set: `{json.dumps(report.get('config_overrides') or {})}`.")
-    best = max((row for row in report["rows"] if "vs_llama_best" in row), key=lambda row: row["vs_llama_best"],
-               default=None)
-    summary = (f"Best path ({best['path']}): {best['vs_llama_best']:.2f}× Llama's best path." if best else
-               "No baseline in this run.")
+    summary = summary_line(report)
     return generated_section("throughput", json_path, header, format_table(report["rows"], COLUMNS, markdown=True),
                              summary)
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    """The architecture's best path against Llama's best path, and against the control's (`--llama_zoo_loss`)."""
+    rows, model = report["rows"], report["model_type"]
+    best = {name: max((row["tokens_per_second"] for row in rows if row["model"] == name), default=None)
+            for name in (model, BASELINE, LLAMA_ZOO_LOSS)}
+    if best[model] is None or best[BASELINE] is None:
+        return "No baseline in this run."
+    path = max((row for row in rows if row["model"] == model), key=lambda row: row["tokens_per_second"])["path"]
+    line = f"Best path ({path}): {best[model] / best[BASELINE]:.2f}× Llama's best path"
+    if best[LLAMA_ZOO_LOSS] is not None:
+        line += f", {best[model] / best[LLAMA_ZOO_LOSS]:.2f}× `{LLAMA_ZOO_LOSS}`'s best path"
+    return line + "."
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
@@ -83,6 +104,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     if not args.no_baseline and spec.model_type != "llama":
         torch.manual_seed(args.seed)
         subjects.append((BASELINE, LlamaForCausalLM(spec.baseline_config(model.config))))
+    if args.llama_zoo_loss and spec.model_type != "llama":
+        torch.manual_seed(args.seed)
+        control = LlamaForCausalLM(spec.baseline_config(model.config))
+        control.loss_function = zoo_causal_lm_loss  # transformers' override: LlamaForCausalLM calls it
+        subjects.append((LLAMA_ZOO_LOSS, control))
     paths = ("eager", "compiled") if args.compile else ("eager",)
     rows = []
     with torch_threads(args.threads):
@@ -106,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         "config": model.config.to_diff_dict(),
         "config_overrides": parse_set(args.set) if getattr(args, "set", None) else {},
         "settings": {"batch_size": args.batch_size, "seq_len": args.seq_len, "warmup": args.warmup, "runs": args.runs,
-                     "compile": args.compile, "backend": args.backend if args.compile else None},
+                     "compile": args.compile, "backend": args.backend if args.compile else None,
+                     "llama_zoo_loss": args.llama_zoo_loss},
         "environment": environment_now,
         "rows": rows,
     }

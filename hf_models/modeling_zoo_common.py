@@ -1,6 +1,6 @@
 """Shared modeling machinery of the zoo: the pre-trained-model base, the base of non-key/value caches (built on
-transformers' linear-attention cache layers), the rotary embedding, the FFT causal convolution and a dropout
-that compiles well on a CPU.
+transformers' linear-attention cache layers), the rotary embedding, the FFT causal convolution, and CPU helpers:
+the few-rows head product, a chunked cross-entropy and a dropout that compiles well.
 
 Like `configuration_zoo_common.py`, this file is copied next to saved weights for remote code, so it depends
 only on `torch`, `transformers` and sibling modules.
@@ -9,6 +9,7 @@ only on `torch`, `transformers` and sibling modules.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,12 +52,15 @@ class ZooPreTrainedModel(PreTrainedModel):
     def causal_lm_loss(
         self, logits: torch.Tensor, labels: torch.LongTensor | None, **kwargs: Any
     ) -> torch.Tensor | None:
-        """The language-model loss of a causal head (`self.loss_function`: cross-entropy of `logits` `(batch, seq,
-        vocab)` against `labels` `(batch, seq)` shifted by one, `-100` ignored; `kwargs` such as
-        `num_items_in_batch` pass through), or `None` without labels."""
+        """The language-model loss of a causal head (transformers' `ForCausalLMLoss`: cross-entropy of `logits`
+        `(batch, seq, vocab)` against `labels` `(batch, seq)` shifted by one, `-100` ignored; `kwargs` such as
+        `num_items_in_batch` pass through), or `None` without labels. Computed by `zoo_causal_lm_loss` (chunked on
+        a CPU), or by `self.loss_function` when it was set or `loss_type` names another loss."""
         if labels is None:
             return None
-        return self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if hasattr(self, "_loss_function") or getattr(self, "loss_type", None) not in (None, "ForCausalLM"):
+            return self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return zoo_causal_lm_loss(logits, labels, self.config.vocab_size, **kwargs)
 
     def _map_every_auto_class(self) -> None:
         """Add every class of this model's module registered with an `Auto*` factory to the config's `auto_map`.
@@ -110,23 +114,60 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads_di
     return x * cos + rotate_half(x) * sin
 
 
-# At most this many rows, a CPU `nn.Linear` runs as `weight @ x^T` (see `few_rows_linear`).
+# At most this many rows, a CPU `nn.Linear` may run as `weight @ x^T` (see `few_rows_linear`).
 FEW_ROWS = 8
+# Per (out_features, in_features, rows, dtype): whether `weight @ x^T` is the faster form on this CPU (measured by
+# `transposed_product_is_faster` at the first eager call of the shape).
+TRANSPOSED_IS_FASTER: dict[tuple[int, int, int, torch.dtype], bool] = {}
+
+
+def _seconds(product: Callable[[], torch.Tensor], repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        product()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def transposed_product_is_faster(weight: torch.Tensor, rows: int) -> bool:
+    """Whether `weight @ x^T` (one row computed as two) beats `x @ weight^T` on this CPU for `rows` rows of `x` and
+    this `weight` `(out, in)`: timed once per shape, row count and dtype (a warm-up and the best of three of each,
+    a few ms for a vocabulary-wide head), then remembered in `TRANSPOSED_IS_FASTER`. Inside a compiled graph, where
+    nothing can be timed, a shape measured before is answered from the table, and an unmeasured one is `False`.
+
+    Which is faster depends on the CPU's BLAS: on one AMD EPYC core, with a 32768 x 256 head, the transposed form
+    won at every row count (one row 4.3 → 1.9 ms, four 7.1 → 2.9 ms); on one Xeon core it lost at one and two rows
+    (6.9 against 9.4 ms) and won from four (14.6 → 10.1 ms at four, 21.9 → 10.1 ms at eight).
+    """
+    key = (*weight.shape, rows, weight.dtype)
+    known = TRANSPOSED_IS_FASTER.get(key)
+    if known is not None or torch.compiler.is_compiling():
+        return bool(known)
+    with torch.no_grad():
+        x = torch.full((rows, weight.shape[1]), 0.5, dtype=weight.dtype)  # no random draw: the RNG is the caller's
+        pair = x.repeat(2, 1) if rows == 1 else x
+        forms = (lambda: x @ weight.T, lambda: weight @ pair.T)
+        for form in forms:
+            form()
+        plain, transposed = (_seconds(form) for form in forms)
+    TRANSPOSED_IS_FASTER[key] = transposed < plain
+    return TRANSPOSED_IS_FASTER[key]
 
 
 def few_rows_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`linear(x)` for `x` `(..., in_features)` → `(..., out_features)`; on a CPU, a plain `nn.Linear` (no hooks, so
-    not wrapped by PEFT or a quantiser) applied to at most `FEW_ROWS` rows runs as `weight @ x^T` instead.
+    not wrapped by PEFT or a quantiser) applied to at most `FEW_ROWS` rows runs as `weight @ x^T` instead where that
+    form is the faster one on this CPU (`transposed_product_is_faster`).
 
-    That is the decode step's product with a vocabulary-wide head: CPU BLAS (MKL / oneDNN) is 2-3x slower for
-    `x @ weight^T` with a few rows of `x` than for the same product written `weight @ x^T`, and slower still for a
-    single row (its matrix-vector path), so one row is computed as two (measured on a 32768 x 256 head, one AMD EPYC
-    core: 4.3 ms per row alone, 1.9 ms for two, 2.9 ms for four, against 7.1 ms for four rows as `x @ weight^T`).
-    The same numbers up to float summation order.
+    That is the decode step's product with a vocabulary-wide head, most of a step at 32k tokens: CPU BLAS (MKL /
+    oneDNN) can be 2-3x slower for `x @ weight^T` with a few rows of `x` than for the same product written
+    `weight @ x^T`, depending on the CPU and the row count. The same numbers up to float summation order.
     """
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     if (type(linear) is not nn.Linear or x.device.type != "cpu" or not 0 < rows <= FEW_ROWS
-            or linear._forward_hooks or linear._forward_pre_hooks):
+            or linear._forward_hooks or linear._forward_pre_hooks
+            or not transposed_product_is_faster(linear.weight, rows)):
         return linear(x)
     # row-major rows: BLAS's fast case is `x^T` with strides (1, in_features), not a copy laid out as `x^T`
     flat = x.reshape(rows, x.shape[-1]).contiguous()
@@ -136,6 +177,103 @@ def few_rows_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if linear.bias is not None:
         out = out + linear.bias.to(out.dtype)  # under autocast the product is in the lower precision
     return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+IGNORE_INDEX = -100
+LOSS_CHUNK = 64  # rows per chunk of the chunked cross-entropies (64 x 32768 float32: 8 MB, in the cache)
+
+
+def causal_targets(labels: torch.Tensor | None, shift_labels: torch.Tensor | None, num_items_in_batch: Any,
+                   device: torch.device, ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ForCausalLMLoss`'s flat targets `(tokens,)` (`shift_labels`, else `labels` shifted by one; `ignore_index`
+    becomes `IGNORE_INDEX`) and its denominator `()` (`num_items_in_batch`, else the number of targets)."""
+    if shift_labels is None:
+        if labels is None:
+            raise ValueError("the causal-LM loss needs `labels` or `shift_labels`")
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    targets = shift_labels.reshape(-1).to(device)
+    if ignore_index != IGNORE_INDEX:
+        targets = torch.where(targets == ignore_index, IGNORE_INDEX, targets)
+    if num_items_in_batch is None:
+        return targets, (targets != IGNORE_INDEX).sum()
+    return targets, torch.as_tensor(num_items_in_batch, device=device)
+
+
+def chunked_log_normalisers(logits: torch.Tensor, transform: Callable[[torch.Tensor], Any] | None = None
+                            ) -> torch.Tensor:
+    """logsumexp over the last dimension of `logits` `(rows, vocab)`, `LOSS_CHUNK` rows at a time (no
+    vocabulary-wide temporary), after `transform(chunk)` has updated each chunk in place (if given) → `(rows,)`."""
+    normalisers = logits.new_empty(logits.shape[0])
+    for start in range(0, logits.shape[0], LOSS_CHUNK):
+        chunk = logits[start:start + LOSS_CHUNK]
+        if transform is not None:
+            transform(chunk)
+        torch.logsumexp(chunk, dim=-1, out=normalisers[start:start + LOSS_CHUNK])
+    return normalisers
+
+
+def softmax_gradient_(out: torch.Tensor, logits: torch.Tensor, normalisers: torch.Tensor, weights: torch.Tensor,
+                      targets: torch.Tensor) -> torch.Tensor:
+    """Write `weights * (softmax(logits) - onehot(targets))` into `out` (all `(rows, vocab)`; `normalisers`,
+    `weights`, `targets` `(rows,)`): the gradient of `sum(weights * cross_entropy)` with respect to the logits."""
+    torch.sub(logits, normalisers[:, None], out=out).exp_().mul_(weights[:, None])
+    return out.scatter_add_(1, targets[:, None], -weights[:, None])
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """`(logits (rows, vocab), targets (rows,), denominator ())` → `sum over targets of cross-entropy / denominator`
+    (`IGNORE_INDEX` skipped); saves the logits themselves, and the backward writes their gradient into one new
+    tensor, chunk by chunk (`softmax_gradient_`)."""
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+        normalisers = chunked_log_normalisers(logits)
+        valid = targets != IGNORE_INDEX
+        safe = torch.where(valid, targets, 0)
+        picked = logits.gather(1, safe[:, None]).squeeze(1)
+        ctx.save_for_backward(logits, safe, valid, normalisers, denominator)
+        return ((normalisers - picked) * valid).sum() / denominator.to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
+        logits, safe, valid, normalisers, denominator = ctx.saved_tensors
+        weights = valid.to(logits.dtype) * (grad_loss / denominator.to(logits.dtype))
+        grad = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], LOSS_CHUNK):
+            rows = slice(start, start + LOSS_CHUNK)
+            softmax_gradient_(grad[rows], logits[rows], normalisers[rows], weights[rows], safe[rows])
+        return grad, None, None
+
+
+def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """`sum(cross_entropy(logits, targets)) / denominator` over the targets that are not `IGNORE_INDEX`: logits
+    `(..., vocab)`, targets `(...)`; the same value as `F.cross_entropy` (up to float summation order) with one
+    vocabulary-wide allocation (the gradient) where it makes three (its log-softmax, the one-hot gradient of the
+    loss and the log-softmax's gradient). On a CPU each fresh 268 MB tensor (8 x 256 positions, 32,768 tokens) costs
+    more than the arithmetic written into it (page faults on new memory)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    return _ChunkedCrossEntropy.apply(flat, targets.reshape(-1).to(logits.device), denominator)
+
+
+def uses_chunked_loss(logits: torch.Tensor) -> bool:
+    """Whether a loss on `logits` runs chunked: on a CPU, in eager mode (a compiled graph fuses the plain loss
+    itself), when a gradient will flow to float32 logits (without one the plain loss allocates no gradients)."""
+    return (logits.device.type == "cpu" and logits.requires_grad and logits.dtype == torch.float32
+            and not torch.compiler.is_compiling())
+
+
+def zoo_causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor | None, vocab_size: int | None = None,
+                       num_items_in_batch: torch.Tensor | int | None = None, ignore_index: int = IGNORE_INDEX,
+                       shift_labels: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+    """transformers' `ForCausalLMLoss` (same arguments, same value), computed by `chunked_cross_entropy` where
+    `uses_chunked_loss` holds, else by `ForCausalLMLoss` itself. `logits` `(batch, seq, vocab)`."""
+    if not uses_chunked_loss(logits):
+        from transformers.loss.loss_utils import ForCausalLMLoss
+
+        return ForCausalLMLoss(logits, labels, vocab_size or logits.shape[-1], num_items_in_batch=num_items_in_batch,
+                               ignore_index=ignore_index, shift_labels=shift_labels, **kwargs)
+    targets, denominator = causal_targets(labels, shift_labels, num_items_in_batch, logits.device, ignore_index)
+    return chunked_cross_entropy(logits, targets, denominator)
 
 
 DROPOUT_LEVELS = 2**16  # ZooDropout's resolution: p is rounded to a multiple of 2^-16

@@ -104,6 +104,29 @@ def test_throughput_compile_times_both_paths_of_both_models(tmp_path):
         assert row["vs_llama_best"] == pytest.approx(row["tokens_per_second"] / best)
 
 
+def test_throughput_control_is_llama_with_the_zoo_loss_and_the_summary_states_both_ratios(tmp_path, monkeypatch):
+    """`--llama_zoo_loss` adds `llama-zoo-loss`: the same Llama (same seed) whose loss goes through the zoo's
+    chunked cross-entropy; the card's summary states the subject's best path against both."""
+    from hf_models import modeling_zoo_common
+
+    calls = []
+    monkeypatch.setattr(throughput, "zoo_causal_lm_loss",
+                        lambda *a, **k: calls.append(1) or modeling_zoo_common.zoo_causal_lm_loss(*a, **k))
+    report = throughput.main(["--model_type", "toeplitz_mixer", "--set", "hidden_size=16,num_hidden_layers=1,"
+                              "num_heads=2,intermediate_size=16,max_position_embeddings=16,vocab_size=64",
+                              "--batch_size", "2", "--seq_len", "8", "--threads", "1", "--llama_zoo_loss",
+                              "--output_dir", str(tmp_path)])
+    rows = {row["model"]: row for row in report["rows"]}
+    assert set(rows) == {"toeplitz_mixer", "llama (baseline)", "llama-zoo-loss"} and len(calls) >= 5
+    assert rows["llama-zoo-loss"]["parameters"] == rows["llama (baseline)"]["parameters"]
+    summary = throughput.summary_line(report)
+    ours, llama, control = (rows[name]["tokens_per_second"] for name in ("toeplitz_mixer", "llama (baseline)",
+                                                                         "llama-zoo-loss"))
+    assert summary == (f"Best path (eager): {ours / llama:.2f}× Llama's best path, {ours / control:.2f}× "
+                       "`llama-zoo-loss`'s best path.")
+    assert report["settings"]["llama_zoo_loss"] is True
+
+
 def test_throughput_cli_takes_the_deprecated_config_overrides_as_set(tmp_path):
     with pytest.warns(FutureWarning, match="--config_overrides is deprecated, use --set"):
         report = throughput.main(["--model_type", "llama", "--config_overrides", TINY, "--batch_size", "2",

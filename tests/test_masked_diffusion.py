@@ -573,13 +573,15 @@ def test_cli_trains_samples_and_reports_bounds(stories_file, tmp_path):
     assert model.config.mask_token_id == 2 and model.sampler_head is not None and model.critic_head is not None
 
 
+TINY_COHERENCE = [
+    "--set", "max_train_documents=300,vocab_size=300,block_size=24,hidden_size=32,num_hidden_layers=1,"
+             "batch_size=4,max_steps=4,reference_max_steps=2,start_sampler_step=1,start_critic_step=2,"
+             "end_critic_step=3,max_eval_blocks=4,num_prompts=3,mask_warmup_steps=2,mask_warmup_block=12",
+    "--set", "prompt_tokens=4,new_tokens=6,step_counts=[2,6]"]
+
+
 def test_coherence_experiment_cli_writes_its_report(tmp_path):
-    report = sampler_coherence.main([
-        "--set", "max_train_documents=300,vocab_size=300,block_size=24,hidden_size=32,num_hidden_layers=1,"
-                 "batch_size=4,max_steps=4,reference_max_steps=2,start_sampler_step=1,start_critic_step=2,"
-                 "end_critic_step=3,max_eval_blocks=4,num_prompts=3,mask_warmup_steps=2,mask_warmup_block=12",
-        "--set", "prompt_tokens=4,new_tokens=6,step_counts=[2,6]", "--output_dir", str(tmp_path),
-    ])
+    report = sampler_coherence.main([*TINY_COHERENCE, "--set", "seeds=1", "--output_dir", str(tmp_path)])
     saved = json.loads((tmp_path / "sampler_coherence.json").read_text())
     assert (tmp_path / "sampler_coherence.png").stat().st_size > 0
     assert [(row["method"], row["steps"], row["threshold"]) for row in saved["rows"]] == [
@@ -590,9 +592,90 @@ def test_coherence_experiment_cli_writes_its_report(tmp_path):
     assert "left_to_right vs naive" in saved["control_verdict"] and "threshold vs naive" in saved["control_verdict"]
     for row in saved["rows"]:
         assert 0 <= row["unseen_bigram_rate"] <= 1 and row["reference_perplexity"] > 1 and row["tokens_per_second"] > 0
-    assert saved["training"]["diffusion_eval_nll_bound"] > 0 and "verdict" in saved and report["verdict"]
+    (run,) = saved["runs"]
+    assert saved["se_over"] == "prompts" and "over prompts" in saved["verdict"] and report["verdict"]
+    assert run["seed"] == 0 and run["training"]["diffusion_eval_nll_bound"] > 0
+    assert [len(row["per_prompt"]["reference_nll"]) for row in run["rows"]] == [3] * len(saved["rows"])
     assert saved["settings"]["mask_warmup_steps"] == 2
-    assert [entry["mask_warmup"] for entry in saved["training"]["diffusion_log"]] == [1.0, 1.0, 0.0, 0.0]
+    assert [entry["mask_warmup"] for entry in run["training"]["diffusion_log"]] == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_coherence_experiment_over_seeds_pairs_each_seeds_prompt_means(tmp_path):
+    """With two seeds the report's rows are the mean ± SE over the seeds' own rows, and its verdicts pair by seed;
+    each seed trained its own models (different validation losses) and keeps its verdicts over prompts."""
+    report = sampler_coherence.main([*TINY_COHERENCE, "--set", "seeds=2", "--seed", "3", "--output_dir",
+                                     str(tmp_path)])
+    assert [run["seed"] for run in report["runs"]] == [3, 4] and report["se_over"] == "seeds"
+    first, second = (run["training"]["diffusion_eval_nll_bound"] for run in report["runs"])
+    assert first != second
+    by_seed = [{(r["method"], r["steps"], r["threshold"]): r for r in run["rows"]} for run in report["runs"]]
+    for row in report["rows"]:
+        values = [rows[(row["method"], row["steps"], row["threshold"])]["reference_nll"] for rows in by_seed]
+        assert row["reference_nll"] == pytest.approx(sum(values) / 2)
+        assert row["reference_nll_se"] == pytest.approx(abs(values[0] - values[1]) / 2)
+        assert row["per_seed"]["reference_nll"] == values and row["seeds"] == 2
+    assert "over seeds" in report["verdict"] and "over seeds" in report["control_verdict"]
+    assert all("over prompts" in run["verdict"] for run in report["runs"])
+    real = [run["real_text"]["reference_nll"] for run in report["runs"]]
+    assert report["real_text"]["reference_nll"] == pytest.approx(sum(real) / 2)
+    block = sampler_coherence.card_block(report, "model_cards/results/sampler_coherence/x/sampler_coherence.json")
+    assert "<!-- sampler_coherence x results" in block and "training seeds 3, 4" in block
+    assert f"{report['rows'][0]['reference_nll']:.3f} ± {report['rows'][0]['reference_nll_se']:.3f}" in block
+
+    # the same two seeds run one per process, then merged: the report the single run wrote (timings aside)
+    for seed in (3, 4):
+        sampler_coherence.main([*TINY_COHERENCE, "--set", "seeds=1", "--seed", str(seed), "--output_dir",
+                                str(tmp_path / f"part{seed}")])
+    parts = [tmp_path / f"part{seed}" / "sampler_coherence.json" for seed in (4, 3)]
+    merged = sampler_coherence.main(["merge", str(tmp_path / "merged"), *map(str, parts)])
+    assert json.loads((tmp_path / "merged" / "sampler_coherence.json").read_text())["runs"] == merged["runs"]
+    assert [run["seed"] for run in merged["runs"]] == [3, 4] and merged["settings"]["seeds"] == 2
+    for key in ("comparisons", "control_comparisons", "verdict", "control_verdict", "se_over"):
+        assert merged[key] == report[key], key
+    assert [row["reference_nll"] for row in merged["rows"]] == [row["reference_nll"] for row in report["rows"]]
+    assert [part["seeds"] for part in merged["merged_from"]] == [[4], [3]]
+    assert "2 parts run side by side (seeds 4 and 3)" in sampler_coherence.card_block(merged, "x/y/z.json")
+    with pytest.raises(UsageError, match="seed appears in two"):
+        sampler_coherence.merge(tmp_path / "again", [parts[0], parts[0]])
+    other = json.loads(parts[1].read_text())
+    other["settings"]["temperature"] = 0.5
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(UsageError, match="differ"):
+        sampler_coherence.merge(tmp_path / "again", [parts[0], tmp_path / "other.json"])
+
+
+def test_coherence_over_seeds_and_significance_by_hand():
+    def row(method, nll, calls):
+        return {"method": method, "steps": 8, "threshold": None, "reference_nll": nll, "unseen_bigram_rate": 0.1,
+                "entropy": 2.0, "model_calls": calls}
+
+    rows = sampler_coherence.over_seeds([[row("naive", 3.0, 8), row("wavefront", 4.0, 8)],
+                                         [row("naive", 3.2, 8), row("wavefront", 4.4, 9)],
+                                         [row("naive", 3.4, 8), row("wavefront", 4.2, 7)]])
+    naive, wavefront = rows
+    assert naive["reference_nll"] == pytest.approx(3.2) and naive["reference_nll_se"] == pytest.approx(0.2 / 3**0.5)
+    assert naive["reference_perplexity"] == pytest.approx(math.exp(3.2)) and wavefront["model_calls_max"] == 9
+    diff, se = sampler_coherence.compare(wavefront, naive, "reference_nll", "seeds")
+    assert diff == pytest.approx(1.0) and se == pytest.approx(0.2 / 3**0.5)  # paired: differences 1.0, 1.2, 0.8
+    lines, summary = sampler_coherence.verdict(rows, [8], "seeds")
+    assert lines == [f"8 steps, wavefront vs naive: unseen bigrams +0.0000 ± 0.0000, ref NLL +1.0000 ± {se:.4f} *"]
+    assert "raises it in 1" in summary and "lowers the unseen-bigram rate significantly in 0 (raises it in 0)" in summary
+    assert not sampler_coherence.significant(0.5, 0.0) and sampler_coherence.significant(-0.5, 0.2)
+    with pytest.raises(ValueError, match="different settings"):
+        sampler_coherence.over_seeds([[row("naive", 3.0, 8)], [row("wavefront", 3.0, 8)]])
+
+
+def test_the_cards_sampler_coherence_sections_are_generated_from_their_committed_json():
+    """`python -m benchmarks.sampler_coherence card <json>` wrote each section of the card: no hand-typed figure."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    reports = sorted((root / "model_cards" / "results" / "sampler_coherence").glob("*/sampler_coherence.json"))
+    assert reports, "no committed sampler_coherence results"
+    for path in reports:
+        block = sampler_coherence.card_block(json.loads(path.read_text()), path.relative_to(root).as_posix())
+        assert block in sampler_coherence.CARD.read_text(), \
+            f"regenerate with: python -m benchmarks.sampler_coherence card {path.relative_to(root)}"
 
 
 def test_plateau_diagnostic_cli_writes_its_curve(tmp_path):

@@ -67,7 +67,8 @@ from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
 from transformers.utils import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from ..modeling_zoo_common import ZooPreTrainedModel, ZooRotaryEmbedding, apply_rotary
+from ..modeling_zoo_common import IGNORE_INDEX, ZooPreTrainedModel, ZooRotaryEmbedding, apply_rotary, \
+    chunked_cross_entropy, uses_chunked_loss
 from .configuration_masked_diffusion import MaskedDiffusionConfig
 from .sampling import DiffusionGenerateOutput, TokenSampler, ceil_div, top_k_per_row
 from .wavefront import filled_neighbour, wavefront_fill  # noqa: F401  (public here too)
@@ -332,8 +333,11 @@ class MaskedDiffusionForMaskedLM(MaskedDiffusionPreTrainedModel):
         logits = self.lm_head(outputs.last_hidden_state).float()
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device),
-                                   ignore_index=-100)
+            targets = labels.reshape(-1).to(logits.device)
+            if uses_chunked_loss(logits):  # the same mean, without vocabulary-wide temporaries
+                loss = chunked_cross_entropy(logits, targets, (targets != IGNORE_INDEX).sum())
+            else:
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE_INDEX)
         return MaskedDiffusionLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                                        attentions=outputs.attentions, last_hidden_state=outputs.last_hidden_state)
 
