@@ -654,6 +654,7 @@ def run_seed(data: dict[str, Any], settings: dict[str, Any], device: torch.devic
     rows, real, examples = run_sampling(models, data, settings, device, seed)
     lines, summary = verdict(rows, settings["step_counts"])
     control_lines, control_summary = control_verdict(rows, settings["step_counts"])
+    real = {key: value for key, value in real.items() if key != "per_prompt"}  # its verdicts compare samplers only
     record = {"seed": seed, "training": models["report"], "real_text": real, "rows": rows, "comparisons": lines,
               "verdict": summary, "control_comparisons": control_lines, "control_verdict": control_summary}
     return record, examples
@@ -727,8 +728,6 @@ def run(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
         record, seed_examples = run_seed(data, settings, device, output_dir, seed)
         runs.append(record)
         examples = examples or seed_examples
-    for run_record in runs:
-        run_record["real_text"] = {key: value for key, value in run_record["real_text"].items() if key != "per_prompt"}
     report = {
         "experiment": "sampler_coherence", "model_type": "masked_diffusion_lm", "preset": args.preset,
         "settings": {**settings, "train_file": data["train_file"], "seed": args.seed},

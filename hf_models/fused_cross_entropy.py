@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .modeling_zoo_common import IGNORE_INDEX, LOSS_CHUNK, causal_targets, chunked_log_normalisers, \
-    register_opaque_op, softmax_gradient_
+    cross_entropy_from_normalisers, register_opaque_op, softmax_gradient_
 
 
 def _chunked_loss_and_gradients(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -150,10 +150,7 @@ class _SoftcappedCrossEntropy(torch.autograd.Function):
                 cap: float) -> tuple[torch.Tensor, torch.Tensor]:
         flat = u.view(-1, u.shape[-1])  # the input itself, not a view of another tensor (autograd's condition)
         normalisers = chunked_log_normalisers(flat, lambda chunk: chunk.sigmoid_().mul_(2.0 * cap).sub_(cap))
-        valid = targets != IGNORE_INDEX
-        safe = torch.where(valid, targets, 0)
-        picked = flat.gather(1, safe[:, None]).squeeze(1)
-        loss = ((normalisers - picked) * valid).sum() / denominator.to(u.dtype)
+        loss, safe, valid = cross_entropy_from_normalisers(flat, targets, normalisers, denominator)
         ctx.mark_dirty(u)
         ctx.save_for_backward(u, safe, valid, normalisers, denominator)
         ctx.cap = cap

@@ -58,9 +58,14 @@ class ZooPreTrainedModel(PreTrainedModel):
         a CPU), or by `self.loss_function` when it was set or `loss_type` names another loss."""
         if labels is None:
             return None
-        if hasattr(self, "_loss_function") or getattr(self, "loss_type", None) not in (None, "ForCausalLM"):
+        if not self.uses_default_causal_loss():
             return self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return zoo_causal_lm_loss(logits, labels, self.config.vocab_size, **kwargs)
+
+    def uses_default_causal_loss(self) -> bool:
+        """Whether the causal loss is transformers' default `ForCausalLMLoss` (so the zoo may compute it its own
+        way): no `loss_function` set on the model and no other `loss_type`."""
+        return not hasattr(self, "_loss_function") and getattr(self, "loss_type", None) in (None, "ForCausalLM")
 
     def _map_every_auto_class(self) -> None:
         """Add every class of this model's module registered with an `Auto*` factory to the config's `auto_map`.
@@ -220,6 +225,16 @@ def softmax_gradient_(out: torch.Tensor, logits: torch.Tensor, normalisers: torc
     return out.scatter_add_(1, targets[:, None], -weights[:, None])
 
 
+def cross_entropy_from_normalisers(logits: torch.Tensor, targets: torch.Tensor, normalisers: torch.Tensor,
+                                   denominator: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`sum over targets of (normaliser - target logit) / denominator` for `logits` `(rows, vocab)` and `targets`
+    `(rows,)` (`IGNORE_INDEX` skipped), with the targets made safe to index (`0` where ignored) and the valid mask."""
+    valid = targets != IGNORE_INDEX
+    safe = torch.where(valid, targets, 0)
+    picked = logits.gather(1, safe[:, None]).squeeze(1)
+    return ((normalisers - picked) * valid).sum() / denominator.to(logits.dtype), safe, valid
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """`(logits (rows, vocab), targets (rows,), denominator ())` → `sum over targets of cross-entropy / denominator`
     (`IGNORE_INDEX` skipped); saves the logits themselves, and the backward writes their gradient into one new
@@ -228,11 +243,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
         normalisers = chunked_log_normalisers(logits)
-        valid = targets != IGNORE_INDEX
-        safe = torch.where(valid, targets, 0)
-        picked = logits.gather(1, safe[:, None]).squeeze(1)
+        loss, safe, valid = cross_entropy_from_normalisers(logits, targets, normalisers, denominator)
         ctx.save_for_backward(logits, safe, valid, normalisers, denominator)
-        return ((normalisers - picked) * valid).sum() / denominator.to(logits.dtype)
+        return loss
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:

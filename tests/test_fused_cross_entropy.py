@@ -278,3 +278,15 @@ def test_each_models_labels_loss_runs_chunked_with_its_plain_gradients(model_typ
             expected = parameter.grad
             torch.testing.assert_close(chunked[name], expected, rtol=1e-5, atol=1e-6 * expected.abs().max().item(),
                                        msg=name)
+
+
+def test_nanohead_honours_a_loss_function_set_on_the_model():
+    """transformers' override (`model.loss_function = ...`) replaces the fused soft-cap and loss too."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    plain, _ = nanohead_pair(tie=False)
+    input_ids = torch.randint(3, 64, (2, 10), generator=torch.Generator().manual_seed(7))
+    called = []
+    plain.loss_function = lambda **kwargs: called.append(1) or ForCausalLMLoss(**kwargs)
+    out = plain(input_ids, labels=input_ids)
+    assert called and type(out.logits.grad_fn).__name__ != "_SoftcappedCrossEntropyBackward"

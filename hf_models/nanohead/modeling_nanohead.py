@@ -63,7 +63,8 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from ..fused_cross_entropy import linear_cross_entropy, softcapped_logits_and_loss
-from ..modeling_zoo_common import ZooPreTrainedModel, ZooRotaryEmbedding, apply_rotary, few_rows_linear
+from ..modeling_zoo_common import ZooPreTrainedModel, ZooRotaryEmbedding, apply_rotary, few_rows_linear, \
+    uses_chunked_loss
 from .configuration_nanohead import NanoheadConfig, NanoheadSplit
 
 # Which head dimensions each attention implementation's kernel accepts. Implementations not listed accept any
@@ -449,15 +450,6 @@ class NanoheadForCausalLM(NanoheadPreTrainedModel, GenerationMixin):
         return self.model._attention_masks(inputs_embeds, attention_mask, cache, position_ids,
                                            eager=config.output_attentions)
 
-    @staticmethod
-    def _fuses_softcap_and_loss(preactivation: torch.Tensor) -> bool:
-        """Whether the soft-cap and the loss run fused (`softcapped_logits_and_loss`): on a CPU, in eager mode (a
-        compiled graph fuses the plain ops itself), when a gradient will flow to the head's float32 output (the
-        in-place cap needs it to be a tensor no autograd node saved: the matmul's output, which `.float()` passed
-        through; under autocast `.float()` made a fresh copy)."""
-        return (preactivation.device.type == "cpu" and preactivation.requires_grad
-                and not torch.compiler.is_compiling())
-
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
@@ -504,20 +496,19 @@ class NanoheadForCausalLM(NanoheadPreTrainedModel, GenerationMixin):
         if cap is None:
             logits = few_rows_linear(self.lm_head, hidden_states).float()
             loss = self.causal_lm_loss(logits, labels, **kwargs)
-            return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache,
-                                          hidden_states=outputs.hidden_states, attentions=outputs.attentions)
-        # cap * tanh(W h / cap) as 2 cap * sigmoid(2 W h / cap) - cap: the same function, with torch's CPU sigmoid
-        # 2-3x faster than its tanh; the scaling on the hidden states and in-place updates spare vocabulary-wide
-        # temporaries (the matmul's backward does not need its output)
-        preactivation = few_rows_linear(self.lm_head, hidden_states * (2.0 / cap)).float()
-        if labels is not None and self._fuses_softcap_and_loss(preactivation):
-            logits, loss = softcapped_logits_and_loss(preactivation, cap, labels,
-                                                      num_items_in_batch=kwargs.get("num_items_in_batch"),
-                                                      shift_labels=kwargs.get("shift_labels"))
-        else:
-            logits = preactivation.sigmoid_()
-            logits = logits.mul(2.0 * cap).sub_(cap) if logits.requires_grad else logits.mul_(2.0 * cap).sub_(cap)
-            loss = self.causal_lm_loss(logits, labels, **kwargs)
+        else:  # cap * tanh(W h / cap) as 2 cap * sigmoid(2 W h / cap) - cap: the same function, with torch's CPU
+            # sigmoid 2-3x faster than its tanh; the scaling on the hidden states and in-place updates spare
+            # vocabulary-wide temporaries (the matmul's backward does not need its output, which `.float()` passes
+            # through in float32: the in-place cap of the fused path may overwrite it)
+            preactivation = few_rows_linear(self.lm_head, hidden_states * (2.0 / cap)).float()
+            if labels is not None and self.uses_default_causal_loss() and uses_chunked_loss(preactivation):
+                logits, loss = softcapped_logits_and_loss(preactivation, cap, labels,
+                                                          num_items_in_batch=kwargs.get("num_items_in_batch"),
+                                                          shift_labels=kwargs.get("shift_labels"))
+            else:
+                logits = preactivation.sigmoid_()
+                logits = logits.mul(2.0 * cap).sub_(cap) if logits.requires_grad else logits.mul_(2.0 * cap).sub_(cap)
+                loss = self.causal_lm_loss(logits, labels, **kwargs)
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
